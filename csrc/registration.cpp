@@ -1,0 +1,42 @@
+// Every C++ op schema of fastvl in one place, plus the Python module `fastvl._C` (build information).
+// Kernels register their device implementations next to their code (TORCH_LIBRARY_IMPL in <op>/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef FASTVL_CUDA_ARCHS
+#define FASTVL_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(fastvl, m) {
+  // Word-region alignment: IPOT transport plan. cost [B,N,M] f32, pads bool -> plan [B,N,M] f32.
+  m.def("ipot_plan(Tensor cost, Tensor txt_pad, Tensor img_pad, float beta, int iterations, int k) -> Tensor");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef FASTVL_WITH_CUDA
+  PyObject* cuda = Py_True;
+#else
+  PyObject* cuda = Py_False;
+#endif
+#ifdef _OPENMP
+  PyObject* openmp = Py_True;
+#else
+  PyObject* openmp = Py_False;
+#endif
+  return Py_BuildValue("{s:O,s:s,s:O,s:s}", "cuda", cuda, "cuda_archs", FASTVL_CUDA_ARCHS, "openmp", openmp,
+                       "compiler", __VERSION__);
+}
+
+PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "How this fastvl._C was built."},
+                         {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastvl compiled kernels (ops register under torch.ops.fastvl)",
+                      -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

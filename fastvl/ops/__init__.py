@@ -1,0 +1,20 @@
+"""fastvl's public functional API: one module per op; each function takes ``backend=None`` to force one.
+
+See ``python -m fastvl.info`` for which backend serves each op on this machine.
+"""
+
+from ._dispatch import OPS, BackendUnavailableError
+from .attention import cross_modal_attention
+from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
+from .pack import pack, unpack
+
+__all__ = [
+    "OPS",
+    "BackendUnavailableError",
+    "cross_modal_attention",
+    "ipot_plan",
+    "optimal_transport_dist",
+    "optimal_transport_dist_packed",
+    "pack",
+    "unpack",
+]

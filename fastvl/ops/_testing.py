@@ -1,0 +1,111 @@
+"""Shared by tests and benchmarks: the tolerance rule and random-input generators.
+
+Tolerance rule (DESIGN.md, after flash-attention): a fast backend is correct when
+
+    max|fast - ref64| <= 2 * max|ref_lowp - ref64| + floor
+
+where ref64 is the reference computed in float64 and ref_lowp the reference computed in the fast
+backend's dtype. For float32 the floor is 1e-5 relative to max|ref64|.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+
+import torch
+
+FLOOR_REL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64 (NaN propagates as inf so it never passes a tolerance check)."""
+    d = (a.detach().double() - b.detach().double()).abs()
+    if d.numel() == 0:
+        return 0.0
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    return float(d.max())
+
+
+def tolerance(ref64: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype | None = None,
+              floor_rel: float | None = None) -> float:
+    """The allowed max-abs error of a fast backend computing in ``dtype`` (default: ref_lowp's dtype)."""
+    dtype = dtype or ref_lowp.dtype
+    floor_rel = FLOOR_REL.get(dtype, 1e-5) if floor_rel is None else floor_rel
+    scale = float(ref64.detach().abs().max()) if ref64.numel() else 0.0
+    return 2.0 * max_abs_err(ref_lowp, ref64) + floor_rel * max(scale, 1e-30)
+
+
+def assert_close_to_ref(fast: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, name: str = "output",
+                        floor_rel: float | None = None, dtype: torch.dtype | None = None) -> None:
+    """Assert the tolerance rule; the message gives both errors so a failure is diagnosable."""
+    assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != reference {tuple(ref64.shape)}"
+    err = max_abs_err(fast, ref64)
+    tol = tolerance(ref64, ref_lowp, dtype or fast.dtype, floor_rel)
+    assert err <= tol, (f"{name}: max|fast - ref64| = {err:.3e} > allowed {tol:.3e} "
+                        f"(2 x lowp error {max_abs_err(ref_lowp, ref64):.3e} + floor)")
+
+
+def assert_rel_close(fast: torch.Tensor, ref: torch.Tensor, rel: float, name: str = "output") -> None:
+    """max|fast - ref| <= rel * max(max|ref|, tiny)."""
+    err = max_abs_err(fast, ref)
+    scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+    assert err <= rel * max(scale, 1e-30), f"{name}: max abs error {err:.3e} > {rel:g} x {scale:.3e}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (floats) or an out-of-range value (ints) so that unwritten outputs are caught."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-(2**30) if t.dtype in (torch.int32, torch.int64) else 1)
+
+
+def poisoned_empty(*shape: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    return poison_(torch.empty(*shape, dtype=dtype, device=device))
+
+
+def fresh_seed() -> int:
+    """A new seed per call unless FASTVL_TEST_SEED pins it (printed by tests on failure)."""
+    pinned = os.environ.get("FASTVL_TEST_SEED")
+    return int(pinned) if pinned else random.SystemRandom().randrange(2**31)
+
+
+def random_lengths(batch: int, low: int, high: int, gen: torch.Generator, must_include: Sequence[int] = ()
+                   ) -> list[int]:
+    """``batch`` lengths in [low, high] (Python ints), the first ones forced to ``must_include``."""
+    lens = torch.randint(low, high + 1, (batch,), generator=gen).tolist()
+    for i, v in enumerate(list(must_include)[:batch]):
+        lens[i] = v
+    return lens
+
+
+def pad_mask(lens: Sequence[int], width: int | None = None, device="cpu") -> torch.Tensor:
+    """[B, width] bool, True at padding (positions >= length)."""
+    width = max(lens, default=0) if width is None else width
+    pos = torch.arange(width, device=device)
+    return pos[None, :] >= torch.tensor(list(lens), device=device)[:, None]
+
+
+def cu_seqlens(lens: Sequence[int], device="cpu") -> torch.Tensor:
+    """[B+1] int32 cumulative lengths."""
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32, device=device)
+    out[1:] = torch.tensor(list(lens), dtype=torch.int32, device=device).cumsum(0)
+    return out
+
+
+def ot_inputs(batch: int, max_txt: int, max_img: int, hidden: int, gen: torch.Generator, dtype=torch.float32,
+              device="cpu", txt_lens: Sequence[int] | None = None, img_lens: Sequence[int] | None = None):
+    """Random WRA inputs: txt_emb [B, N, H], img_emb [B, M, H], txt_pad [B, N], img_pad [B, M].
+
+    Lengths vary within the batch (uniform in [1, max]) unless given; embeddings are correlated between
+    text and image so that costs spread over [0, 2] as real encoder outputs do.
+    """
+    txt_lens = list(txt_lens) if txt_lens is not None else random_lengths(batch, 1, max_txt, gen)
+    img_lens = list(img_lens) if img_lens is not None else random_lengths(batch, 1, max_img, gen)
+    n, m = max(txt_lens, default=0), max(img_lens, default=0)
+    n, m = max(n, 1) if txt_lens else 0, max(m, 1) if img_lens else 0
+    shared = torch.randn(batch, 1, hidden, generator=gen)
+    txt = (torch.randn(batch, n, hidden, generator=gen) + shared).to(device=device, dtype=dtype)
+    img = (torch.randn(batch, m, hidden, generator=gen) + shared).to(device=device, dtype=dtype)
+    return txt, img, pad_mask(txt_lens, n, device), pad_mask(img_lens, m, device)
