@@ -63,9 +63,8 @@ def ipot_reference(cost: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Ten
     x_len3, y_len3 = x_len[:, None, None], y_len[:, None, None]
     for _ in range(iteration):
         Q = A * T  # [B, M, N]
-        sigma = sigma.view(b, n, 1)
-        for _ in range(k):
-            delta = 1 / (y_len3 * Q.matmul(sigma).view(b, 1, m) + y_mask)  # [B, 1, M]
+        for _ in range(k):  # (k > 1 reshapes sigma each step; UNITER's own loop only ever ran k = 1)
+            delta = 1 / (y_len3 * Q.matmul(sigma.view(b, n, 1)).view(b, 1, m) + y_mask)  # [B, 1, M]
             sigma = 1 / (x_len3 * delta.matmul(Q) + x_mask)  # [B, 1, N]
         T = delta.view(b, m, 1) * Q * sigma
     T = T.masked_fill(joint_pad, 0)
@@ -118,7 +117,7 @@ def _triton_supports(cost, txt_pad, img_pad, beta, iteration, k) -> D.Reasons:
 
 def _ipot_impl(backend: str, cost, txt_pad, img_pad, beta, iteration, k) -> torch.Tensor:
     if backend == "reference":
-        return ipot_reference(cost, txt_pad, img_pad, beta, iteration, k)
+        return ipot_reference(cost, txt_pad, img_pad, beta, iteration, k).contiguous()
     if backend in ("cpu", "cuda"):
         return torch.ops.fastvl.ipot_plan(cost, txt_pad, img_pad, beta, iteration, k)
     if backend == "triton":

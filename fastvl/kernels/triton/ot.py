@@ -39,8 +39,11 @@ def _ipot_kernel(cost_ptr, txt_pad_ptr, img_pad_ptr, plan_ptr, N, M, beta, itera
     for _ in range(iterations):
         Q = A * P
         for _ in range(k):
-            delta = 1.0 / (m_len * tl.sum(Q * sigma[:, None], axis=0) + img_penalty)
-            sigma = 1.0 / (n_len * tl.sum(Q * delta[None, :], axis=1) + txt_penalty)
+            # (a zero denominator only arises when one side is all padding; that plan is zeroed below)
+            den = m_len * tl.sum(Q * sigma[:, None], axis=0) + img_penalty
+            delta = 1.0 / tl.where(den == 0.0, 1.0, den)
+            den = n_len * tl.sum(Q * delta[None, :], axis=1) + txt_penalty
+            sigma = 1.0 / tl.where(den == 0.0, 1.0, den)
         P = sigma[:, None] * Q * delta[None, :]
     P = tl.where(live, P, 0.0)
     P = tl.where(n_len * m_len > 0, P, 0.0)  # an all-padding side transports nothing
