@@ -163,10 +163,10 @@ class Bench:
         self.rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
         for metric, unit, amount, scale in (("throughput", "TFLOP/s", c.flops, 1e-12), ("bandwidth", "GB/s", c.bytes,
                                             1e-9), ("tokens", "tokens/s", c.tokens, 1.0)):
-            if amount:
-                conv = lambda ms: amount * scale / (ms * 1e-3)
-                self.rows.append({**base, "metric": metric, "unit": unit, "p50": conv(p50), "p20": conv(p80),
-                                  "p80": conv(p20)})
+            if amount:  # a rate: the p20 of time is the p80 of throughput
+                rate = [amount * scale / (ms * 1e-3) for ms in (p50, p80, p20)]
+                self.rows.append({**base, "metric": metric, "unit": unit, "p50": rate[0], "p20": rate[1],
+                                  "p80": rate[2]})
         if c.peak_mem is not None:
             self.rows.append({**base, "metric": "peak_memory", "unit": "MiB", "p50": c.peak_mem, "p20": c.peak_mem,
                               "p80": c.peak_mem})

@@ -78,7 +78,8 @@ class Op:
 
     def reasons(self, *args, **kwargs) -> dict[str, Reasons]:
         """For every backend in priority order, the reasons it cannot take these inputs ([] = it can)."""
-        return {name: list(self.backends[name].supports(*args, **kwargs)) for name in self.priority}
+        return {name: list(self.backends[name].supports(*args, **kwargs)) for name in self.priority
+                if name in self.backends}
 
     def select(self, *args, backend: str | None = None, **kwargs) -> str:
         """Name of the backend that serves these inputs (see module docstring for the rules)."""
@@ -96,7 +97,7 @@ class Op:
                 )
             return forced
         table = self.reasons(*args, **kwargs)
-        for name in self.priority:
+        for name in table:
             if not table[name] and not _auto_excluded(self.backends[name], args, kwargs):
                 return name
         lines = "\n".join(f"  {n}: {'; '.join(r) or 'selected only when forced'}" for n, r in table.items())
