@@ -1,0 +1,1 @@
+"""Training: a generic loop over task modules (optim/schedule, checkpoints, distributed, logging)."""
