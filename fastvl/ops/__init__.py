@@ -4,6 +4,7 @@ See ``python -m fastvl.info`` for which backend serves each op on this machine.
 """
 
 from ._dispatch import OPS, BackendUnavailableError
+from .adv_perturb import adv_perturb_init, adv_perturb_step, adv_perturb_step_multi
 from .attention import cross_modal_attention
 from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
 from .pack import pack, unpack
@@ -11,6 +12,9 @@ from .pack import pack, unpack
 __all__ = [
     "OPS",
     "BackendUnavailableError",
+    "adv_perturb_init",
+    "adv_perturb_step",
+    "adv_perturb_step_multi",
     "cross_modal_attention",
     "ipot_plan",
     "optimal_transport_dist",

@@ -109,3 +109,19 @@ def ot_inputs(batch: int, max_txt: int, max_img: int, hidden: int, gen: torch.Ge
     txt = (torch.randn(batch, n, hidden, generator=gen) + shared).to(device=device, dtype=dtype)
     img = (torch.randn(batch, m, hidden, generator=gen) + shared).to(device=device, dtype=dtype)
     return txt, img, pad_mask(txt_lens, n, device), pad_mask(img_lens, m, device)
+
+
+def adv_inputs(lens: Sequence[int], width: int, dim: int, gen: torch.Generator, dtype=torch.float32, device="cpu",
+               delta_scale: float = 0.01, poison_padding: bool = False):
+    """Random VILLA step inputs: delta [B, L, D] (small, like a perturbation after a few steps), grad [B, L, D]
+    and mask [B, L] (True at valid positions, ``lens[b]`` valid per example). With ``poison_padding`` the padding
+    entries of delta and grad are NaN, which a correct step never reads."""
+    mask = ~pad_mask(lens, width)
+    b = len(lens)
+    delta = torch.randn(b, width, dim, generator=gen) * delta_scale
+    grad = torch.randn(b, width, dim, generator=gen) * torch.rand(b, 1, 1, generator=gen).add(0.1)
+    if poison_padding:
+        pad = ~mask[:, :, None].expand_as(delta)
+        delta = delta.masked_fill(pad, float("nan"))
+        grad = grad.masked_fill(pad, float("nan"))
+    return delta.to(device=device, dtype=dtype), grad.to(device=device, dtype=dtype), mask.to(device)

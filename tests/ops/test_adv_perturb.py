@@ -1,0 +1,403 @@
+"""adv_perturb_step / adv_perturb_step_multi / adv_perturb_init: every backend runnable here against the reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvl
+from fastvl.ops import BackendUnavailableError
+from fastvl.ops import adv_perturb as A
+from fastvl.ops._testing import adv_inputs, assert_close_to_ref
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS_HERE = ["reference", "triton"] + (["cpu"] if fastvl.HAS_C else [])
+NEEDS_C = pytest.mark.skipif(not fastvl.HAS_C, reason="fastvl._C not built")
+
+SHAPES = [
+    # (lens, L, D): an all-padding row, a single valid token, odd sizes, a batch of one, D = 1
+    ([0, 1, 5, 7], 7, 13),
+    ([1], 1, 1),
+    ([3, 2], 3, 1),
+    ([9, 4, 1, 0, 6], 9, 33),
+]
+# projection radii that bind for some examples and not others (and one that never binds)
+MAX_NORMS = {"l2": [0.0, 0.09, 100.0], "linf": [0.0, 0.015, 100.0]}
+
+
+def _ref(delta, grad, mask, lr, norm, max_norm, dtype=None):
+    """(ref64, ref_lowp) of one step."""
+    ref64 = A.adv_perturb_step_reference(delta.double(), grad.double(), mask, lr, norm, max_norm)
+    lowp = A.adv_perturb_step_reference(delta.to(dtype or delta.dtype), grad.to(dtype or delta.dtype), mask, lr, norm,
+                                        max_norm)
+    return ref64, lowp
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"lens{s[0]}-D{s[2]}" if isinstance(s, tuple) else None)
+def test_step_matches_reference(backend, norm, shape, gen):
+    lens, L, D = shape
+    delta, grad, mask = adv_inputs(lens, L, D, gen, poison_padding=True)
+    for max_norm in MAX_NORMS[norm]:
+        d = delta.clone()
+        out = A.adv_perturb_step(d, grad, mask, 0.05, norm, max_norm, backend=backend)
+        assert out is d, "the step updates delta in place and returns it"
+        ref64, lowp = _ref(delta, grad, mask, 0.05, norm, max_norm)
+        assert_close_to_ref(out, ref64, lowp, f"{backend} {norm} max_norm={max_norm}")
+        assert out.masked_select(~mask[:, :, None]).eq(0).all(), "padding must be exactly 0"
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_projection_binds_and_bounds(backend, gen):
+    """With a small radius every example ends on the ball (l2) or inside the box (linf)."""
+    delta, grad, mask = adv_inputs([6, 3, 8], 8, 11, gen, delta_scale=0.5)
+    out = A.adv_perturb_step(delta.clone(), grad, mask, 1.0, "l2", 0.3, backend=backend)
+    norms = out.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.3), rtol=1e-5, atol=0)
+    out = A.adv_perturb_step(delta.clone(), grad, mask, 1.0, "linf", 0.3, backend=backend)
+    assert out.abs().max() <= 0.3 and (out.abs() == 0.3).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_zero_gradient_gives_no_update(backend, norm, gen):
+    delta, grad, mask = adv_inputs([4, 0, 2], 4, 5, gen, poison_padding=True)
+    grad = torch.where(mask[:, :, None], 0.0, grad)  # zero at valid positions, NaN at padding
+    out = A.adv_perturb_step(delta.clone(), grad, mask, 0.1, norm, backend=backend)
+    assert torch.equal(out, torch.where(mask[:, :, None], delta, 0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_ascent_trajectory_of_k_steps(backend, norm, gen):
+    """Three VILLA steps from a zero delta, each with a fresh gradient, follow the reference trajectory."""
+    lens, L, D = [5, 1, 3], 5, 9
+    mask = adv_inputs(lens, L, D, gen)[2]
+    delta = torch.zeros(len(lens), L, D)
+    ref = delta.double()
+    for _ in range(3):
+        grad = torch.randn(len(lens), L, D, generator=gen)
+        lowp = A.adv_perturb_step_reference(delta, grad, mask, 0.05, norm, 0.12)
+        ref = A.adv_perturb_step_reference(ref, grad.double(), mask, 0.05, norm, 0.12)
+        A.adv_perturb_step(delta, grad, mask, 0.05, norm, 0.12, backend=backend)
+        assert_close_to_ref(delta, ref, lowp, f"{backend} trajectory")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_multi_matches_per_modality_reference(backend, norm, gen):
+    """Text [B, 6, 12] and image [B, 9, 20] (and a third, to cover more slots than one launch takes)."""
+    shapes = [([6, 1, 0], 6, 12), ([9, 4, 2], 9, 20), ([3, 3, 1], 3, 5)]
+    inputs = [adv_inputs(lens, L, D, gen, poison_padding=True) for lens, L, D in shapes]
+    lrs, max_norms = [0.05, 0.2, 0.01], [MAX_NORMS[norm][1], 0.0, 100.0]
+    deltas = [d.clone() for d, _, _ in inputs]
+    out = A.adv_perturb_step_multi(deltas, [g for _, g, _ in inputs], [m for _, _, m in inputs], lrs, norm,
+                                   max_norms, backend=backend)
+    assert len(out) == 3 and all(o is d for o, d in zip(out, deltas, strict=True))
+    for k, (d, g, m) in enumerate(inputs):
+        ref64, lowp = _ref(d, g, m, lrs[k], norm, max_norms[k])
+        assert_close_to_ref(out[k], ref64, lowp, f"{backend} slot {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_multi_with_empty_slots(backend, gen):
+    d1, g1, m1 = adv_inputs([2, 3], 3, 4, gen)
+    empty = [torch.empty(0, 5, 4), torch.empty(2, 0, 4), torch.empty(2, 3, 0)]
+    masks = [torch.ones(0, 5, dtype=torch.bool), torch.ones(2, 0, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)]
+    deltas = [e.clone() for e in empty] + [d1.clone()]
+    A.adv_perturb_step_multi(deltas, [*empty, g1], [*masks, m1], [0.1] * 4, "l2", backend=backend)
+    ref64, lowp = _ref(d1, g1, m1, 0.1, "l2", 0.0)
+    assert_close_to_ref(deltas[3], ref64, lowp, backend)
+    assert A.adv_perturb_step_multi([], [], [], [], backend=backend) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_leaf_delta_that_requires_grad(backend, gen):
+    """The VILLA loop's delta is a leaf with requires_grad; the step updates it in place without a graph."""
+    delta, grad, mask = adv_inputs([3, 2], 3, 6, gen)
+    leaf = delta.clone().requires_grad_()
+    version = leaf._version
+    out = A.adv_perturb_step(leaf, grad, mask, 0.1, backend=backend)
+    assert out is leaf and out.requires_grad and out.grad_fn is None and leaf._version > version
+    ref64, lowp = _ref(delta, grad, mask, 0.1, "l2", 0.0)
+    assert_close_to_ref(leaf.detach(), ref64, lowp, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_non_contiguous_delta_updated_in_place(backend, gen):
+    delta, grad, mask = adv_inputs([4, 2], 4, 6, gen)
+    storage = delta.transpose(1, 2).contiguous()  # [B, D, L] memory; the view below is [B, L, D], non-contiguous
+    view = storage.transpose(1, 2)
+    out = A.adv_perturb_step(view, grad.transpose(1, 2).contiguous().transpose(1, 2), mask, 0.1, "linf", 0.02,
+                             backend=backend)
+    assert out is view
+    ref64, lowp = _ref(delta, grad, mask, 0.1, "linf", 0.02)
+    assert_close_to_ref(storage.transpose(1, 2), ref64, lowp, backend)
+
+
+@NEEDS_C
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_cpu_low_precision(dtype, norm, gen):
+    delta, grad, mask = adv_inputs([7, 1, 4], 7, 40, gen, dtype=dtype)
+    for max_norm in MAX_NORMS[norm]:
+        out = A.adv_perturb_step(delta.clone(), grad, mask, 0.05, norm, max_norm, backend="cpu")
+        assert out.dtype == dtype
+        ref64, lowp = _ref(delta, grad, mask, 0.05, norm, max_norm)
+        assert_close_to_ref(out, ref64, lowp, f"cpu {dtype} {norm}")
+
+
+@NEEDS_C
+def test_nan_gradient_is_not_hidden(gen):
+    delta, grad, mask = adv_inputs([3, 3], 3, 4, gen)
+    grad[0, 1, 2] = float("nan")
+    for norm in ("l2", "linf"):
+        for backend in BACKENDS_HERE:
+            out = A.adv_perturb_step(delta.clone(), grad, mask, 0.1, norm, backend=backend)
+            assert out[0].isnan().all() and torch.isfinite(out[1]).all(), f"{backend} {norm}"
+
+
+def test_auto_selection_on_cpu():
+    delta, grad, mask = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    chosen = A.STEP.select(delta, [delta], [grad], [mask], "l2")
+    assert chosen == ("cpu" if fastvl.HAS_C else "reference")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        A.adv_perturb_step(delta, grad, mask, 0.1, backend="cuda") if not HAS_CUDA else pytest.skip("has a GPU")
+    if not HAS_CUDA:
+        with pytest.raises(BackendUnavailableError, match="float32 only"):
+            A.adv_perturb_step(delta.double(), grad.double(), mask, 0.1, backend="triton")
+    assert A.adv_perturb_step(delta.double(), grad.double(), mask, 0.1).dtype == torch.float64  # reference serves
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _good():
+    return torch.zeros(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("case,exc,pattern", [
+    ("grad_shape", ValueError, r"'grad' must have the shape of 'delta' \[2, 3, 4\], got \[2, 3, 5\]"),
+    ("mask_shape", ValueError, r"'mask' must have shape \[B, L\] = \[2, 3\] \(from 'delta'\), got \[2, 4\]"),
+    ("mask_dtype", TypeError, r"'mask' must be a bool tensor \(True = valid position\), got torch.uint8"),
+    ("negative_lr", ValueError, r"'lr' must be a number >= 0, got -0.1"),
+    ("nan_lr", ValueError, r"'lr' must be a number >= 0, got nan"),
+    ("tensor_lr", TypeError, r"'lr' must be a number >= 0, got Tensor"),
+    ("negative_max_norm", ValueError, r"'max_norm' must be a number >= 0 \(0 = no projection\), got -1.0"),
+    ("unknown_norm", ValueError, r"'norm' must be one of \('l2', 'linf'\), got 'l1'"),
+    ("grad_dtype", TypeError, r"'grad' must have the dtype of 'delta' \(torch.float32\), got torch.float64"),
+    ("grad_device", ValueError, r"'grad' is on meta but 'delta' is on cpu"),
+    ("mask_device", ValueError, r"'mask' is on meta but 'delta' is on cpu"),
+    ("delta_2d", ValueError, r"'delta' must be 3-d \[B, L, D\], got shape \[3, 4\]"),
+    ("delta_int", TypeError, r"'delta' must be a float tensor, got torch.int64"),
+])
+def test_bad_inputs_name_the_argument(case, exc, pattern):
+    d, g, m = _good()
+    args = dict(delta=d, grad=g, mask=m, lr=0.1, norm="l2", max_norm=0.0)
+    change = {
+        "grad_shape": dict(grad=torch.ones(2, 3, 5)), "mask_shape": dict(mask=torch.ones(2, 4, dtype=torch.bool)),
+        "mask_dtype": dict(mask=m.to(torch.uint8)), "negative_lr": dict(lr=-0.1), "nan_lr": dict(lr=float("nan")),
+        "tensor_lr": dict(lr=torch.tensor(0.1)), "negative_max_norm": dict(max_norm=-1.0),
+        "unknown_norm": dict(norm="l1"), "grad_dtype": dict(grad=g.double()), "grad_device": dict(grad=g.to("meta")),
+        "mask_device": dict(mask=m.to("meta")), "delta_2d": dict(delta=d[0], grad=g[0]),
+        "delta_int": dict(delta=d.long(), grad=g.long()),
+    }[case]
+    args.update(change)
+    with pytest.raises(exc, match="fastvl.ops.adv_perturb_step: argument " + pattern):
+        A.adv_perturb_step(**args)
+
+
+def test_multi_bad_inputs():
+    d, g, m = _good()
+    with pytest.raises(ValueError, match=r"argument 'lrs' must have one entry per delta \(2\), got 1"):
+        A.adv_perturb_step_multi([d, d.clone()], [g, g], [m, m], [0.1])
+    with pytest.raises(ValueError, match=r"argument 'masks\[1\]' must have shape \[B, L\] = \[2, 3\]"):
+        A.adv_perturb_step_multi([d, d.clone()], [g, g], [m, m[:, :2]], [0.1, 0.1])
+    with pytest.raises(ValueError, match=r"argument 'max_norms\[0\]' must be a number >= 0"):
+        A.adv_perturb_step_multi([d], [g], [m], [0.1], "l2", [-2.0])
+
+
+@NEEDS_C
+def test_kernel_checks_its_arguments():
+    """The C++ entry point validates too (it is reachable through torch.ops.fastvl directly)."""
+    d, g, m = _good()
+    with pytest.raises(ValueError, match=r"adv_perturb_step: argument 'lrs' must be >= 0"):
+        torch.ops.fastvl.adv_perturb_step_kernel([d], [g], [m], [-1.0], "l2", [0.0])
+    with pytest.raises(ValueError, match=r"argument 'norm' must be 'l2' or 'linf', got 'l3'"):
+        torch.ops.fastvl.adv_perturb_step_kernel([d], [g], [m], [1.0], "l3", [0.0])
+    with pytest.raises(ValueError, match=r"argument 'masks\[0\]' must be a bool tensor"):
+        torch.ops.fastvl.adv_perturb_step_kernel([d], [g], [m.float()], [1.0], "l2", [0.0])
+    with pytest.raises(ValueError, match=r"argument 'grads\[0\]' must have the shape of deltas\[0\]"):
+        torch.ops.fastvl.adv_perturb_step_kernel([d], [g[:, :2]], [m], [1.0], "l2", [0.0])
+    with pytest.raises(ValueError, match=r"argument 'noise' must be contiguous"):
+        torch.ops.fastvl.adv_perturb_init_kernel(d.transpose(0, 1), m.t(), 1.0, "l2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random init
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("dist", ["uniform", "normal"])
+def test_init_matches_reference(backend, norm, dist, seed):
+    mask = ~torch.tensor([[False] * 7, [False] + [True] * 6, [True] * 7, [False] * 3 + [True] * 4])  # 7, 1, 0, 3 valid
+    out = A.adv_perturb_init((4, 7, 9), mask, 0.6, dist, norm, torch.Generator().manual_seed(seed), backend=backend)
+    noise = A.adv_perturb_noise((4, 7, 9), dist, torch.Generator().manual_seed(seed))
+    ref64 = A.adv_perturb_init_scale_reference(noise.double(), mask, 0.6, norm)
+    lowp = A.adv_perturb_init_scale_reference(noise, mask, 0.6, norm)
+    assert_close_to_ref(out, ref64, lowp, f"{backend} init")
+    assert out.masked_select(~mask[:, :, None]).eq(0).all() and out[2].eq(0).all()
+    if norm == "linf":
+        assert out.abs().max() <= 0.6
+    elif dist == "uniform":  # |x| <= 1 bounds the l2 norm by init_mag
+        assert (out.flatten(1).norm(dim=1) <= 0.6 * (1 + 1e-6)).all()
+
+
+def test_init_formula_matches_freelb(seed):
+    """l2: U(-1, 1) * init_mag / sqrt(n_valid * D); linf: U(-init_mag, init_mag); both masked."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = A.adv_perturb_init((2, 3, 5), mask, 0.5, "uniform", "l2", torch.Generator().manual_seed(seed))
+    noise = torch.empty(2, 3, 5).uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
+    want = noise * mask[:, :, None] * (0.5 / torch.tensor([10.0, 5.0]).sqrt())[:, None, None]
+    torch.testing.assert_close(out, want)
+    out = A.adv_perturb_init((2, 3, 5), mask, 0.5, "uniform", "linf", torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(out, noise * 0.5 * mask[:, :, None])
+
+
+def test_init_zero_mag_is_zero_without_a_draw():
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    like = torch.empty(2, 4, 3, dtype=torch.float64)
+    out = A.adv_perturb_init(like, torch.ones(2, 4, dtype=torch.bool), 0.0, generator=g)
+    assert out.dtype == torch.float64 and out.shape == like.shape and out.eq(0).all()
+    assert torch.equal(g.get_state(), state)
+
+
+@NEEDS_C
+def test_init_bf16_and_like_tensor(seed):
+    like = torch.empty(3, 5, 8, dtype=torch.bfloat16)
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(seed)) > 0.4
+    out = A.adv_perturb_init(like, mask, 1.0, "normal", "linf", torch.Generator().manual_seed(seed), backend="cpu")
+    noise = A.adv_perturb_noise(like.shape, "normal", torch.Generator().manual_seed(seed), torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_ref(out, A.adv_perturb_init_scale_reference(noise.double(), mask, 1.0, "linf"),
+                        A.adv_perturb_init_scale_reference(noise, mask, 1.0, "linf"), "cpu bf16 init")
+
+
+def test_init_bad_inputs():
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"adv_perturb_init: argument 'dist' must be one of"):
+        A.adv_perturb_init((2, 3, 4), m, 1.0, dist="laplace")
+    with pytest.raises(ValueError, match=r"argument 'mask' must have shape \[B, L\] = \[2, 5\] \(from 'like'\)"):
+        A.adv_perturb_init((2, 5, 4), m, 1.0)
+    with pytest.raises(ValueError, match=r"argument 'init_mag' must be a number >= 0, got -1"):
+        A.adv_perturb_init((2, 3, 4), m, -1)
+    with pytest.raises(ValueError, match=r"argument 'like' must describe a \[B, L, D\] shape, got \[2, 3\]"):
+        A.adv_perturb_init((2, 3), m, 1.0)
+    with pytest.raises(ValueError, match=r"argument 'norm' must be one of"):
+        A.adv_perturb_init((2, 3, 4), m, 1.0, norm="L2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_opcheck(backend, gen):
+    d1, g1, m1 = adv_inputs([3, 1], 3, 5, gen)
+    d2, g2, m2 = adv_inputs([2, 4], 4, 7, gen)
+    torch.library.opcheck(A._step_op, ([d1, d2], [g1, g2], [m1, m2], [0.1, 0.2], "l2", [0.05, 0.0], backend))
+    torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "linf", [0.02], backend))
+    noise = torch.randn(2, 3, 5, generator=gen)
+    torch.library.opcheck(A._init_op, (noise, m1, 0.5, "l2", backend))
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 4), L=st.integers(1, 9), D=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+       norm=st.sampled_from(["l2", "linf"]), max_norm=st.sampled_from([0.0, 0.01, 0.1, 5.0]),
+       lr=st.sampled_from([0.0, 1e-3, 0.1]), data=st.data())
+def test_property_cpu_backend(b, L, D, seed, norm, max_norm, lr, data):
+    if not fastvl.HAS_C:
+        pytest.skip("fastvl._C not built")
+    gen = torch.Generator().manual_seed(seed)
+    lens = data.draw(st.lists(st.integers(0, L), min_size=b, max_size=b))
+    delta, grad, mask = adv_inputs(lens, L, D, gen, poison_padding=True)
+    out = A.adv_perturb_step(delta.clone(), grad, mask, lr, norm, max_norm, backend="cpu")
+    ref64, lowp = _ref(delta, grad, mask, lr, norm, max_norm)
+    assert_close_to_ref(out, ref64, lowp, "cpu property")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (benchmarks/gpu_check.sh)
+# ----------------------------------------------------------------------------------------------------------
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_gpu_multi_villa_sizes(backend, dtype, norm, gen):
+    """Text [32, 60, 768] + image [32, 100, 2048] (with one text example all padding) in one call."""
+    txt = adv_inputs([0, *torch.randint(1, 61, (31,), generator=gen).tolist()], 60, 768, gen, dtype, "cuda",
+                     poison_padding=dtype == torch.float32)
+    img = adv_inputs(torch.randint(1, 101, (32,), generator=gen).tolist(), 100, 2048, gen, dtype, "cuda")
+    lrs, max_norms = [1e-3, 1e-2], [MAX_NORMS[norm][1], 0.0]
+    deltas = [txt[0].clone(), img[0].clone()]
+    A.adv_perturb_step_multi(deltas, [txt[1], img[1]], [txt[2], img[2]], lrs, norm, max_norms, backend=backend)
+    for k, (d, g, m) in enumerate([txt, img]):
+        ref64, lowp = _ref(d, g, m, lrs[k], norm, max_norms[k])
+        assert_close_to_ref(deltas[k], ref64, lowp, f"{backend} {dtype} slot {k}")
+        assert deltas[k].masked_select(~m[:, :, None]).eq(0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"lens{s[0]}-D{s[2]}" if isinstance(s, tuple) else None)
+def test_gpu_small_and_odd(backend, shape, gen):
+    lens, L, D = shape
+    delta, grad, mask = adv_inputs(lens, L, D, gen, device="cuda", poison_padding=True)
+    for norm in ("l2", "linf"):
+        for max_norm in MAX_NORMS[norm]:
+            out = A.adv_perturb_step(delta.clone(), grad, mask, 0.05, norm, max_norm, backend=backend)
+            ref64, lowp = _ref(delta, grad, mask, 0.05, norm, max_norm)
+            assert_close_to_ref(out, ref64, lowp, f"{backend} {norm} {max_norm}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_deterministic(backend, gen):
+    delta, grad, mask = adv_inputs(torch.randint(1, 61, (64,), generator=gen).tolist(), 60, 768, gen, device="cuda")
+    a = A.adv_perturb_step(delta.clone(), grad, mask, 1e-3, "l2", 0.05, backend=backend)
+    b = A.adv_perturb_step(delta.clone(), grad, mask, 1e-3, "l2", 0.05, backend=backend)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_gpu_init(backend, dtype, norm, seed):
+    mask = torch.rand(16, 100, generator=torch.Generator().manual_seed(seed)).cuda() > 0.3
+    mask[3] = False
+    gen = torch.Generator("cuda").manual_seed(seed)
+    out = A.adv_perturb_init((16, 100, 2048), mask, 0.5, "normal", norm, gen, dtype=dtype, backend=backend)
+    noise = A.adv_perturb_noise((16, 100, 2048), "normal", torch.Generator("cuda").manual_seed(seed), dtype, "cuda")
+    assert_close_to_ref(out, A.adv_perturb_init_scale_reference(noise.double(), mask, 0.5, norm),
+                        A.adv_perturb_init_scale_reference(noise, mask, 0.5, norm), f"{backend} init")
+
+
+@pytest.mark.cuda
+def test_gpu_opcheck(gen):
+    d1, g1, m1 = adv_inputs([3, 1], 3, 8, gen, device="cuda")
+    for backend in GPU_BACKENDS:
+        torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "l2", [0.05], backend))
+        torch.library.opcheck(A._init_op, (g1.clone(), m1, 0.5, "linf", backend))
