@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+PLUGINS = ("fastvl.data.commands", "fastvl.train.commands", "fastvl.tasks.commands")
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {}
 
@@ -93,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_plugins() -> None:
     """Import the modules that add commands (training, data, evaluation) when they are present."""
     import importlib
-    import importlib.util
 
-    for mod in ("fastvl.train.commands", "fastvl.data.commands"):
-        if importlib.util.find_spec(mod) is not None:
+    for mod in PLUGINS:
+        try:
             importlib.import_module(mod)
+        except ModuleNotFoundError as err:  # the plugin (or its package) is not part of this build
+            if err.name is None or not mod.startswith(err.name):
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:
