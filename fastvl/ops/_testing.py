@@ -125,3 +125,30 @@ def adv_inputs(lens: Sequence[int], width: int, dim: int, gen: torch.Generator, 
         delta = delta.masked_fill(pad, float("nan"))
         grad = grad.masked_fill(pad, float("nan"))
     return delta.to(device=device, dtype=dtype), grad.to(device=device, dtype=dtype), mask.to(device)
+
+
+def attention_inputs(lens_q: Sequence[int], lens_k: Sequence[int] | None = None, heads: int = 2, head_dim: int = 32,
+                     gen: torch.Generator | None = None, dtype=torch.float32, device="cpu", mask: str = "bidirectional",
+                     prefix_lens: Sequence[int] | None = None) -> tuple:
+    """Random packed inputs of ``fastvl.ops.cross_modal_attention`` in its positional order: (q [Tq, H, D],
+    k [Tk, H, D], v [Tk, H, D], cu_seqlens_q [B+1], cu_seqlens_k [B+1], max_seqlen_q, max_seqlen_k, mask,
+    prefix_lens [B] int32 or None).
+
+    ``lens_k`` defaults to ``lens_q`` (bidirectional / seq2seq); for seq2seq ``prefix_lens`` defaults to random
+    values in [0, length]. Values are drawn in float32 on the CPU (from ``gen``) and then cast and moved.
+    """
+    lens_q = list(lens_q)
+    lens_k = list(lens_q if lens_k is None else lens_k)
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+
+    def rand(n):
+        return torch.randn(n, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+
+    q, k, v = rand(sum(lens_q)), rand(sum(lens_k)), rand(sum(lens_k))
+    prefix = None
+    if mask == "seq2seq":
+        if prefix_lens is None:
+            prefix_lens = [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in lens_q]
+        prefix = torch.tensor(list(prefix_lens), dtype=torch.int32, device=device)
+    return (q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device), max(lens_q, default=0),
+            max(lens_k, default=0), mask, prefix)
