@@ -1,0 +1,294 @@
+"""Shared machinery of the fused "linear layer + loss" ops (MLM, MRC, MRC-kl, MRFR, ITM, VQA heads).
+
+Every such op computes ``logits = hidden[indices] @ weight.T + bias`` and a loss over the last dim, without
+ever holding the logits of all rows: rows are processed in chunks of ``chunk_rows``, and for each chunk
+
+1. the chunk's hidden rows are gathered (``indices``) and multiplied into a ``[chunk, V]`` logits buffer;
+2. a *row step* (a Triton kernel, or PyTorch for the ``torch_chunked`` backend) writes the chunk's losses and,
+   when gradients are wanted, overwrites the logits buffer in place with ``dloss/dlogits`` (already scaled);
+3. the gradients follow in the same pass: ``grad_hidden[rows] = dlogits @ weight`` (scattered with
+   ``index_add_`` when ``indices`` is given), ``grad_weight += dlogits.T @ hidden_rows`` and
+   ``grad_bias += dlogits.sum(0)``.
+
+This is the Liger-kernel scheme: for the scalar reductions (``sum``, ``mean``, ...) the gradients are computed in
+the forward pass and the backward only multiplies them by ``grad_output``. For ``reduction='none'`` the
+backward cannot do that (each row has its own ``grad_output``), so the forward computes losses only and the
+backward reruns the chunked pass with the incoming gradient as the per-row (or per-element) scale.
+
+Peak memory is one ``[chunk, V]`` buffer plus the gradients themselves. ``grad_weight`` is accumulated in the
+weight's dtype (``addmm_`` with beta = 1, as Liger does); chunks are large (a ``chunk_bytes`` budget) so that
+low-precision weights see few accumulation roundings.
+
+Scale modes of a row step: :data:`SCALAR` (one 0-d float32 tensor for all rows, e.g. ``1/N`` of a mean),
+:data:`ROW` (``[N]`` float32, one per row), :data:`ELEMENT` (``[N, V]`` float32, one per logit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+SCALAR, ROW, ELEMENT = 0, 1, 2
+GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Bytes of the [chunk, V] logits buffer per chunk. GPU: small enough that MLM's fused loss peaks far below
+# eager; CPU: large, because every chunk re-reads and re-writes grad_weight (V x H), which costs more than
+# the cache locality of small chunks gains (see benchmarks/bench_losses.py).
+CHUNK_BYTES = {"cuda": 32 * 2**20, "cpu": 256 * 2**20}
+
+RowStep = Callable[..., None]
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The logits-buffer budget per chunk; ``FASTVL_LOSS_CHUNK_BYTES`` overrides it."""
+    env = os.environ.get("FASTVL_LOSS_CHUNK_BYTES")
+    if env:
+        return max(1, int(env))
+    return CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+
+
+def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: the logits-buffer budget divided by the bytes of one row (multiple of 16, at least 16)."""
+    per_row = max(1, vocab) * max(4, torch.empty((), dtype=dtype).element_size())
+    rows = max(16, (chunk_bytes(device) // per_row) // 16 * 16)
+    return int(max(1, min(rows, n_rows)))
+
+
+def grad_mask(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Bit mask of the inputs that need a gradient now (0 outside autograd)."""
+    if not torch.is_grad_enabled():
+        return 0
+    mask = GRAD_HIDDEN if hidden.requires_grad else 0
+    mask |= GRAD_WEIGHT if weight.requires_grad else 0
+    mask |= GRAD_BIAS if bias is not None and bias.requires_grad else 0
+    return mask
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under ``torch.autocast`` cast float inputs to the autocast dtype, as ``F.linear`` would."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors
+    dev = first.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def should_validate(validate: bool | None, t: torch.Tensor) -> bool:
+    """Value checks need a host read: on by default on CPU only, never while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" if validate is None else bool(validate)
+
+
+def scale_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 scale on ``device`` (no host synchronisation for a device tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks shared by the public functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_tensor(op: str, name: str, t, dims: int | Sequence[int], shape_doc: str, *, floating: bool | None = None,
+                 device: torch.device | None = None) -> None:
+    """Type, rank, dtype kind and device of one argument; errors name the argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastvl.ops.{op}: argument '{name}' must be a tensor, got {type(t).__name__}")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if t.dim() not in dims:
+        raise ValueError(f"fastvl.ops.{op}: argument '{name}' must be {shape_doc}, got shape {list(t.shape)}")
+    if floating is True and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastvl.ops.{op}: argument '{name}' must be a float tensor, got {t.dtype}")
+    if floating is False and t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fastvl.ops.{op}: argument '{name}' must be an int64 or int32 tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"fastvl.ops.{op}: argument '{name}' is on {t.device} but 'hidden' is on {device}; "
+                         "all inputs must be on one device")
+
+
+def check_linear_args(op: str, hidden, weight, bias, indices, *, weight_name: str = "weight",
+                      transposed: bool = False) -> tuple[int, int, int]:
+    """Checks hidden [N_all, H], weight [V, H] (or [H, V] when ``transposed``), bias [V], indices [N].
+
+    Returns (N rows of the loss, V outputs per row, H hidden size).
+    """
+    check_tensor(op, "hidden", hidden, 2, "2-d [N, H]", floating=True)
+    dev = hidden.device
+    w_doc = "2-d [H, D]" if transposed else "2-d [V, H]"
+    check_tensor(op, weight_name, weight, 2, w_doc, floating=True, device=dev)
+    H = hidden.shape[1]
+    w_h = weight.shape[0] if transposed else weight.shape[1]
+    V = weight.shape[1] if transposed else weight.shape[0]
+    if w_h != H:
+        where = "rows" if transposed else "columns"
+        raise ValueError(f"fastvl.ops.{op}: argument '{weight_name}' has {w_h} {where} but 'hidden' has hidden size "
+                         f"{H}; expected {weight_name} of shape {[H, V] if transposed else [V, H]}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"fastvl.ops.{op}: argument '{weight_name}' has dtype {weight.dtype} but 'hidden' has "
+                        f"{hidden.dtype}; pass one dtype (or call under torch.autocast)")
+    if bias is not None:
+        check_tensor(op, "bias", bias, 1, f"1-d [{V}] or None", floating=True, device=dev)
+        if bias.shape[0] != V:
+            raise ValueError(f"fastvl.ops.{op}: argument 'bias' must have shape [{V}] (from '{weight_name}'), "
+                             f"got {list(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"fastvl.ops.{op}: argument 'bias' has dtype {bias.dtype} but 'hidden' has "
+                            f"{hidden.dtype}")
+    if indices is None:
+        return hidden.shape[0], V, H
+    check_tensor(op, "indices", indices, 1, "1-d [N] row indices into 'hidden' or None", floating=False, device=dev)
+    return indices.shape[0], V, H
+
+
+def check_rows(op: str, name: str, t: torch.Tensor, n: int, what: str) -> None:
+    """``t``'s first dim must equal the number of loss rows ``n``."""
+    if t.shape[0] != n:
+        raise ValueError(f"fastvl.ops.{op}: argument '{name}' has {t.shape[0]} rows but there are {n} {what}")
+
+
+def validate_indices(op: str, indices: torch.Tensor | None, n_all: int) -> None:
+    if indices is None or indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= n_all:
+        raise ValueError(f"fastvl.ops.{op}: argument 'indices' must lie in [0, {n_all}) (rows of 'hidden'), "
+                         f"got values in [{lo}, {hi}]")
+
+
+def check_reduction(op: str, reduction: str, allowed: Sequence[str]) -> str:
+    if reduction not in allowed:
+        raise ValueError(f"fastvl.ops.{op}: argument 'reduction' must be one of {list(allowed)}, got {reduction!r}")
+    return reduction
+
+
+def check_chunk_rows(op: str, chunk_rows: int | None) -> None:
+    if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
+        raise ValueError(f"fastvl.ops.{op}: argument 'chunk_rows' must be an int >= 1 or None, got {chunk_rows}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chunked pass
+# ----------------------------------------------------------------------------------------------------------
+
+
+def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        indices: torch.Tensor | None, data: Sequence[torch.Tensor], step: RowStep, *,
+                        loss: torch.Tensor, scale: torch.Tensor, scale_mode: int, mask: int, chunk_rows: int,
+                        weight_grad: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Run the chunked pass (module docstring).
+
+    Args:
+        hidden: [N_all, H]; indices: [N] rows of ``hidden`` to use (None: all N_all rows, N = N_all).
+        weight: [V, H] (any strides: the regression op passes its [H, D] weight transposed).
+        bias: [V] or None.
+        data: per-row target tensors with first dim N, sliced per chunk and handed to ``step``.
+        step: ``step(logits [n, V], data_chunk, loss_chunk, scale_chunk, scale_mode, compute_grad)``; writes the
+            loss rows and, when ``compute_grad``, replaces ``logits`` in place by the scaled ``dloss/dlogits``.
+        loss: preallocated float32 output, first dim N.
+        scale: float32 scale: 0-d (SCALAR), [N] (ROW) or [N, V] (ELEMENT).
+        mask: which gradients to compute (GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS); 0 = loss only.
+        chunk_rows: rows per chunk.
+        weight_grad: optional preallocated zeroed buffer to accumulate grad_weight into (same shape as
+            ``weight``, possibly a transposed view of a contiguous tensor).
+    Returns:
+        (grad_hidden [N_all, H] or None, grad_weight [V, H] or None, grad_bias [V] float32 or None).
+    """
+    n = indices.shape[0] if indices is not None else hidden.shape[0]
+    compute = mask != 0
+    gh = gw = gb = None
+    if mask & GRAD_HIDDEN:
+        gh = torch.zeros_like(hidden) if indices is not None else torch.empty_like(hidden)
+    if mask & GRAD_WEIGHT:
+        gw = weight_grad if weight_grad is not None else torch.zeros(weight.shape, dtype=weight.dtype,
+                                                                      device=weight.device)
+    if mask & GRAD_BIAS and bias is not None:
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    wt = weight.t()
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        hc = hidden[s:e] if indices is None else hidden.index_select(0, indices[s:e])
+        logits = torch.addmm(bias, hc, wt) if bias is not None else torch.mm(hc, wt)  # [n, V] contiguous
+        sc = scale if scale_mode == SCALAR else scale[s:e]
+        step(logits, [d[s:e] for d in data], loss[s:e], sc, scale_mode, compute)
+        if not compute:
+            continue
+        if gh is not None:
+            if indices is None:
+                torch.mm(logits, weight, out=gh[s:e])
+            else:
+                gh.index_add_(0, indices[s:e], torch.mm(logits, weight))
+        if gw is not None:
+            gw.addmm_(logits.t(), hc)
+        if gb is not None:
+            gb += logits.sum(0, dtype=torch.float32)
+    return gh, gw, gb
+
+
+def empty_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gh, gw, gb
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fill absent gradients with 0-element placeholders and cast grad_bias to the bias dtype."""
+    gh = gh if gh is not None else hidden.new_empty(0)
+    gw = gw if gw is not None else weight.new_empty(0)
+    if gb is None:
+        gb = (bias if bias is not None else weight).new_empty(0)
+    else:
+        gb = gb.to(bias.dtype)
+    return gh, gw, gb
+
+
+def fake_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes of the gradient outputs for a ``register_fake`` implementation."""
+    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if mask & GRAD_HIDDEN \
+        else hidden.new_empty(0)
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask & GRAD_WEIGHT \
+        else weight.new_empty(0)
+    if bias is not None and mask & GRAD_BIAS:
+        gb = torch.empty_like(bias, memory_format=torch.contiguous_format)
+    else:
+        gb = (bias if bias is not None else weight).new_empty(0)
+    return gh, gw, gb
+
+
+def register_linear_loss_autograd(op) -> None:
+    """Autograd of a linear-loss custom op with the shared schema
+
+    ``op(hidden, weight, bias, target, indices, grad_scale, reduction, grad_mask, *rest) -> (loss, gh, gw, gb)``.
+
+    Scalar reductions: the forward already returned the gradients; backward scales them by ``grad_output``.
+    ``reduction='none'``: backward reruns the op with ``grad_scale = grad_output`` (per row or per element).
+    """
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, indices, _scale, reduction, _mask, *rest = inputs
+        ctx.reduction, ctx.rest, ctx.has_bias = reduction, rest, bias is not None
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, target, indices)
+        else:
+            ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, g_loss, *_unused):
+        need = ctx.needs_input_grad
+        if ctx.reduction == "none":
+            hidden, weight, bias, target, indices = ctx.saved_tensors
+            mask = (GRAD_HIDDEN if need[0] else 0) | (GRAD_WEIGHT if need[1] else 0)
+            mask |= GRAD_BIAS if ctx.has_bias and need[2] else 0
+            _, gh, gw, gb = op(hidden, weight, bias, target, indices, g_loss.float().contiguous(), "none", mask,
+                               *ctx.rest)
+        else:
+            gh, gw, gb = (t * g_loss if t.numel() else t for t in ctx.saved_tensors)
+        grads = [gh if need[0] else None, gw if need[1] else None, gb if ctx.has_bias and need[2] else None]
+        return (*grads, *([None] * (len(need) - 3)))
+
+    op.register_autograd(backward, setup_context=setup_context)

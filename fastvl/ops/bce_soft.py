@@ -1,0 +1,212 @@
+"""Fused linear layer + binary cross-entropy with logits on soft scores: UNITER's VQA (3129 answers) and SNLI-VE.
+
+Per element ``max(z, 0) - z y + log(1 + exp(-|z|))`` with ``z = (hidden[indices] @ weight.T + bias)``, as
+``F.binary_cross_entropy_with_logits(z, y, reduction='none')``. Reductions:
+- ``'none'``: [N, A] elementwise;
+- ``'sum'``: the total;
+- ``'mean'``: sum / (N A), ``F.binary_cross_entropy_with_logits``' default;
+- ``'batchmean'`` (default): sum / N, the per-instance sum averaged over the batch. This is the official VQA /
+  VILLA training loss ``bce(..., reduction='none').mean() * num_answers`` ("instance-level bce"), exactly.
+
+Soft scores must lie in [0, 1] (VQA scores are min(1, #annotators / 3)); values outside, or non-finite, raise
+``ValueError`` when checked: always on CPU, on GPU only with ``validate=True`` (the check reads values back).
+The loss is float32 whatever the input dtype; an empty batch gives 0 (never NaN). Backends: ``triton`` (GPU),
+``torch_chunked`` (CPU default) and ``reference`` (eager, all logits materialised).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import _chunked as C
+from . import _dispatch as D
+
+__all__ = ["bce_soft_reference", "fused_bce_soft"]
+
+_OP = "fused_bce_soft"
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _factor(reduction: str, n: int, a: int) -> float:
+    if reduction == "batchmean":
+        return 1.0 / max(n, 1)
+    if reduction == "mean":
+        return 1.0 / max(n * a, 1)
+    return 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bce_soft_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       soft_scores: torch.Tensor, reduction: str = "batchmean",
+                       indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager PyTorch, as the official VQA training step computes it.
+
+    Args:
+        hidden: [N_all, H]; indices: [N] rows or None; weight: [A, H]; bias: [A] or None;
+        soft_scores: [N, A] targets in [0, 1].
+    Returns:
+        [N, A] for ``'none'``, else a scalar (0 for an empty batch).
+    """
+    h = hidden if indices is None else hidden.index_select(0, indices)
+    logits = _upcast(F.linear(h, weight, bias))
+    elem = F.binary_cross_entropy_with_logits(logits, soft_scores.to(logits.dtype), reduction="none")
+    if reduction == "none":
+        return elem
+    return elem.sum() * _factor(reduction, elem.shape[0], elem.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Row steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _torch_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) -> None:
+    z = _upcast(logits)
+    y = data[0].to(z.dtype)
+    elem = z.clamp(min=0).sub_(z * y).add_(torch.log1p(torch.exp(-z.abs())))
+    loss.copy_(elem if elementwise else elem.sum(1))
+    if not compute:
+        return
+    s = scale.unsqueeze(1) if mode == C.ROW else scale
+    logits.copy_(torch.sigmoid(z).sub_(y).mul_(s))
+
+
+def _triton_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) -> None:
+    from ..kernels.triton.bce_soft import bce_rows
+
+    bce_rows(logits, data[0], loss, scale, mode, compute, elementwise)
+
+
+_STEPS = {"torch_chunked": _torch_step, "triton": _triton_step}
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends and the custom op
+# ----------------------------------------------------------------------------------------------------------
+
+BCE_SOFT = D.register_op("bce_soft", ["triton", "torch_chunked", "reference"],
+                         doc="fused linear + BCE with logits on soft scores (VQA, SNLI-VE)")
+
+
+@BCE_SOFT.backend("reference", doc="eager PyTorch: all logits materialised")
+def _reference_supports(hidden, weight, bias, soft_scores, indices=None) -> D.Reasons:
+    return []
+
+
+@BCE_SOFT.backend("torch_chunked", kind="reference", doc="row-chunked PyTorch, gradients in the forward pass")
+def _chunked_supports(hidden, weight, bias, soft_scores, indices=None) -> D.Reasons:
+    return []
+
+
+@BCE_SOFT.backend("triton", doc="row-chunked: cuBLAS products + one Triton loss/gradient kernel per chunk")
+def _triton_supports(hidden, weight, bias, soft_scores, indices=None) -> D.Reasons:
+    allowed = C.TRITON_DTYPES if hidden.device.type == "cuda" else (torch.float32,)
+    return D.triton_reasons(hidden) + D.needs_dtype(hidden, allowed)
+
+
+@torch.library.custom_op("fastvl::bce_soft", mutates_args=())
+def _bce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, soft_scores: torch.Tensor,
+            indices: torch.Tensor | None, grad_scale: torch.Tensor | None, reduction: str, grad_mask: int,
+            chunk_rows: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, A = soft_scores.shape
+    elementwise = reduction == "none" and grad_scale is None
+    step = functools.partial(_STEPS[backend], elementwise=elementwise)
+    loss = torch.empty((n, A) if elementwise else (n,), dtype=torch.float32, device=hidden.device)
+    if grad_scale is not None:
+        scale, mode, mask = grad_scale, C.ELEMENT, grad_mask
+    else:
+        factor = _factor(reduction, n, A)
+        scale, mode = C.scale_tensor(factor, hidden.device), C.SCALAR
+        mask = grad_mask if reduction != "none" else 0
+    gh, gw, gb = C.chunked_linear_loss(hidden, weight, bias, indices, [soft_scores], step, loss=loss, scale=scale,
+                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows)
+    if reduction != "none" and grad_scale is None:
+        loss = loss.sum() * factor
+    return (loss, *C.empty_grads(hidden, weight, bias, gh, gw, gb))
+
+
+@_bce_op.register_fake
+def _(hidden, weight, bias, soft_scores, indices, grad_scale, reduction, grad_mask, chunk_rows, backend):
+    n, A = soft_scores.shape
+    if grad_scale is not None:
+        shape, mask = (n,), grad_mask
+    else:
+        shape, mask = ((n, A), 0) if reduction == "none" else ((), grad_mask)
+    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask))
+
+
+C.register_linear_loss_autograd(_bce_op)
+
+# ----------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _validate_scores(soft_scores: torch.Tensor) -> None:
+    if soft_scores.numel() == 0:
+        return
+    t = soft_scores.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"fastvl.ops.{_OP}: argument 'soft_scores' has non-finite values")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"fastvl.ops.{_OP}: argument 'soft_scores' must lie in [0, 1], got values in "
+                         f"[{lo:.4g}, {hi:.4g}]")
+
+
+def fused_bce_soft(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   soft_scores: torch.Tensor, reduction: str = "batchmean", *, indices: torch.Tensor | None = None,
+                   validate: bool | None = None, chunk_rows: int | None = None,
+                   backend: str | None = None) -> torch.Tensor:
+    """BCE with logits of ``hidden @ weight.T + bias`` against soft scores (module docstring).
+
+    Args:
+        hidden: [N_all, H] float (VQA: the 2H-d output of the head's GELU + LayerNorm); with ``indices`` only
+            ``hidden[indices]`` is used.
+        weight: [A, H] (the head's last nn.Linear), same dtype as hidden; bias: [A] or None.
+        soft_scores: [N, A] float in [0, 1] (any float dtype; read as float32).
+        reduction: ``'batchmean'`` (official VQA: sum / N), ``'mean'`` (sum / (N A)), ``'sum'``, ``'none'`` ([N, A]).
+        indices: [N] int rows of ``hidden`` or None. validate: check values (default: on CPU yes, on GPU no).
+        chunk_rows: rows per chunk (default from a memory budget). backend: force a backend.
+    Returns:
+        float32 loss, differentiable w.r.t. hidden, weight and bias (not soft_scores).
+    """
+    hidden, weight, bias = C.autocast_inputs(hidden, weight, bias)
+    n, A, _ = C.check_linear_args(_OP, hidden, weight, bias, indices)
+    C.check_tensor(_OP, "soft_scores", soft_scores, 2, f"2-d [N, {A}]", floating=True, device=hidden.device)
+    C.check_rows(_OP, "soft_scores", soft_scores, n, "rows (indices)" if indices is not None else "rows in 'hidden'")
+    if soft_scores.shape[1] != A:
+        raise ValueError(f"fastvl.ops.{_OP}: argument 'soft_scores' has {soft_scores.shape[1]} answers but "
+                         f"'weight' has {A} outputs")
+    C.check_reduction(_OP, reduction, REDUCTIONS)
+    C.check_chunk_rows(_OP, chunk_rows)
+    if C.should_validate(validate, soft_scores):
+        _validate_scores(soft_scores)
+        C.validate_indices(_OP, indices, hidden.shape[0])
+    name = BCE_SOFT.select(hidden, weight, bias, soft_scores, indices, backend=backend)
+    if name == "reference":
+        return bce_soft_reference(hidden, weight, bias, soft_scores, reduction, indices)
+    rows = chunk_rows or C.default_chunk_rows(n, A, hidden.dtype, hidden.device)
+    mask = C.grad_mask(hidden, weight, bias) if reduction != "none" else 0
+    return _bce_op(hidden, weight, bias, soft_scores.detach(), indices, None, reduction, mask, int(rows), name)[0]
+
+
+def _example(device: str, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """UNITER-base VQA: batch 256, head width 2H = 1536, 3129 answers."""
+    hidden = torch.empty(256, 1536, device=device, dtype=dtype)
+    weight = torch.empty(3129, 1536, device=device, dtype=dtype)
+    return (hidden, weight, torch.empty(3129, device=device, dtype=dtype),
+            torch.empty(256, 3129, device=device, dtype=dtype), None), {}
+
+
+BCE_SOFT.example = _example
