@@ -74,21 +74,19 @@ __device__ __forceinline__ adv::Stats<float> warp_combine(adv::Stats<float> s) {
   return s;
 }
 
-// Visits the chunk's elements: fn(row_valid, element_offset_in_example, n_elements_at_offset) with n = 1 or one
-// Pack. Consecutive threads take consecutive vectors (coalesced).
+// Visits the chunk's elements: fn(row_valid, element_offset_in_example, n) with n = 1 or one Pack of elements.
+// Consecutive threads take consecutive vectors (coalesced); indices inside a chunk are 32-bit (a chunk holds
+// ~kChunkElems elements, or one row).
 template <typename scalar_t, typename Fn>
 __device__ __forceinline__ void for_chunk(const Slot& s, int64_t b, int c, Fn&& fn) {
   const int64_t r0 = static_cast<int64_t>(c) * s.rows;
-  const int64_t r1 = min(s.L, r0 + s.rows);
-  const bool* m = s.mask + b * s.L;
-  const int64_t begin = r0 * s.D, end = r1 * s.D;
-  if (s.vec) {
-    constexpr int V = Pack<scalar_t>::kN;
-    const int64_t dv = s.D / V;
-    for (int64_t p = r0 * dv + threadIdx.x; p < r1 * dv; p += kThreads) fn(m[p / dv], p * V, V);
-  } else {
-    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) fn(m[e / s.D], e, 1);
-  }
+  const int n_rows = static_cast<int>(min(s.L - r0, static_cast<int64_t>(s.rows)));
+  const bool* m = s.mask + b * s.L + r0;
+  const int64_t begin = r0 * s.D;
+  const int V = s.vec ? Pack<scalar_t>::kN : 1;
+  const int per_row = static_cast<int>(s.D / V);
+  const int total = n_rows * per_row;
+  for (int p = threadIdx.x; p < total; p += kThreads) fn(m[p / per_row], begin + static_cast<int64_t>(p) * V, V);
 }
 
 template <typename scalar_t>
@@ -104,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(Slots S, Partial* __res
   auto st = adv::stats_zero<float>();
   for_chunk<scalar_t>(s, b, c, [&](bool valid, int64_t e, int n) {
     if (!valid) return;
-    if (n == 1) {
+    if (n != Pack<scalar_t>::kN) {
       adv::accumulate(st, need_d ? static_cast<float>(d[e]) : 0.0f, static_cast<float>(g[e]));
       return;
     }
@@ -149,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Slots S, const Partial
   scalar_t* d = static_cast<scalar_t*>(s.delta) + b * s.L * s.D;
   const scalar_t* g = static_cast<const scalar_t*>(s.grad) + b * s.L * s.D;
   for_chunk<scalar_t>(s, b, c, [&](bool valid, int64_t e, int n) {
-    if (n == 1) {
+    if (n != Pack<scalar_t>::kN) {
       d[e] = static_cast<scalar_t>(valid ? adv::update(static_cast<float>(d[e]), static_cast<float>(g[e]), cf) : 0.0f);
       return;
     }
