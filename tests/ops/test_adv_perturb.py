@@ -401,3 +401,17 @@ def test_gpu_opcheck(gen):
     for backend in GPU_BACKENDS:
         torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "l2", [0.05], backend))
         torch.library.opcheck(A._init_op, (g1.clone(), m1, 0.5, "linf", backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if fastvl.HAS_C else []))
+def test_traced_by_torch_compile(backend, gen):
+    """fullgraph: backend selection reads metadata only and the in-place custom op is functionalised."""
+    delta, grad, mask = adv_inputs([3, 1], 3, 5, gen)
+
+    def step(d, g, m):
+        return A.adv_perturb_step(d, g * 2, m, 0.1, "l2", 0.05, backend=backend) + 1
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    d1, d2 = delta.clone(), delta.clone()
+    torch.testing.assert_close(compiled(d1, grad, mask), step(d2, grad, mask), rtol=0, atol=0)
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
