@@ -21,6 +21,10 @@ Dropout: Philox (``tl.rand``) keyed by a seed read from device memory and the el
 :func:`dropout_keep_mask`, which tests use) regenerate exactly the forward's keep-mask. Kept probabilities are
 scaled by 1 / (1 - p) (the normaliser uses all probabilities, as ``F.dropout`` after ``softmax`` does).
 
+Block sizes come from a fixed table (:func:`fwd_config`, :func:`bwd_config`: short sequences, UNITER's 20-160
+tokens, get 64-row tiles; long ones 128) unless ``FASTVL_TRITON_AUTOTUNE=1`` asks for autotuning over candidates
+(keyed by length class, head_dim, mask, dropout, precision).
+
 head_dim is padded to the next power of two inside the kernels (80 and 96 run as 128 with masked loads/stores).
 float32 inputs use IEEE products (no TF32), so they meet the float32 tolerance of the tests.
 """
@@ -42,29 +46,55 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configurations (the interpreter gets one small config: it runs every config when autotuning)
+# Configurations: a fixed table by default (no tuning cost: every new shape class would otherwise compile and time
+# every candidate); FASTVL_TRITON_AUTOTUNE=1 autotunes over the candidates instead. The interpreter always runs
+# one small configuration.
 # ----------------------------------------------------------------------------------------------------------
 
+SHORT = 256  # sequences up to this length form one tuning class (UNITER: 20-160 tokens)
 
-def _fwd_configs() -> list[triton.Config]:
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FASTVL_TRITON_AUTOTUNE") == "1" and not INTERPRET
+
+
+def fwd_config(d_pad: int, dtype: torch.dtype, max_seqlen: int) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if max_seqlen <= SHORT:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=3)
+
+
+def bwd_config(d_pad: int, dtype: torch.dtype, max_seqlen: int) -> dict:
+    """BLOCK_M1 / BLOCK_N1 (dK dV: query rows per step / keys per program), BLOCK_M2 / BLOCK_N2 (dQ), warps, stages."""
+    if INTERPRET:
+        return dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+    if max_seqlen <= SHORT:
+        return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=4 if d_pad <= 64 else 8,
+                num_stages=3 if d_pad <= 64 else 2)
+
+
+def _fwd_candidates() -> list[triton.Config]:
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _bwd_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}, num_warps=4,
-                              num_stages=1)]
-    shapes = [(32, 128, 128, 32, 8, 2), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2), (64, 128, 128, 64, 8, 2),
+def _bwd_candidates() -> list[triton.Config]:
+    shapes = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 2), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2),
               (16, 32, 32, 16, 4, 1)]
     return [triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w,
                           num_stages=s) for m1, n1, m2, n2, w, s in shapes]
 
 
 def _prune_by_size(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit wide heads / float32 (shared memory), keeping at least one config."""
+    """Drop the largest tiles for wide heads / float32 (shared memory, registers), keeping at least one config."""
     d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 64))
     wide = d_pad * (2 if kwargs.get("PRECISION", named_args.get("PRECISION")) == "ieee" else 1) > 64
     keep = []
@@ -123,8 +153,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_fwd_configs(), key=["SEQ_BUCKET", "HEAD_DIM", "MASK", "DROPOUT", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_size})
 @triton.jit
 def _attn_fwd(Q, K, V, OUT, LSE, CU_Q, CU_K, PREFIX, SEED, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
               stride_vh, stride_ot, stride_oh, total_q, nheads, max_seqlen_k, qk_scale, dropout_p, SEQ_BUCKET,
@@ -274,8 +302,6 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
     return dq
 
 
-@triton.autotune(configs=_bwd_configs(), key=["SEQ_BUCKET", "HEAD_DIM", "MASK", "DROPOUT", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_size})
 @triton.jit
 def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K, PREFIX, SEED, stride_qt, stride_qh, stride_kt,
               stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
@@ -374,6 +400,13 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU_Q, CU_K, PREFIX, SEED, str
         tl.store(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
+_TUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MASK", "DROPOUT", "PRECISION"]
+_attn_fwd_tuned = triton.autotune(configs=_fwd_candidates(), key=_TUNE_KEY,
+                                  prune_configs_by={"early_config_prune": _prune_by_size})(_attn_fwd)
+_attn_bwd_tuned = triton.autotune(configs=_bwd_candidates(), key=_TUNE_KEY,
+                                  prune_configs_by={"early_config_prune": _prune_by_size})(_attn_bwd)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dropout keep-mask (tests and debugging only: materialises [B, heads, Lq, Lk])
 # ----------------------------------------------------------------------------------------------------------
@@ -406,8 +439,8 @@ def _keep_mask_kernel(KEEP, CU_Q, CU_K, SEED, nheads, max_seqlen_q, max_seqlen_k
 
 
 def _bucket(n: int) -> int:
-    """Autotuning key: sequences up to 256 share one tuning, longer ones tune per power of two."""
-    return max(256, triton.next_power_of_2(max(n, 1)))
+    """Autotuning key: sequences up to SHORT share one tuning, longer ones tune per power of two."""
+    return max(SHORT, triton.next_power_of_2(max(n, 1)))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -429,14 +462,20 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     prefix = prefix_lens if prefix_lens is not None else cu_seqlens_q
     seed_t = seed if dropout else cu_seqlens_q
 
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    if autotune_enabled():
+        kernel, cfg = _attn_fwd_tuned, {}
+    else:
+        kernel, cfg = _attn_fwd, fwd_config(d_pad, q.dtype, max(max_seqlen_q, max_seqlen_k))
+
     def grid(meta):
         return triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch, nheads
 
-    _attn_fwd[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix, seed_t, q.stride(0), q.stride(1),
-                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), total_q, nheads,
-                    max(max_seqlen_k, 1), softmax_scale * LOG2E, float(dropout_p), _bucket(max_seqlen_q),
-                    HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), MASK=MASK_CODES[mask],
-                    DROPOUT=dropout, PRECISION=_precision(q.dtype))
+    kernel[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix, seed_t, q.stride(0), q.stride(1),
+                 k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), total_q, nheads,
+                 max(max_seqlen_k, 1), softmax_scale * LOG2E, float(dropout_p),
+                 _bucket(max(max_seqlen_q, max_seqlen_k)), HEAD_DIM=head_dim, D_PAD=d_pad, MASK=MASK_CODES[mask],
+                 DROPOUT=dropout, PRECISION=_precision(q.dtype), **cfg)
     return out, lse
 
 
@@ -466,16 +505,21 @@ def attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     prefix = prefix_lens if prefix_lens is not None else cu_seqlens_q
     seed_t = seed if dropout else cu_seqlens_q
 
+    if autotune_enabled():
+        kernel, cfg = _attn_bwd_tuned, {}
+    else:
+        kernel, cfg = _attn_bwd, bwd_config(d_pad, q.dtype, max(max_seqlen_q, max_seqlen_k))
+
     def grid(meta):
         blocks = max(triton.cdiv(max_seqlen_k, meta["BLOCK_N1"]), triton.cdiv(max_seqlen_q, meta["BLOCK_M2"]))
         return max(blocks, 1), batch, nheads
 
-    _attn_bwd[grid](q, k, v, dout, dq, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, prefix, seed_t,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-                    dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                    total_q, nheads, max(max_seqlen_k, 1), softmax_scale, softmax_scale * LOG2E, float(dropout_p),
-                    _bucket(max(max_seqlen_q, max_seqlen_k)), HEAD_DIM=head_dim, D_PAD=d_pad, MASK=MASK_CODES[mask],
-                    DROPOUT=dropout, PRECISION=_precision(q.dtype))
+    kernel[grid](q, k, v, dout, dq, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, prefix, seed_t,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
+                 dout.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                 total_q, nheads, max(max_seqlen_k, 1), softmax_scale, softmax_scale * LOG2E, float(dropout_p),
+                 _bucket(max(max_seqlen_q, max_seqlen_k)), HEAD_DIM=head_dim, D_PAD=d_pad, MASK=MASK_CODES[mask],
+                 DROPOUT=dropout, PRECISION=_precision(q.dtype), **cfg)
     return dq, dk, dv
 
 
