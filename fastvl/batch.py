@@ -33,6 +33,8 @@ class PackedVLBatch:
         feat_targets: [n_masked_regions, D_img] MRFR targets (original features of masked regions).
         soft_labels: [n_masked_regions, n_classes] MRC / MRC-kl detector distributions (background incl.).
         itm_targets: [B] long, 1 = matched pair, 0 = negative.
+        n_txt_masked: number of txt_labels != -1 (Python int from collate; lets MLM select the masked tokens
+            without reading the device). None = unknown.
         extras: anything task-specific (e.g. VQA soft targets, retrieval groups).
     """
 
@@ -50,6 +52,7 @@ class PackedVLBatch:
     soft_labels: torch.Tensor | None = None
     itm_targets: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    n_txt_masked: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.txt_lens) != len(self.img_lens):
