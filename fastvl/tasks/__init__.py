@@ -1,0 +1,48 @@
+"""Task modules: ``task(model, batch) -> dict(loss=scalar tensor, logs=dict)``; the trainer knows nothing else.
+
+A task holds no model: it receives it at call time (so the trainer may pass a DDP / compiled wrapper) and
+calls ``model(batch, task_name, ...)``. Registry: ``build_task(name, **kw)``, ``list_tasks()``,
+``@register_task(name, *aliases)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+__all__ = ["build_task", "list_tasks", "register_task"]
+
+_TASKS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_task(name: str, *aliases: str) -> Callable[[type], type]:
+    """Class decorator registering a task under ``name`` (and aliases)."""
+
+    def deco(cls: type) -> type:
+        for n in (name, *aliases):
+            if n in _TASKS:
+                raise ValueError(f"fastvl.tasks: task {n!r} is already registered")
+            _TASKS[n] = cls
+        return cls
+
+    return deco
+
+
+def list_tasks() -> list[str]:
+    """Registered task names (aliases included), sorted."""
+    _load()
+    return sorted(_TASKS)
+
+
+def build_task(name: str, **kwargs: Any) -> nn.Module:
+    """Instantiate the task registered as ``name`` with its keyword arguments."""
+    _load()
+    if name not in _TASKS:
+        raise ValueError(f"fastvl.tasks.build_task: unknown task {name!r}; registered: {sorted(_TASKS)}")
+    return _TASKS[name](**kwargs)
+
+
+def _load() -> None:
+    from . import pretrain  # noqa: F401  (registers the pre-training tasks)

@@ -1,0 +1,116 @@
+"""UNITER pre-training tasks (MLM, MRFR, MRC, MRC-kl, ITM + WRA) on packed batches, with the official reductions.
+
+Each task calls ``model(batch, name, compute_loss=True, ...)`` on a :class:`~fastvl.batch.PackedVLBatch` (the
+model's native packed API: heads on the masked rows only, no host synchronisation) and reduces as the official
+training loop does:
+
+- ``mlm``: mean cross-entropy over masked tokens;  ``mrfr``: mean squared error over n_masked x img_dim;
+- ``mrc``: mean cross-entropy over masked regions (target argmax of the detector classes 1..);
+- ``mrc-kl``: element mean of the KL terms (n_masked x classes, not batchmean);
+- ``itm``: mean cross-entropy over pairs + ``ot_lambda`` (0.1) x WRA loss, where WRA =
+  (sum of positive-pair OT distances - sum of negative-pair distances) / number of pairs.
+
+An empty selection (no masked token) gives loss 0, not NaN. Logs are detached 0-d tensors (no host sync);
+``ot_pos`` / ``ot_neg`` (mean distances) are NaN when the batch has no pair of that kind.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..batch import PackedVLBatch
+from ..models.uniter_heads import wra_loss
+from . import register_task
+
+__all__ = ["ITMTask", "MLMTask", "MRCKLTask", "MRCTask", "MRFRTask", "PretrainTask", "pretrain_tasks"]
+
+
+class PretrainTask(nn.Module):
+    """Base: ``forward(model, batch) -> dict(loss=..., logs=...)``.
+
+    Args:
+        check_finite: check features / targets for NaN or inf (reads the device); None = the model's setting.
+    """
+
+    name = ""
+
+    def __init__(self, check_finite: bool | None = None):
+        super().__init__()
+        self.check_finite = check_finite
+
+    def _model_loss(self, model: nn.Module, batch: PackedVLBatch, **kw):
+        if not isinstance(batch, PackedVLBatch):
+            raise TypeError(f"fastvl.tasks.{type(self).__name__}: 'batch' must be a PackedVLBatch, got "
+                            f"{type(batch).__name__}")
+        return model(batch, self.name, compute_loss=True, check_finite=self.check_finite, **kw)
+
+    def forward(self, model: nn.Module, batch: PackedVLBatch) -> dict:
+        loss = self._model_loss(model, batch, reduction="mean")
+        return dict(loss=loss, logs={f"{self.name}_loss": loss.detach()})
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+@register_task("mlm")
+class MLMTask(PretrainTask):
+    """Masked language modelling (batch fields: txt_labels, optionally n_txt_masked)."""
+
+    name = "mlm"
+
+
+@register_task("mrfr")
+class MRFRTask(PretrainTask):
+    """Masked region feature regression (batch fields: img_masks, feat_targets)."""
+
+    name = "mrfr"
+
+
+@register_task("mrc")
+class MRCTask(PretrainTask):
+    """Masked region classification, hard labels (batch fields: img_masks, soft_labels)."""
+
+    name = "mrc"
+
+
+@register_task("mrc-kl", "mrckl")
+class MRCKLTask(PretrainTask):
+    """Masked region classification, KL to the detector distribution (batch fields: img_masks, soft_labels)."""
+
+    name = "mrc-kl"
+
+
+@register_task("itm")
+class ITMTask(PretrainTask):
+    """Image-text matching with word-region alignment (batch field: itm_targets).
+
+    Args:
+        ot_lambda: weight of the WRA (optimal transport) loss; 0 skips computing it. Official: 0.1.
+    """
+
+    name = "itm"
+
+    def __init__(self, ot_lambda: float = 0.1, check_finite: bool | None = None):
+        super().__init__(check_finite)
+        if ot_lambda < 0:
+            raise ValueError(f"fastvl.tasks.ITMTask: 'ot_lambda' must be >= 0, got {ot_lambda}")
+        self.ot_lambda = float(ot_lambda)
+
+    def forward(self, model: nn.Module, batch: PackedVLBatch) -> dict:
+        itm, dist = self._model_loss(model, batch, reduction="mean", with_ot=self.ot_lambda > 0)
+        logs = {"itm_loss": itm.detach()}
+        if dist is None:
+            return dict(loss=itm, logs=logs)
+        targets = batch.itm_targets
+        ot = wra_loss(dist, targets)
+        pos = targets.to(dist.dtype)
+        d = dist.detach()
+        logs.update(ot_loss=ot.detach(), ot_pos=(d * pos).sum() / pos.sum(),
+                    ot_neg=(d * (1 - pos)).sum() / (1 - pos).sum())
+        return dict(loss=itm + self.ot_lambda * ot, logs=logs)
+
+
+def pretrain_tasks(ot_lambda: float = 0.1, check_finite: bool | None = None) -> dict[str, PretrainTask]:
+    """One instance of every pre-training task, by name."""
+    return {"mlm": MLMTask(check_finite), "mrfr": MRFRTask(check_finite), "mrc": MRCTask(check_finite),
+            "mrc-kl": MRCKLTask(check_finite), "itm": ITMTask(ot_lambda, check_finite)}
