@@ -6,7 +6,9 @@ Providers: ``reference`` (the eager PyTorch reference, as the public function ru
 (torch.compile of the reference; on GPU by default, on CPU with --compile), ``cpu`` (C++), ``cuda`` and
 ``triton`` (GPU). Bandwidth counts the bytes that must move: read delta and grad, write delta (and the mask).
 
-    python -m benchmarks.bench_adv_perturb [--quick] [--device cuda] [--norm linf] [--max-norm 0.1]
+    python -m benchmarks.bench_adv_perturb [--quick] [--device cuda] [--norm linf] [--max-norm 0.1] [--layout packed]
+
+``--layout packed`` times the packed form (fastvl's native batch: [T, D] + cu_seqlens) on the same lengths.
 """
 
 from __future__ import annotations
@@ -16,21 +18,27 @@ import torch
 import fastvl
 from benchmarks._harness import Bench, Case
 from fastvl.ops import adv_perturb as A
-from fastvl.ops._testing import adv_inputs, random_lengths
+from fastvl.ops._testing import adv_inputs, adv_inputs_packed, random_lengths
 
 TEXT = (60, 768)
 IMAGE = (100, 2048)
 
 
-def _inputs(batch: int, L: int, D: int, dtype: torch.dtype, device: str, gen: torch.Generator):
+def _inputs(batch: int, L: int, D: int, dtype: torch.dtype, device: str, gen: torch.Generator, packed: bool):
+    """(delta, grad, mask or cu_seqlens, max_seqlen) with lengths uniform in [L/2, L]."""
     lens = random_lengths(batch, L // 2, L, gen, must_include=[L])
-    return adv_inputs(lens, L, D, gen, dtype=dtype, device=device)
+    if packed:
+        return adv_inputs_packed(lens, D, gen, dtype=dtype, device=device)
+    return (*adv_inputs(lens, L, D, gen, dtype=dtype, device=device), L)
 
 
 def _compiled_reference():
-    def step(deltas, grads, masks, lrs, norm, max_norms):
-        for d, g, m, lr, mx in zip(deltas, grads, masks, lrs, max_norms, strict=True):
-            d.copy_(A.adv_perturb_step_reference(d, g, m, lr, norm, mx))
+    def step(deltas, grads, masks, lrs, norm, max_norms, max_seqlens):
+        for d, g, m, lr, mx, ms in zip(deltas, grads, masks, lrs, max_norms, max_seqlens, strict=True):
+            if d.dim() == 2:
+                d.copy_(A.adv_perturb_step_packed_reference(d, g, m, ms, lr, norm, mx))
+            else:
+                d.copy_(A.adv_perturb_step_reference(d, g, m, lr, norm, mx))
 
     return torch.compile(step, dynamic=False)
 
@@ -41,6 +49,7 @@ def main() -> None:
     bench.parser.add_argument("--max-norm", type=float, default=0.0, help="projection radius (VILLA default 0)")
     bench.parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     bench.parser.add_argument("--compile", action="store_true", help="also time torch.compile(reference) on CPU")
+    bench.parser.add_argument("--layout", default="padded", choices=["padded", "packed"])
     args = bench.parse()
     device = args.device
     gpu = device.startswith("cuda")
@@ -59,23 +68,24 @@ def main() -> None:
     for modality in ("text", "image", "both"):
         for batch in batches:
             shapes = {"text": [TEXT], "image": [IMAGE], "both": [TEXT, IMAGE]}[modality]
-            inputs = [_inputs(batch, L, D, dtype, device, gen) for L, D in shapes]
-            deltas = [d for d, _, _ in inputs]
-            grads = [g for _, g, _ in inputs]
-            masks = [m for _, _, m in inputs]
+            inputs = [_inputs(batch, L, D, dtype, device, gen, args.layout == "packed") for L, D in shapes]
+            deltas = [x[0] for x in inputs]
+            grads = [x[1] for x in inputs]
+            masks = [x[2] for x in inputs]
+            max_seqlens = [x[3] for x in inputs]
             lrs = [lr_txt, lr_img][:len(shapes)]
             max_norms = [args.max_norm] * len(shapes)
             moved = sum(3 * d.numel() * d.element_size() + m.numel() for d, m in zip(deltas, masks, strict=True))
             cases = []
             for p in providers:
                 if p == "compile":
-                    fn = (lambda: compiled(deltas, grads, masks, lrs, args.norm, max_norms))
+                    fn = (lambda: compiled(deltas, grads, masks, lrs, args.norm, max_norms, max_seqlens))
                 else:
                     fn = (lambda p=p: A.adv_perturb_step_multi(deltas, grads, masks, lrs, args.norm, max_norms,
-                                                               backend=p))
+                                                               max_seqlens=max_seqlens, backend=p))
                 cases.append(Case(p, fn, "fwd", bytes=moved))
-            config = dict(modality=modality, norm=args.norm, max_norm=args.max_norm, dtype=str(dtype).split(".")[-1],
-                          shapes=[list(d.shape) for d in deltas])
+            config = dict(modality=modality, layout=args.layout, norm=args.norm, max_norm=args.max_norm,
+                          dtype=str(dtype).split(".")[-1], shapes=[list(d.shape) for d in deltas])
             bench.run(cases, "B", batch, config)
     bench.finish()
 

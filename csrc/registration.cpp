@@ -12,12 +12,14 @@
 TORCH_LIBRARY(fastvl, m) {
   // Word-region alignment: IPOT transport plan. cost [B,N,M] f32, pads bool -> plan [B,N,M] f32.
   m.def("ipot_plan(Tensor cost, Tensor txt_pad, Tensor img_pad, float beta, int iterations, int k) -> Tensor");
-  // VILLA adversarial step, in place, every slot (text, image) in one call: deltas/grads [B,L,D] f32/bf16/f16,
-  // masks bool [B,L] (True = valid), norm 'l2'|'linf', max_norms 0 = no projection.
+  // VILLA adversarial step, in place, every slot (text, image) in one call: padded deltas/grads [B,L,D] with
+  // masks bool [B,L] (True = valid), or packed [T,D] with masks = cu_seqlens int32 [B+1] and max_seqlens >= every
+  // length; f32/bf16/f16; norm 'l2'|'linf'; max_norms 0 = no projection.
   m.def("adv_perturb_step_kernel(Tensor(a!)[] deltas, Tensor[] grads, Tensor[] masks, float[] lrs, str norm, "
-        "float[] max_norms) -> ()");
-  // VILLA random init, in place: noise [B,L,D] (uniform [-1,1] or normal) -> scaled, masked perturbation.
-  m.def("adv_perturb_init_kernel(Tensor(a!) noise, Tensor mask, float init_mag, str norm) -> ()");
+        "float[] max_norms, int[] max_seqlens) -> ()");
+  // VILLA random init, in place: noise [B,L,D] + mask, or [T,D] + cu_seqlens (uniform [-1,1] or normal noise)
+  // -> scaled, masked perturbation.
+  m.def("adv_perturb_init_kernel(Tensor(a!) noise, Tensor mask, float init_mag, str norm, int max_seqlen) -> ()");
 }
 
 namespace {

@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -31,8 +32,33 @@ bool supported_dtype(at::ScalarType t) {
 
 }  // namespace
 
+namespace {
+
+// Validates masks[k] against a padded [B, L, D] or packed [T, D] delta and returns the layout.
+AdvLayout check_layout(const at::Tensor& d, const at::Tensor& m, int64_t max_seqlen, const char* op,
+                       const std::string& dn, const std::string& mn, const std::string& sn) {
+  FASTVL_CHECK_ARG(d.dim() == 3 || d.dim() == 2, op, dn, "must be 3-d [B, L, D] (padded) or 2-d [T, D] (packed), ",
+                   "got shape ", d.sizes());
+  FASTVL_CHECK_SAME_DEVICE(d, m, op, dn, mn);
+  if (d.dim() == 3) {
+    FASTVL_CHECK_ARG(m.scalar_type() == at::kBool, op, mn, "must be a bool tensor (True = valid) for a padded ",
+                     dn, ", got ", m.scalar_type());
+    FASTVL_CHECK_ARG(m.dim() == 2 && m.size(0) == d.size(0) && m.size(1) == d.size(1), op, mn,
+                     "must have shape [B, L] = [", d.size(0), ", ", d.size(1), "] (from ", dn, "), got ", m.sizes());
+    return AdvLayout{d.size(0), d.size(1), d.size(2), false};
+  }
+  FASTVL_CHECK_ARG(m.scalar_type() == at::kInt && m.dim() == 1 && m.size(0) >= 1, op, mn,
+                   "must be cu_seqlens, an int32 [B+1] tensor, for a packed ", dn, ", got ", m.scalar_type(), " ",
+                   m.sizes());
+  FASTVL_CHECK_ARG(max_seqlen >= 0, op, sn, "must be >= 0, got ", max_seqlen);
+  return AdvLayout{m.size(0) - 1, max_seqlen, d.size(1), true};
+}
+
+}  // namespace
+
 int check_adv_step_args(at::TensorList deltas, at::TensorList grads, at::TensorList masks, at::ArrayRef<double> lrs,
-                        c10::string_view norm, at::ArrayRef<double> max_norms) {
+                        c10::string_view norm, at::ArrayRef<double> max_norms, at::IntArrayRef max_seqlens,
+                        std::vector<AdvLayout>* layouts) {
   const char* op = "adv_perturb_step";
   const int code = parse_norm(norm, op);
   const size_t n = deltas.size();
@@ -41,13 +67,15 @@ int check_adv_step_args(at::TensorList deltas, at::TensorList grads, at::TensorL
   FASTVL_CHECK_ARG(lrs.size() == n, op, "lrs", "must have one value per delta (", n, "), got ", lrs.size());
   FASTVL_CHECK_ARG(max_norms.size() == n, op, "max_norms", "must have one value per delta (", n, "), got ",
                    max_norms.size());
+  FASTVL_CHECK_ARG(max_seqlens.size() == n, op, "max_seqlens", "must have one value per delta (", n, "), got ",
+                   max_seqlens.size());
+  layouts->clear();
   for (size_t k = 0; k < n; ++k) {
     const auto& d = deltas[k];
     const auto& g = grads[k];
-    const auto& m = masks[k];
-    const std::string dn = "deltas[" + std::to_string(k) + "]", gn = "grads[" + std::to_string(k) + "]",
-                      mn = "masks[" + std::to_string(k) + "]";
-    FASTVL_CHECK_ARG(d.dim() == 3, op, dn, "must be 3-d [B, L, D], got shape ", d.sizes());
+    const std::string ks = "[" + std::to_string(k) + "]";
+    const std::string dn = "deltas" + ks, gn = "grads" + ks, mn = "masks" + ks, sn = "max_seqlens" + ks;
+    layouts->push_back(check_layout(d, masks[k], max_seqlens[k], op, dn, mn, sn));
     FASTVL_CHECK_ARG(supported_dtype(d.scalar_type()), op, dn, "must be float32, bfloat16 or float16, got ",
                      d.scalar_type());
     FASTVL_CHECK_ARG(d.is_contiguous(), op, dn, "must be contiguous (it is updated in place)");
@@ -55,12 +83,7 @@ int check_adv_step_args(at::TensorList deltas, at::TensorList grads, at::TensorL
                      g.sizes());
     FASTVL_CHECK_ARG(g.scalar_type() == d.scalar_type(), op, gn, "must have the dtype of ", dn, " (", d.scalar_type(),
                      "), got ", g.scalar_type());
-    FASTVL_CHECK_ARG(m.scalar_type() == at::kBool, op, mn, "must be a bool tensor (True = valid), got ",
-                     m.scalar_type());
-    FASTVL_CHECK_ARG(m.dim() == 2 && m.size(0) == d.size(0) && m.size(1) == d.size(1), op, mn,
-                     "must have shape [B, L] = [", d.size(0), ", ", d.size(1), "] (from ", dn, "), got ", m.sizes());
     FASTVL_CHECK_SAME_DEVICE(d, g, op, dn, gn);
-    FASTVL_CHECK_SAME_DEVICE(d, m, op, dn, mn);
     FASTVL_CHECK_SAME_DEVICE(deltas[0], d, op, "deltas[0]", dn);
     FASTVL_CHECK_ARG(lrs[k] >= 0.0, op, "lrs", "must be >= 0, got ", lrs[k], " at index ", k);
     FASTVL_CHECK_ARG(max_norms[k] >= 0.0, op, "max_norms", "must be >= 0 (0 = no projection), got ", max_norms[k],
@@ -69,18 +92,14 @@ int check_adv_step_args(at::TensorList deltas, at::TensorList grads, at::TensorL
   return code;
 }
 
-int check_adv_init_args(const at::Tensor& noise, const at::Tensor& mask, double init_mag, c10::string_view norm) {
+int check_adv_init_args(const at::Tensor& noise, const at::Tensor& mask, double init_mag, c10::string_view norm,
+                        int64_t max_seqlen, AdvLayout* layout) {
   const char* op = "adv_perturb_init";
   const int code = parse_norm(norm, op);
-  FASTVL_CHECK_ARG(noise.dim() == 3, op, "noise", "must be 3-d [B, L, D], got shape ", noise.sizes());
+  *layout = check_layout(noise, mask, max_seqlen, op, "noise", "mask", "max_seqlen");
   FASTVL_CHECK_ARG(supported_dtype(noise.scalar_type()), op, "noise", "must be float32, bfloat16 or float16, got ",
                    noise.scalar_type());
   FASTVL_CHECK_ARG(noise.is_contiguous(), op, "noise", "must be contiguous (it is scaled in place)");
-  FASTVL_CHECK_DTYPE(mask, op, "mask", at::kBool);
-  FASTVL_CHECK_ARG(mask.dim() == 2 && mask.size(0) == noise.size(0) && mask.size(1) == noise.size(1), op, "mask",
-                   "must have shape [B, L] = [", noise.size(0), ", ", noise.size(1), "] (from noise), got ",
-                   mask.sizes());
-  FASTVL_CHECK_SAME_DEVICE(noise, mask, op, "noise", "mask");
   FASTVL_CHECK_ARG(init_mag >= 0.0, op, "init_mag", "must be >= 0, got ", init_mag);
   return code;
 }
@@ -103,7 +122,7 @@ void store_row(scalar_t* p, const float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
 }
 
-// One example: delta, grad [L, D], mask [L]; buf holds 3 rows of D floats.
+// One example: delta, grad [L, D], mask [L] (nullptr: all rows valid); buf holds 3 rows of D floats.
 template <typename scalar_t>
 void step_example(scalar_t* d, const scalar_t* g, const bool* m, int64_t L, int64_t D, double lr, int norm,
                   double max_norm, float* buf) {
@@ -111,7 +130,7 @@ void step_example(scalar_t* d, const scalar_t* g, const bool* m, int64_t L, int6
   const bool need_d = norm == adv::kL2 && max_norm > 0.0;
   auto st = adv::stats_zero<double>();
   for (int64_t l = 0; l < L; ++l) {
-    if (!m[l]) continue;
+    if (m && !m[l]) continue;
     const float* gr = load_row(g + l * D, D, bg);
     const float* dr = need_d ? load_row(d + l * D, D, bd) : gr;
     const auto r = adv::row_stats(dr, gr, D, need_d);
@@ -120,7 +139,7 @@ void step_example(scalar_t* d, const scalar_t* g, const bool* m, int64_t L, int6
   const adv::Coeffs c = adv::step_coeffs(st, lr, norm, max_norm);
   for (int64_t l = 0; l < L; ++l) {
     scalar_t* drow = d + l * D;
-    if (!m[l]) {
+    if (m && !m[l]) {
       for (int64_t i = 0; i < D; ++i) drow[i] = static_cast<scalar_t>(0.0f);
       continue;
     }
@@ -135,12 +154,12 @@ void step_example(scalar_t* d, const scalar_t* g, const bool* m, int64_t L, int6
 
 template <typename scalar_t>
 void init_example(scalar_t* x, const bool* m, int64_t L, int64_t D, float init_mag, int norm, float* buf) {
-  int64_t n_valid = 0;
-  for (int64_t l = 0; l < L; ++l) n_valid += m[l] ? 1 : 0;
+  int64_t n_valid = m ? 0 : L;
+  for (int64_t l = 0; m && l < L; ++l) n_valid += m[l] ? 1 : 0;
   const float coeff = adv::init_coeff(n_valid, D, init_mag, norm);
   for (int64_t l = 0; l < L; ++l) {
     scalar_t* row = x + l * D;
-    if (!m[l]) {
+    if (m && !m[l]) {
       for (int64_t i = 0; i < D; ++i) row[i] = static_cast<scalar_t>(0.0f);
       continue;
     }
@@ -169,21 +188,53 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
 
 }  // namespace
 
+namespace {
+
+// Rows of example b of a slot: first row, row count and mask row (nullptr when packed).
+struct ExampleRows {
+  int64_t row0, n;
+  const bool* mask;
+};
+
+ExampleRows example_rows(const AdvLayout& lay, const at::Tensor& mask, int64_t b) {
+  if (lay.packed) {
+    const int* cu = mask.data_ptr<int>();
+    const int64_t a = cu[b], len = static_cast<int64_t>(cu[b + 1]) - a;
+    return {a, std::max<int64_t>(0, std::min(len, lay.rows)), nullptr};
+  }
+  return {b * lay.rows, lay.rows, mask.data_ptr<bool>() + b * lay.rows};
+}
+
+// On the CPU the offsets can be read for free: refuse ones that would index outside the packed tensor.
+void check_cu_values(const at::Tensor& cu, int64_t total, const char* op, const std::string& name) {
+  const int* c = cu.data_ptr<int>();
+  const int64_t B = cu.size(0) - 1;
+  FASTVL_CHECK_ARG(c[0] == 0 && c[B] == total, op, name, "must run from 0 to the packed row count ", total,
+                   ", got ", c[0], " ... ", c[B]);
+  for (int64_t b = 0; b < B; ++b)
+    FASTVL_CHECK_ARG(c[b] <= c[b + 1], op, name, "must be non-decreasing, got ", c[b], " then ", c[b + 1]);
+}
+
+}  // namespace
+
 void adv_perturb_step_cpu(at::TensorList deltas, at::TensorList grads, at::TensorList masks, at::ArrayRef<double> lrs,
-                          c10::string_view norm, at::ArrayRef<double> max_norms) {
-  const int code = check_adv_step_args(deltas, grads, masks, lrs, norm, max_norms);
+                          c10::string_view norm, at::ArrayRef<double> max_norms, at::IntArrayRef max_seqlens) {
+  std::vector<AdvLayout> lay;
+  const int code = check_adv_step_args(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, &lay);
   const size_t n = deltas.size();
   if (n == 0) return;
   FASTVL_CHECK_ARG(deltas[0].device().is_cpu(), "adv_perturb_step", "deltas[0]",
                    "must be a CPU tensor for the cpu kernel, got ", deltas[0].device());
   std::vector<at::Tensor> g(n), m(n);
-  std::vector<int64_t> first(n + 1, 0);  // global example index of each slot's first example
+  std::vector<int64_t> first(n + 1, 0);  // global index of each slot's first example
   int64_t max_d = 1;
   for (size_t k = 0; k < n; ++k) {
     g[k] = grads[k].contiguous();
     m[k] = masks[k].contiguous();
-    first[k + 1] = first[k] + deltas[k].size(0);
-    max_d = std::max<int64_t>(max_d, deltas[k].size(2));
+    if (lay[k].packed)
+      check_cu_values(m[k], deltas[k].size(0), "adv_perturb_step", "masks[" + std::to_string(k) + "]");
+    first[k + 1] = first[k] + (lay[k].dim > 0 ? lay[k].batch : 0);
+    max_d = std::max<int64_t>(max_d, lay[k].dim);
   }
   at::parallel_for(0, first[n], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(3 * static_cast<size_t>(max_d));
@@ -191,33 +242,37 @@ void adv_perturb_step_cpu(at::TensorList deltas, at::TensorList grads, at::Tenso
     for (int64_t e = begin; e < end; ++e) {
       while (e >= first[k + 1]) ++k;
       const at::Tensor& d = deltas[k];
-      const int64_t b = e - first[k], L = d.size(1), D = d.size(2);
-      if (L == 0 || D == 0) continue;
-      const bool* mp = m[k].data_ptr<bool>() + b * L;
+      const int64_t D = lay[k].dim;
+      const ExampleRows ex = example_rows(lay[k], m[k], e - first[k]);
+      if (ex.n == 0) continue;
       dispatch_dtype(d.scalar_type(), [&](auto tag) {
         using scalar_t = decltype(tag);
-        step_example(d.data_ptr<scalar_t>() + b * L * D, g[k].data_ptr<scalar_t>() + b * L * D, mp, L, D, lrs[k],
-                     code, max_norms[k], buf.data());
+        step_example(d.data_ptr<scalar_t>() + ex.row0 * D, g[k].data_ptr<scalar_t>() + ex.row0 * D, ex.mask, ex.n,
+                     D, lrs[k], code, max_norms[k], buf.data());
       });
     }
   });
 }
 
-void adv_perturb_init_cpu(const at::Tensor& noise, const at::Tensor& mask, double init_mag, c10::string_view norm) {
-  const int code = check_adv_init_args(noise, mask, init_mag, norm);
+void adv_perturb_init_cpu(const at::Tensor& noise, const at::Tensor& mask, double init_mag, c10::string_view norm,
+                          int64_t max_seqlen) {
+  AdvLayout lay;
+  const int code = check_adv_init_args(noise, mask, init_mag, norm, max_seqlen, &lay);
   FASTVL_CHECK_ARG(noise.device().is_cpu(), "adv_perturb_init", "noise",
                    "must be a CPU tensor for the cpu kernel, got ", noise.device());
+  if (noise.numel() == 0) return;
   const auto m = mask.contiguous();
-  const int64_t B = noise.size(0), L = noise.size(1), D = noise.size(2);
-  if (B == 0 || L == 0 || D == 0) return;
+  if (lay.packed) check_cu_values(m, noise.size(0), "adv_perturb_init", "mask");
+  const int64_t D = lay.dim;
   dispatch_dtype(noise.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* x = noise.data_ptr<scalar_t>();
-    const bool* mp = m.data_ptr<bool>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, lay.batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(2 * static_cast<size_t>(D));
-      for (int64_t b = begin; b < end; ++b)
-        init_example(x + b * L * D, mp + b * L, L, D, static_cast<float>(init_mag), code, buf.data());
+      for (int64_t b = begin; b < end; ++b) {
+        const ExampleRows ex = example_rows(lay, m, b);
+        init_example(x + ex.row0 * D, ex.mask, ex.n, D, static_cast<float>(init_mag), code, buf.data());
+      }
     });
   });
 }

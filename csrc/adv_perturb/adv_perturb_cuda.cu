@@ -1,5 +1,7 @@
 // CUDA adversarial perturbation step: a deterministic two-phase reduction, every slot (text and image) in one launch
-// per phase. Each example is cut into chunks of whole rows (~8K elements); one thread block per chunk.
+// per phase. Each example is cut into chunks of whole rows (~8K elements); one thread block per chunk. A padded slot's
+// example b is rows [b L, b L + L) with its mask row; a packed slot's example b is rows [cu[b], cu[b+1]) (at most
+// max_seqlen of them), all valid; chunks past a packed example's end have nothing to do.
 //   phase 1 (stats_kernel):  a block sums g^2, d^2, d*g and max |g| over its chunk's valid rows -> partials[chunk]
 //   phase 2 (update_kernel): a block combines its example's partials in a fixed order (warp 0), derives the step
 //                            coefficients (adv_math.h) and updates its chunk in place, padding rows written as 0.
@@ -33,8 +35,9 @@ constexpr int64_t kChunkElems = 8192;
 struct Slot {
   void* delta;
   const void* grad;
-  const bool* mask;
-  int64_t L, D;
+  const bool* mask;  // padded: [B, L]
+  const int* cu;     // packed: cu_seqlens [B + 1] (nullptr when padded)
+  int64_t L, D;      // L: rows per example (padded) or max_seqlen (packed)
   int64_t first;  // global index of the slot's first chunk
   int rows;       // rows per chunk
   int chunks;     // chunks per example
@@ -74,19 +77,35 @@ __device__ __forceinline__ adv::Stats<float> warp_combine(adv::Stats<float> s) {
   return s;
 }
 
-// Visits the chunk's elements: fn(row_valid, element_offset_in_example, n) with n = 1 or one Pack of elements.
+struct Rows {
+  int64_t row0;       // first row of the example
+  int64_t n;          // its rows (padded: L, padding included; packed: its length, at most L)
+  const bool* mask;   // its mask row, nullptr when every row is valid
+};
+
+__device__ __forceinline__ Rows example_rows(const Slot& s, int64_t b) {
+  if (s.cu != nullptr) {
+    const int64_t a = s.cu[b], len = static_cast<int64_t>(s.cu[b + 1]) - a;
+    return Rows{a, max(int64_t{0}, min(len, s.L)), nullptr};
+  }
+  return Rows{b * s.L, s.L, s.mask + b * s.L};
+}
+
+// Visits chunk c of an example: fn(row_valid, element_offset_in_example, n) with n = 1 or one Pack of elements.
 // Consecutive threads take consecutive vectors (coalesced); indices inside a chunk are 32-bit (a chunk holds
 // ~kChunkElems elements, or one row).
 template <typename scalar_t, typename Fn>
-__device__ __forceinline__ void for_chunk(const Slot& s, int64_t b, int c, Fn&& fn) {
+__device__ __forceinline__ void for_chunk(const Slot& s, const Rows& ex, int c, Fn&& fn) {
   const int64_t r0 = static_cast<int64_t>(c) * s.rows;
-  const int n_rows = static_cast<int>(min(s.L - r0, static_cast<int64_t>(s.rows)));
-  const bool* m = s.mask + b * s.L + r0;
+  if (r0 >= ex.n) return;
+  const int n_rows = static_cast<int>(min(ex.n - r0, static_cast<int64_t>(s.rows)));
+  const bool* m = ex.mask == nullptr ? nullptr : ex.mask + r0;
   const int64_t begin = r0 * s.D;
   const int V = s.vec ? Pack<scalar_t>::kN : 1;
   const int per_row = static_cast<int>(s.D / V);
   const int total = n_rows * per_row;
-  for (int p = threadIdx.x; p < total; p += kThreads) fn(m[p / per_row], begin + static_cast<int64_t>(p) * V, V);
+  for (int p = threadIdx.x; p < total; p += kThreads)
+    fn(m == nullptr || m[p / per_row], begin + static_cast<int64_t>(p) * V, V);
 }
 
 template <typename scalar_t>
@@ -97,10 +116,11 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(Slots S, Partial* __res
   const int64_t b = local / s.chunks;
   const int c = static_cast<int>(local % s.chunks);
   const bool need_d = S.norm == adv::kL2 && s.max_norm > 0.0f;
-  const scalar_t* g = static_cast<const scalar_t*>(s.grad) + b * s.L * s.D;
-  const scalar_t* d = static_cast<const scalar_t*>(s.delta) + b * s.L * s.D;
+  const Rows ex = example_rows(s, b);
+  const scalar_t* g = static_cast<const scalar_t*>(s.grad) + ex.row0 * s.D;
+  const scalar_t* d = static_cast<const scalar_t*>(s.delta) + ex.row0 * s.D;
   auto st = adv::stats_zero<float>();
-  for_chunk<scalar_t>(s, b, c, [&](bool valid, int64_t e, int n) {
+  for_chunk<scalar_t>(s, ex, c, [&](bool valid, int64_t e, int n) {
     if (!valid) return;
     if (n != Pack<scalar_t>::kN) {
       adv::accumulate(st, need_d ? static_cast<float>(d[e]) : 0.0f, static_cast<float>(g[e]));
@@ -144,9 +164,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Slots S, const Partial
   }
   __syncthreads();
   const adv::Coeffs cf = coeffs;
-  scalar_t* d = static_cast<scalar_t*>(s.delta) + b * s.L * s.D;
-  const scalar_t* g = static_cast<const scalar_t*>(s.grad) + b * s.L * s.D;
-  for_chunk<scalar_t>(s, b, c, [&](bool valid, int64_t e, int n) {
+  const Rows ex = example_rows(s, b);
+  scalar_t* d = static_cast<scalar_t*>(s.delta) + ex.row0 * s.D;
+  const scalar_t* g = static_cast<const scalar_t*>(s.grad) + ex.row0 * s.D;
+  for_chunk<scalar_t>(s, ex, c, [&](bool valid, int64_t e, int n) {
     if (n != Pack<scalar_t>::kN) {
       d[e] = static_cast<scalar_t>(valid ? adv::update(static_cast<float>(d[e]), static_cast<float>(g[e]), cf) : 0.0f);
       return;
@@ -167,24 +188,25 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Slots S, const Partial
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) init_kernel(scalar_t* __restrict__ x, const bool* __restrict__ mask,
-                                                        int64_t L, int64_t D, int rows, int chunks, float init_mag,
-                                                        int norm) {
-  const int64_t b = blockIdx.x / chunks;
-  const int c = static_cast<int>(blockIdx.x % chunks);
-  const bool* m = mask + b * L;
-  int64_t n_valid = 0;
-  for (int64_t base = 0; base < L; base += kThreads) {  // uniform trip count: every thread reaches the barrier
-    const int64_t r = base + threadIdx.x;
-    n_valid += __syncthreads_count(r < L && m[r]);
+__global__ void __launch_bounds__(kThreads) init_kernel(Slot s, float init_mag, int norm) {
+  const int64_t b = blockIdx.x / s.chunks;
+  const int c = static_cast<int>(blockIdx.x % s.chunks);
+  const Rows ex = example_rows(s, b);
+  int64_t n_valid = ex.n;
+  if (ex.mask != nullptr) {
+    n_valid = 0;
+    for (int64_t base = 0; base < ex.n; base += kThreads) {  // uniform trip count: every thread reaches the barrier
+      const int64_t r = base + threadIdx.x;
+      n_valid += __syncthreads_count(r < ex.n && ex.mask[r]);
+    }
   }
-  const float coeff = adv::init_coeff(n_valid, D, init_mag, norm);
-  const int64_t r0 = static_cast<int64_t>(c) * rows, r1 = min(L, r0 + rows);
-  scalar_t* xb = x + b * L * D;
-  for (int64_t e = r0 * D + threadIdx.x; e < r1 * D; e += kThreads) {
-    const float v = m[e / D] ? adv::init_value(static_cast<float>(xb[e]), coeff, init_mag, norm) : 0.0f;
-    xb[e] = static_cast<scalar_t>(v);
-  }
+  const float coeff = adv::init_coeff(n_valid, s.D, init_mag, norm);
+  scalar_t* x = static_cast<scalar_t*>(s.delta) + ex.row0 * s.D;
+  for_chunk<scalar_t>(s, ex, c, [&](bool valid, int64_t e, int n) {
+    for (int i = 0; i < n; ++i)
+      x[e + i] = static_cast<scalar_t>(valid ? adv::init_value(static_cast<float>(x[e + i]), coeff, init_mag, norm)
+                                             : 0.0f);
+  });
 }
 
 int rows_per_chunk(int64_t L, int64_t D) {
@@ -192,31 +214,37 @@ int rows_per_chunk(int64_t L, int64_t D) {
 }
 
 template <typename scalar_t>
+Slot make_slot(void* delta, const void* grad, const at::Tensor& mask, const AdvLayout& lay) {
+  Slot s{};
+  s.delta = delta;
+  s.grad = grad;
+  s.mask = lay.packed ? nullptr : mask.data_ptr<bool>();
+  s.cu = lay.packed ? mask.data_ptr<int>() : nullptr;
+  s.L = lay.rows;
+  s.D = lay.dim;
+  s.rows = rows_per_chunk(s.L, s.D);
+  s.chunks = static_cast<int>((s.L + s.rows - 1) / s.rows);
+  constexpr int V = Pack<scalar_t>::kN;
+  s.vec = s.D % V == 0 && reinterpret_cast<uintptr_t>(delta) % 16 == 0 && reinterpret_cast<uintptr_t>(grad) % 16 == 0;
+  return s;
+}
+
+template <typename scalar_t>
 void launch_group(const std::vector<int>& idx, at::TensorList deltas, const std::vector<at::Tensor>& g,
-                  const std::vector<at::Tensor>& m, at::ArrayRef<double> lrs, at::ArrayRef<double> max_norms, int norm,
-                  const at::Tensor& like) {
+                  const std::vector<at::Tensor>& m, const std::vector<AdvLayout>& lay, at::ArrayRef<double> lrs,
+                  at::ArrayRef<double> max_norms, int norm, const at::Tensor& like) {
   Slots S{};
   S.n = static_cast<int>(idx.size());
   S.norm = norm;
   int64_t total = 0;
   for (int j = 0; j < S.n; ++j) {
     const int k = idx[j];
-    const at::Tensor& d = deltas[k];
     Slot& s = S.s[j];
-    s.delta = d.data_ptr();
-    s.grad = g[k].data_ptr();
-    s.mask = m[k].data_ptr<bool>();
-    s.L = d.size(1);
-    s.D = d.size(2);
-    s.rows = rows_per_chunk(s.L, s.D);
-    s.chunks = static_cast<int>((s.L + s.rows - 1) / s.rows);
+    s = make_slot<scalar_t>(deltas[k].data_ptr(), g[k].data_ptr(), m[k], lay[k]);
     s.first = total;
     s.lr = static_cast<float>(lrs[k]);
     s.max_norm = static_cast<float>(max_norms[k]);
-    constexpr int V = Pack<scalar_t>::kN;
-    s.vec = s.D % V == 0 && reinterpret_cast<uintptr_t>(s.delta) % 16 == 0 &&
-            reinterpret_cast<uintptr_t>(s.grad) % 16 == 0;
-    total += d.size(0) * s.chunks;
+    total += lay[k].batch * s.chunks;
   }
   if (total == 0) return;
   TORCH_CHECK(total < (int64_t{1} << 31), "fastvl adv_perturb_step: too many chunks (", total, ")");
@@ -250,8 +278,10 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
 }  // namespace
 
 void adv_perturb_step_cuda(at::TensorList deltas, at::TensorList grads, at::TensorList masks,
-                           at::ArrayRef<double> lrs, c10::string_view norm, at::ArrayRef<double> max_norms) {
-  const int code = check_adv_step_args(deltas, grads, masks, lrs, norm, max_norms);
+                           at::ArrayRef<double> lrs, c10::string_view norm, at::ArrayRef<double> max_norms,
+                           at::IntArrayRef max_seqlens) {
+  std::vector<AdvLayout> lay;
+  const int code = check_adv_step_args(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, &lay);
   const size_t n = deltas.size();
   if (n == 0) return;
   FASTVL_CHECK_ARG(deltas[0].is_cuda(), "adv_perturb_step", "deltas[0]",
@@ -270,28 +300,29 @@ void adv_perturb_step_cuda(at::TensorList deltas, at::TensorList grads, at::Tens
     for (size_t start = 0; start < idx.size(); start += kMaxSlots) {
       const std::vector<int> group(idx.begin() + start, idx.begin() + std::min(idx.size(), start + kMaxSlots));
       dispatch_dtype(t, [&](auto tag) {
-        launch_group<decltype(tag)>(group, deltas, g, m, lrs, max_norms, code, deltas[0]);
+        launch_group<decltype(tag)>(group, deltas, g, m, lay, lrs, max_norms, code, deltas[0]);
       });
     }
   }
 }
 
-void adv_perturb_init_cuda(const at::Tensor& noise, const at::Tensor& mask, double init_mag, c10::string_view norm) {
-  const int code = check_adv_init_args(noise, mask, init_mag, norm);
+void adv_perturb_init_cuda(const at::Tensor& noise, const at::Tensor& mask, double init_mag, c10::string_view norm,
+                           int64_t max_seqlen) {
+  AdvLayout lay;
+  const int code = check_adv_init_args(noise, mask, init_mag, norm, max_seqlen, &lay);
   FASTVL_CHECK_ARG(noise.is_cuda(), "adv_perturb_init", "noise", "must be a CUDA tensor for the cuda kernel, got ",
                    noise.device());
   const c10::cuda::CUDAGuard guard(noise.device());
-  const int64_t B = noise.size(0), L = noise.size(1), D = noise.size(2);
   if (noise.numel() == 0) return;
   const auto m = mask.contiguous();
-  const int rows = rows_per_chunk(L, D);
-  const int chunks = static_cast<int>((L + rows - 1) / rows);
-  const int64_t total = B * chunks;
-  TORCH_CHECK(total < (int64_t{1} << 31), "fastvl adv_perturb_init: too many chunks (", total, ")");
   dispatch_dtype(noise.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    const Slot s = make_slot<scalar_t>(noise.data_ptr(), noise.data_ptr(), m, lay);
+    const int64_t total = lay.batch * s.chunks;
+    if (total == 0) return;
+    TORCH_CHECK(total < (int64_t{1} << 31), "fastvl adv_perturb_init: too many chunks (", total, ")");
     init_kernel<scalar_t><<<static_cast<unsigned>(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        noise.data_ptr<scalar_t>(), m.data_ptr<bool>(), L, D, rows, chunks, static_cast<float>(init_mag), code);
+        s, static_cast<float>(init_mag), code);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -152,3 +152,12 @@ def attention_inputs(lens_q: Sequence[int], lens_k: Sequence[int] | None = None,
         prefix = torch.tensor(list(prefix_lens), dtype=torch.int32, device=device)
     return (q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device), max(lens_q, default=0),
             max(lens_k, default=0), mask, prefix)
+
+
+def adv_inputs_packed(lens: Sequence[int], dim: int, gen: torch.Generator, dtype=torch.float32, device="cpu",
+                      delta_scale: float = 0.01):
+    """The packed form of :func:`adv_inputs`: delta [T, D], grad [T, D], cu_seqlens [B+1] int32, max_seqlen."""
+    width = max(max(lens, default=0), 1)
+    delta, grad, mask = adv_inputs(lens, width, dim, gen, delta_scale=delta_scale)
+    return (delta[mask].to(device=device, dtype=dtype), grad[mask].to(device=device, dtype=dtype),
+            cu_seqlens(lens, device), width)

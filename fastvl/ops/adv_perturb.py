@@ -24,6 +24,12 @@ Random init (FreeLB's scaled init; VILLA's default ``adv_init_mag = 0`` means a 
 The noise is drawn by PyTorch (so every backend sees the same numbers for one generator state); the fused
 op is the in-place scaling and masking.
 
+Layouts: padded deltas [B, L, D] with a bool mask [B, L] (the drop-in UNITER interface), or packed deltas
+[T, D] with ``cu_seqlens`` [B+1] and a Python-int ``max_seqlen`` (fastvl's native PackedVLBatch; every row of
+an example is valid, no padding is stored). ``max_seqlen`` must be >= every length: the kernels size their
+launch from it and leave rows of a longer example untouched (the CPU kernel also refuses offsets that run
+outside the tensor; it can read them for free).
+
 Backends (both ops): ``cuda`` (two-phase deterministic reduction: a block per chunk of rows, text and image
 in one launch per phase), ``triton`` (the same scheme, both modalities in one launch), ``cpu`` (C++, OpenMP over
 the examples of all modalities, each example cache-resident between its statistics and update passes) and
@@ -40,6 +46,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _dispatch as D
+from .pack import check_cu_seqlens, padded_index
 
 __all__ = [
     "DISTS",
@@ -50,7 +57,10 @@ __all__ = [
     "adv_perturb_init_scale_reference",
     "adv_perturb_noise",
     "adv_perturb_step",
+    "adv_perturb_init_scale_packed_reference",
     "adv_perturb_step_multi",
+    "adv_perturb_step_packed",
+    "adv_perturb_step_packed_reference",
     "adv_perturb_step_reference",
 ]
 
@@ -138,6 +148,39 @@ def adv_perturb_init_reference(shape: Sequence[int], mask: torch.Tensor, init_ma
                                             init_mag, norm)
 
 
+def _padded_view(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    """Packed [T, D] -> (padded copy [B, max_seqlen, D], valid [B, max_seqlen], row index [B, max_seqlen])."""
+    index, pad = padded_index(cu_seqlens, max_seqlen)
+    return x[index], ~pad, index
+
+
+def _scatter_rows(x: torch.Tensor, padded: torch.Tensor, valid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A copy of packed ``x`` [T, D] whose example rows are replaced by the valid rows of ``padded`` [B, L, D]."""
+    buf = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # row T takes the padding slots, then is dropped
+    dest = torch.where(valid, index, x.shape[0])
+    return buf.index_copy(0, dest.flatten(), padded.flatten(0, 1).to(x.dtype))[:-1]
+
+
+def adv_perturb_step_packed_reference(delta: torch.Tensor, grad: torch.Tensor, cu_seqlens: torch.Tensor,
+                                      max_seqlen: int, lr: float, norm: str = "l2",
+                                      max_norm: float = 0.0) -> torch.Tensor:
+    """:func:`adv_perturb_step_reference` on packed rows: delta, grad [T, D], cu_seqlens [B+1] -> new [T, D]."""
+    if delta.shape[0] == 0:
+        return delta.clone()
+    d, valid, index = _padded_view(delta, cu_seqlens, max_seqlen)
+    g = _padded_view(grad, cu_seqlens, max_seqlen)[0]
+    return _scatter_rows(delta, adv_perturb_step_reference(d, g, valid, lr, norm, max_norm), valid, index)
+
+
+def adv_perturb_init_scale_packed_reference(noise: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                            init_mag: float, norm: str = "l2") -> torch.Tensor:
+    """:func:`adv_perturb_init_scale_reference` on packed rows: noise [T, D], cu_seqlens [B+1] -> new [T, D]."""
+    if noise.shape[0] == 0:
+        return noise.clone()
+    x, valid, index = _padded_view(noise, cu_seqlens, max_seqlen)
+    return _scatter_rows(noise, adv_perturb_init_scale_reference(x, valid, init_mag, norm), valid, index)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------------------
@@ -201,20 +244,25 @@ def _init_triton_supports(noise, mask, init_mag, norm) -> D.Reasons:
     return D.triton_reasons(noise) + _dtype_reasons([noise]) + _triton_dtype_reasons(noise, [noise])
 
 
-def _step_impl(backend: str, deltas, grads, masks, lrs, norm, max_norms) -> None:
+def _step_impl(backend: str, deltas, grads, masks, lrs, norm, max_norms, max_seqlens) -> None:
     if backend == "reference":
-        for d, g, m, lr, mx in zip(deltas, grads, masks, lrs, max_norms, strict=True):
-            d.copy_(adv_perturb_step_reference(d, g, m, lr, norm, mx))
+        for d, g, m, lr, mx, ms in zip(deltas, grads, masks, lrs, max_norms, max_seqlens, strict=True):
+            if d.dim() == 2:
+                d.copy_(adv_perturb_step_packed_reference(d, g, m, ms, lr, norm, mx))
+            else:
+                d.copy_(adv_perturb_step_reference(d, g, m, lr, norm, mx))
         return
     work = [d if d.is_contiguous() else d.contiguous() for d in deltas]
     grads = [g.contiguous() for g in grads]
-    masks = [m.contiguous() for m in masks]
+    masks = [m.to(torch.int32).contiguous() if d.dim() == 2 else m.contiguous() for d, m in zip(deltas, masks,
+                                                                                                  strict=True)]
     if backend in ("cpu", "cuda"):
-        torch.ops.fastvl.adv_perturb_step_kernel(work, grads, masks, list(lrs), norm, list(max_norms))
+        torch.ops.fastvl.adv_perturb_step_kernel(work, grads, masks, list(lrs), norm, list(max_norms),
+                                                 list(max_seqlens))
     elif backend == "triton":
         from ..kernels.triton.adv_perturb import adv_perturb_step_triton
 
-        adv_perturb_step_triton(work, grads, masks, list(lrs), norm, list(max_norms))
+        adv_perturb_step_triton(work, grads, masks, list(lrs), norm, list(max_norms), list(max_seqlens))
     else:
         raise AssertionError(f"unhandled backend {backend!r}")
     for d, w in zip(deltas, work, strict=True):
@@ -222,17 +270,21 @@ def _step_impl(backend: str, deltas, grads, masks, lrs, norm, max_norms) -> None
             d.copy_(w)
 
 
-def _init_impl(backend: str, noise, mask, init_mag, norm) -> None:
+def _init_impl(backend: str, noise, mask, init_mag, norm, max_seqlen) -> None:
     if backend == "reference":
-        noise.copy_(adv_perturb_init_scale_reference(noise, mask, init_mag, norm))
+        if noise.dim() == 2:
+            noise.copy_(adv_perturb_init_scale_packed_reference(noise, mask, max_seqlen, init_mag, norm))
+        else:
+            noise.copy_(adv_perturb_init_scale_reference(noise, mask, init_mag, norm))
         return
     work = noise if noise.is_contiguous() else noise.contiguous()
+    mask = mask.to(torch.int32).contiguous() if noise.dim() == 2 else mask.contiguous()
     if backend in ("cpu", "cuda"):
-        torch.ops.fastvl.adv_perturb_init_kernel(work, mask.contiguous(), init_mag, norm)
+        torch.ops.fastvl.adv_perturb_init_kernel(work, mask, init_mag, norm, max_seqlen)
     elif backend == "triton":
         from ..kernels.triton.adv_perturb import adv_perturb_init_triton
 
-        adv_perturb_init_triton(work, mask.contiguous(), init_mag, norm)
+        adv_perturb_init_triton(work, mask, init_mag, norm, max_seqlen)
     else:
         raise AssertionError(f"unhandled backend {backend!r}")
     if work is not noise:
@@ -241,22 +293,23 @@ def _init_impl(backend: str, noise, mask, init_mag, norm) -> None:
 
 @torch.library.custom_op("fastvl::adv_perturb_step", mutates_args=("deltas",))
 def _step_op(deltas: list[torch.Tensor], grads: list[torch.Tensor], masks: list[torch.Tensor], lrs: list[float],
-             norm: str, max_norms: list[float], backend: str) -> None:
-    _step_impl(backend, deltas, grads, masks, lrs, norm, max_norms)
+             norm: str, max_norms: list[float], max_seqlens: list[int], backend: str) -> None:
+    _step_impl(backend, deltas, grads, masks, lrs, norm, max_norms, max_seqlens)
 
 
 @_step_op.register_fake
-def _(deltas, grads, masks, lrs, norm, max_norms, backend):
+def _(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, backend):
     return None
 
 
 @torch.library.custom_op("fastvl::adv_perturb_init_scale", mutates_args=("noise",))
-def _init_op(noise: torch.Tensor, mask: torch.Tensor, init_mag: float, norm: str, backend: str) -> None:
-    _init_impl(backend, noise, mask, init_mag, norm)
+def _init_op(noise: torch.Tensor, mask: torch.Tensor, init_mag: float, norm: str, max_seqlen: int,
+             backend: str) -> None:
+    _init_impl(backend, noise, mask, init_mag, norm, max_seqlen)
 
 
 @_init_op.register_fake
-def _(noise, mask, init_mag, norm, backend):
+def _(noise, mask, init_mag, norm, max_seqlen, backend):
     return None
 
 
@@ -290,72 +343,101 @@ def _check_mask(mask, name: str, shape: tuple[int, ...], src: str, device: torch
     if tuple(mask.shape) != shape[:2]:
         raise ValueError(_err(op, name, f"must have shape [B, L] = {list(shape[:2])} (from '{src}'), "
                                         f"got {list(mask.shape)}"))
-    if mask.device != device:
-        raise ValueError(_err(op, name, f"is on {mask.device} but '{src}' is on {device}; all inputs must be on "
+    _check_device(mask, name, device, src, op)
+
+
+def _check_device(t: torch.Tensor, name: str, device: torch.device, src: str, op: str) -> None:
+    if t.device != device:
+        raise ValueError(_err(op, name, f"is on {t.device} but '{src}' is on {device}; all inputs must be on "
                                         "one device"))
 
 
-def _check_step(deltas, grads, masks, lrs, norm, max_norms, names, op: str) -> tuple[list[float], list[float]]:
+def _check_packed(cu, name: str, max_seqlen, seq_name: str, src: str, device: torch.device, op: str) -> int:
+    """cu_seqlens of a packed delta (metadata only) and its Python-int max_seqlen."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(_err(op, name, f"must be a cu_seqlens tensor [B+1] for the packed '{src}', "
+                                       f"got {type(cu).__name__}"))
+    if cu.dtype == torch.bool:
+        raise TypeError(_err(op, name, f"must be cu_seqlens (int32/int64 [B+1]) for the packed 2-d '{src}', got a "
+                                       f"bool tensor of shape {list(cu.shape)} (masks go with padded 3-d tensors)"))
+    check_cu_seqlens(cu, 0, name, op)
+    _check_device(cu, name, device, src, op)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(_err(op, seq_name, f"must be a Python int >= every length (from collate) for the packed "
+                                            f"'{src}', got {max_seqlen!r}"))
+    return int(max_seqlen)
+
+
+def _check_step(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, names, op: str
+                ) -> tuple[list[float], list[float], list[int]]:
     _check_norm(norm, op)
     n = len(deltas)
     for name, seq in ((names["grads"], grads), (names["masks"], masks), (names["lrs"], lrs),
-                      (names["max_norms"], max_norms)):
+                      (names["max_norms"], max_norms), (names["max_seqlens"], max_seqlens)):
         if len(seq) != n:
             raise ValueError(_err(op, name, f"must have one entry per delta ({n}), got {len(seq)}"))
-    lr_out, mx_out = [], []
+    lr_out, mx_out, seq_out = [], [], []
     for k in range(n):
         d, g, m = deltas[k], grads[k], masks[k]
         dn, gn, mn = names["delta"](k), names["grad"](k), names["mask"](k)
         if not isinstance(d, torch.Tensor):
-            raise TypeError(_err(op, dn, f"must be a tensor [B, L, D], got {type(d).__name__}"))
-        if d.dim() != 3:
-            raise ValueError(_err(op, dn, f"must be 3-d [B, L, D], got shape {list(d.shape)}"))
+            raise TypeError(_err(op, dn, f"must be a tensor [B, L, D] or [T, D], got {type(d).__name__}"))
+        if d.dim() not in names["dims"]:
+            raise ValueError(_err(op, dn, f"must be {names['shape']}, got shape {list(d.shape)}"))
         if not d.is_floating_point():
             raise TypeError(_err(op, dn, f"must be a float tensor, got {d.dtype}"))
         if not isinstance(g, torch.Tensor):
-            raise TypeError(_err(op, gn, f"must be a tensor [B, L, D], got {type(g).__name__}"))
+            raise TypeError(_err(op, gn, f"must be a tensor shaped like '{dn}', got {type(g).__name__}"))
         if g.shape != d.shape:
             raise ValueError(_err(op, gn, f"must have the shape of '{dn}' {list(d.shape)}, got {list(g.shape)}"))
         if g.dtype != d.dtype:
             raise TypeError(_err(op, gn, f"must have the dtype of '{dn}' ({d.dtype}), got {g.dtype}"))
-        if g.device != d.device:
-            raise ValueError(_err(op, gn, f"is on {g.device} but '{dn}' is on {d.device}; all inputs must be on one "
-                                          "device"))
-        if d.device != deltas[0].device:
-            raise ValueError(_err(op, dn, f"is on {d.device} but '{names['delta'](0)}' is on {deltas[0].device}; all "
-                                          "inputs must be on one device"))
-        _check_mask(m, mn, tuple(d.shape), dn, d.device, op)
+        _check_device(g, gn, d.device, dn, op)
+        _check_device(d, dn, deltas[0].device, names["delta"](0), op)
+        if d.dim() == 3:
+            _check_mask(m, mn, tuple(d.shape), dn, d.device, op)
+            seq_out.append(d.shape[1])
+        else:
+            seq_out.append(_check_packed(m, mn, max_seqlens[k], names["max_seqlen"](k), dn, d.device, op))
         lr_out.append(_check_scalar(lrs[k], names["lr"](k), op))
         mx_out.append(_check_scalar(max_norms[k], names["max_norm"](k), op,
                                     "must be a number >= 0 (0 = no projection)"))
-    return lr_out, mx_out
+    return lr_out, mx_out, seq_out
 
 
-_SINGLE = dict(delta=lambda k: "delta", grad=lambda k: "grad", mask=lambda k: "mask", lr=lambda k: "lr",
-               max_norm=lambda k: "max_norm", grads="grad", masks="mask", lrs="lr", max_norms="max_norm")
-_MULTI = dict(delta=lambda k: f"deltas[{k}]", grad=lambda k: f"grads[{k}]", mask=lambda k: f"masks[{k}]",
-              lr=lambda k: f"lrs[{k}]", max_norm=lambda k: f"max_norms[{k}]", grads="grads", masks="masks",
-              lrs="lrs", max_norms="max_norms")
+def _names(single: bool, packed: bool) -> dict:
+    if single:
+        mask = "cu_seqlens" if packed else "mask"
+        return dict(delta=lambda k: "delta", grad=lambda k: "grad", mask=lambda k: mask, lr=lambda k: "lr",
+                    max_norm=lambda k: "max_norm", max_seqlen=lambda k: "max_seqlen", grads="grad", masks=mask,
+                    lrs="lr", max_norms="max_norm", max_seqlens="max_seqlen", dims=(2,) if packed else (3,),
+                    shape="2-d [T, D]" if packed else "3-d [B, L, D]")
+    return dict(delta=lambda k: f"deltas[{k}]", grad=lambda k: f"grads[{k}]", mask=lambda k: f"masks[{k}]",
+                lr=lambda k: f"lrs[{k}]", max_norm=lambda k: f"max_norms[{k}]",
+                max_seqlen=lambda k: f"max_seqlens[{k}]", grads="grads", masks="masks", lrs="lrs",
+                max_norms="max_norms", max_seqlens="max_seqlens", dims=(2, 3),
+                shape="3-d [B, L, D] (padded) or 2-d [T, D] (packed)")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _step(deltas, grads, masks, lrs, norm, max_norms, backend, names, op) -> list[torch.Tensor]:
-    lrs, max_norms = _check_step(deltas, grads, masks, lrs, norm, max_norms, names, op)
+def _step(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, backend, names, op) -> list[torch.Tensor]:
+    lrs, max_norms, max_seqlens = _check_step(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, names, op)
     if not deltas:
         return []
     grads = [g.detach() for g in grads]
     name = STEP.select(deltas[0], deltas, grads, masks, norm, backend=backend)
     with torch.no_grad():
-        _step_op(list(deltas), grads, list(masks), lrs, norm, max_norms, name)
+        _step_op(list(deltas), grads, list(masks), lrs, norm, max_norms, max_seqlens, name)
     return list(deltas)
 
 
 def adv_perturb_step(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, lr: float, norm: str = "l2",
                      max_norm: float = 0.0, *, backend: str | None = None) -> torch.Tensor:
-    """One VILLA / FreeLB ascent step of an adversarial perturbation, in place (see the module docstring).
+    """One VILLA / FreeLB ascent step of a padded adversarial perturbation, in place (see the module docstring).
 
     Args:
         delta: [B, L, D] perturbation (float32, bfloat16 or float16 for the fused backends; any float for the
@@ -367,46 +449,71 @@ def adv_perturb_step(delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor
     Returns:
         ``delta`` itself, holding the updated perturbation (exactly 0 at padding).
     """
-    return _step([delta], [grad], [mask], [lr], norm, [max_norm], backend, _SINGLE, "adv_perturb_step")[0]
+    return _step([delta], [grad], [mask], [lr], norm, [max_norm], [0], backend, _names(True, False),
+                 "adv_perturb_step")[0]
+
+
+def adv_perturb_step_packed(delta: torch.Tensor, grad: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                            lr: float, norm: str = "l2", max_norm: float = 0.0, *,
+                            backend: str | None = None) -> torch.Tensor:
+    """:func:`adv_perturb_step` on a packed perturbation (rows of example b: cu_seqlens[b] .. cu_seqlens[b+1]).
+
+    Args:
+        delta: [T, D] perturbation of all examples' rows concatenated; updated in place.
+        grad: [T, D] its gradient. cu_seqlens: [B+1] int32/int64 cumulative lengths.
+        max_seqlen: Python int >= every length (from collate; no host sync).
+        lr, norm, max_norm, backend: as in :func:`adv_perturb_step`.
+    Returns:
+        ``delta`` itself.
+    """
+    return _step([delta], [grad], [cu_seqlens], [lr], norm, [max_norm], [max_seqlen], backend, _names(True, True),
+                 "adv_perturb_step_packed")[0]
 
 
 def adv_perturb_step_multi(deltas: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                            masks: Sequence[torch.Tensor], lrs: Sequence[float], norm: str = "l2",
-                           max_norms: Sequence[float] | None = None, *,
+                           max_norms: Sequence[float] | None = None, *, max_seqlens: Sequence[int] | None = None,
                            backend: str | None = None) -> list[torch.Tensor]:
     """:func:`adv_perturb_step` for several perturbations at once (VILLA: text and image) in one kernel launch.
 
     Args:
-        deltas: k tensors [B_i, L_i, D_i] (e.g. text [B, L_txt, 768] and image [B, L_img, 2048]), all on one device.
+        deltas: k tensors, each padded [B_i, L_i, D_i] or packed [T_i, D_i] (e.g. text [B, L_txt, 768] and image
+            [B, L_img, 2048]), all on one device.
         grads: their gradients, each with its delta's shape and dtype.
-        masks: [B_i, L_i] bool each, True at valid positions.
+        masks: per delta, a bool [B_i, L_i] mask (True at valid positions) for a padded delta, or its cu_seqlens
+            [B_i + 1] for a packed one.
         lrs: one step size per delta (VILLA: adv_lr_txt, adv_lr_img). norm: 'l2' or 'linf' for all.
         max_norms: one projection radius per delta (default: 0 = no projection for all).
+        max_seqlens: per delta, the Python-int max length of a packed delta (required for packed ones, ignored for
+            padded ones).
         backend: force a backend; default: the fastest that fits.
     Returns:
         ``list(deltas)``, each updated in place.
     """
     deltas, grads, masks, lrs = list(deltas), list(grads), list(masks), list(lrs)
     max_norms = [0.0] * len(deltas) if max_norms is None else list(max_norms)
-    return _step(deltas, grads, masks, lrs, norm, max_norms, backend, _MULTI, "adv_perturb_step_multi")
+    max_seqlens = [None] * len(deltas) if max_seqlens is None else list(max_seqlens)
+    return _step(deltas, grads, masks, lrs, norm, max_norms, max_seqlens, backend, _names(False, False),
+                 "adv_perturb_step_multi")
 
 
 def adv_perturb_init(like: torch.Tensor | Sequence[int], mask: torch.Tensor, init_mag: float, dist: str = "uniform",
-                     norm: str = "l2", generator: torch.Generator | None = None, *, dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None, backend: str | None = None) -> torch.Tensor:
+                     norm: str = "l2", generator: torch.Generator | None = None, *, max_seqlen: int | None = None,
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Initial adversarial perturbation (FreeLB's scaled init; zeros when ``init_mag == 0``, as VILLA's default).
 
     Args:
-        like: a [B, L, D] tensor whose shape, dtype and device the result takes, or a shape (B, L, D).
-        mask: [B, L] bool, True at valid positions (padding stays 0).
+        like: a tensor whose shape, dtype and device the result takes, or a shape: padded (B, L, D) or packed (T, D).
+        mask: padded: [B, L] bool, True at valid positions (padding stays 0); packed: cu_seqlens [B+1].
         init_mag: FreeLB's ``adv_init_mag`` >= 0. dist: 'uniform' (U(-1, 1), FreeLB) or 'normal' (N(0, 1)).
         norm: 'l2' (scaled by init_mag / sqrt(n_valid * D)) or 'linf' (init_mag * noise clamped to ±init_mag).
         generator: torch.Generator for the noise (on the result's device); default: the global RNG.
-        dtype, device: of the result when ``like`` is a shape (default float32, mask's device); must agree with
-            ``like`` when it is a tensor.
+        max_seqlen: packed only: Python int >= every length.
+        dtype, device: of the result when ``like`` is a shape (default float32, mask's device).
         backend: force the scaling backend; default: the fastest that fits.
     Returns:
-        [B, L, D] new tensor (no grad).
+        a new tensor of ``like``'s shape (no grad).
     """
     op = "adv_perturb_init"
     if isinstance(like, torch.Tensor):
@@ -416,16 +523,20 @@ def adv_perturb_init(like: torch.Tensor | Sequence[int], mask: torch.Tensor, ini
         try:
             shape = tuple(int(s) for s in like)
         except TypeError:
-            raise TypeError(_err(op, "like", f"must be a tensor or a shape (B, L, D), got {type(like).__name__}")) \
-                from None
+            raise TypeError(_err(op, "like", f"must be a tensor or a shape, got {type(like).__name__}")) from None
         dtype = dtype or torch.float32
         device = torch.device(device) if device is not None else (mask.device if isinstance(mask, torch.Tensor)
                                                                   else torch.device("cpu"))
-    if len(shape) != 3 or any(s < 0 for s in shape):
-        raise ValueError(_err(op, "like", f"must describe a [B, L, D] shape, got {list(shape)}"))
+    if len(shape) not in (2, 3) or any(s < 0 for s in shape):
+        raise ValueError(_err(op, "like", f"must describe a padded [B, L, D] or packed [T, D] shape, got "
+                                          f"{list(shape)}"))
     if not dtype.is_floating_point:
         raise TypeError(_err(op, "dtype", f"must be a float dtype, got {dtype}"))
-    _check_mask(mask, "mask", shape, "like", device, op)
+    if len(shape) == 3:
+        _check_mask(mask, "mask", shape, "like", device, op)
+        max_seqlen = shape[1]
+    else:
+        max_seqlen = _check_packed(mask, "mask", max_seqlen, "max_seqlen", "like", device, op)
     init_mag = _check_scalar(init_mag, "init_mag", op)
     if dist not in DISTS:
         raise ValueError(_err(op, "dist", f"must be one of {DISTS}, got {dist!r}"))
@@ -434,7 +545,7 @@ def adv_perturb_init(like: torch.Tensor | Sequence[int], mask: torch.Tensor, ini
         return torch.zeros(shape, dtype=dtype, device=device)
     noise = adv_perturb_noise(shape, dist, generator, dtype, device)
     name = INIT.select(noise, mask, init_mag, norm, backend=backend)
-    _init_op(noise, mask, init_mag, norm, name)
+    _init_op(noise, mask, init_mag, norm, max_seqlen, name)
     return noise
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import fastvl
 from fastvl.ops import BackendUnavailableError
 from fastvl.ops import adv_perturb as A
-from fastvl.ops._testing import adv_inputs, assert_close_to_ref
+from fastvl.ops._testing import adv_inputs, adv_inputs_packed, assert_close_to_ref
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS_HERE = ["reference", "triton"] + (["cpu"] if fastvl.HAS_C else [])
@@ -225,16 +225,121 @@ def test_multi_bad_inputs():
 def test_kernel_checks_its_arguments():
     """The C++ entry point validates too (it is reachable through torch.ops.fastvl directly)."""
     d, g, m = _good()
+    kernel = torch.ops.fastvl.adv_perturb_step_kernel
     with pytest.raises(ValueError, match=r"adv_perturb_step: argument 'lrs' must be >= 0"):
-        torch.ops.fastvl.adv_perturb_step_kernel([d], [g], [m], [-1.0], "l2", [0.0])
+        kernel([d], [g], [m], [-1.0], "l2", [0.0], [0])
     with pytest.raises(ValueError, match=r"argument 'norm' must be 'l2' or 'linf', got 'l3'"):
-        torch.ops.fastvl.adv_perturb_step_kernel([d], [g], [m], [1.0], "l3", [0.0])
+        kernel([d], [g], [m], [1.0], "l3", [0.0], [0])
     with pytest.raises(ValueError, match=r"argument 'masks\[0\]' must be a bool tensor"):
-        torch.ops.fastvl.adv_perturb_step_kernel([d], [g], [m.float()], [1.0], "l2", [0.0])
+        kernel([d], [g], [m.float()], [1.0], "l2", [0.0], [0])
     with pytest.raises(ValueError, match=r"argument 'grads\[0\]' must have the shape of deltas\[0\]"):
-        torch.ops.fastvl.adv_perturb_step_kernel([d], [g[:, :2]], [m], [1.0], "l2", [0.0])
+        kernel([d], [g[:, :2]], [m], [1.0], "l2", [0.0], [0])
+    with pytest.raises(ValueError, match=r"argument 'max_seqlens' must have one value per delta \(1\), got 0"):
+        kernel([d], [g], [m], [1.0], "l2", [0.0], [])
     with pytest.raises(ValueError, match=r"argument 'noise' must be contiguous"):
-        torch.ops.fastvl.adv_perturb_init_kernel(d.transpose(0, 1), m.t(), 1.0, "l2")
+        torch.ops.fastvl.adv_perturb_init_kernel(d.transpose(0, 1), m.t(), 1.0, "l2", 0)
+    # packed: cu_seqlens must be int32 and, on the CPU, must stay inside the tensor
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"argument 'masks\[0\]' must be cu_seqlens, an int32 \[B\+1\] tensor"):
+        kernel([g[0]], [g[0]], [cu.long()], [1.0], "l2", [0.0], [3])
+    with pytest.raises(ValueError, match=r"argument 'masks\[0\]' must run from 0 to the packed row count 3"):
+        kernel([g[0]], [g[0]], [cu], [1.0], "l2", [0.0], [3])
+    with pytest.raises(ValueError, match=r"argument 'max_seqlens\[0\]' must be >= 0"):
+        kernel([g[0]], [g[0]], [cu], [1.0], "l2", [0.0], [-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed layout (fastvl's native batch: [T, D] + cu_seqlens)
+# ----------------------------------------------------------------------------------------------------------
+
+PACKED_LENS = [[3, 0, 1, 7, 2], [1], [5, 5]]
+
+
+def _packed_ref(delta, grad, cu, max_seqlen, lr, norm, max_norm):
+    ref64 = A.adv_perturb_step_packed_reference(delta.double(), grad.double(), cu, max_seqlen, lr, norm, max_norm)
+    return ref64, A.adv_perturb_step_packed_reference(delta, grad, cu, max_seqlen, lr, norm, max_norm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("lens", PACKED_LENS, ids=str)
+def test_packed_matches_padded(backend, norm, lens, gen):
+    """The packed step equals the padded reference on the valid rows (same examples, same numbers)."""
+    delta, grad, cu, width = adv_inputs_packed(lens, 11, gen)
+    mask = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
+    for max_norm in MAX_NORMS[norm]:
+        d = delta.clone()
+        out = A.adv_perturb_step_packed(d, grad, cu, width, 0.05, norm, max_norm, backend=backend)
+        assert out is d
+        ref64, lowp = _packed_ref(delta, grad, cu, width, 0.05, norm, max_norm)
+        assert_close_to_ref(out, ref64, lowp, f"{backend} packed {norm} {max_norm}")
+        padded_delta = torch.zeros(len(lens), width, 11, dtype=torch.float64)
+        padded_grad = torch.zeros_like(padded_delta)
+        padded_delta[mask], padded_grad[mask] = delta.double(), grad.double()
+        via_padded = A.adv_perturb_step_reference(padded_delta, padded_grad, mask, 0.05, norm, max_norm)[mask]
+        torch.testing.assert_close(ref64, via_padded, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_packed_int64_cu_seqlens_and_larger_max_seqlen(backend, gen):
+    """int64 offsets are accepted, and a max_seqlen larger than every length changes nothing."""
+    delta, grad, cu, width = adv_inputs_packed([4, 2, 6], 9, gen)
+    out = A.adv_perturb_step_packed(delta.clone(), grad, cu.long(), width + 5, 0.1, "l2", 0.05, backend=backend)
+    ref64, lowp = _packed_ref(delta, grad, cu, width, 0.1, "l2", 0.05)
+    assert_close_to_ref(out, ref64, lowp, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_multi_mixed_layouts(backend, norm, gen):
+    """Packed text and padded image in one call (and a second packed slot)."""
+    txt = adv_inputs_packed([5, 1, 0, 3], 12, gen)
+    img = adv_inputs([7, 2, 0, 4], 7, 20, gen, poison_padding=True)
+    txt2 = adv_inputs_packed([2, 2], 3, gen)
+    deltas = [txt[0].clone(), img[0].clone(), txt2[0].clone()]
+    lrs, max_norms = [0.05, 0.1, 0.2], [MAX_NORMS[norm][1], 0.0, MAX_NORMS[norm][1]]
+    A.adv_perturb_step_multi(deltas, [txt[1], img[1], txt2[1]], [txt[2], img[2], txt2[2]], lrs, norm, max_norms,
+                             max_seqlens=[txt[3], 0, txt2[3]], backend=backend)
+    ref64, lowp = _packed_ref(txt[0], txt[1], txt[2], txt[3], lrs[0], norm, max_norms[0])
+    assert_close_to_ref(deltas[0], ref64, lowp, f"{backend} packed text")
+    ref64, lowp = _ref(img[0], img[1], img[2], lrs[1], norm, max_norms[1])
+    assert_close_to_ref(deltas[1], ref64, lowp, f"{backend} padded image")
+    ref64, lowp = _packed_ref(txt2[0], txt2[1], txt2[2], txt2[3], lrs[2], norm, max_norms[2])
+    assert_close_to_ref(deltas[2], ref64, lowp, f"{backend} packed slot 2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_packed_init(backend, norm, seed):
+    lens = [4, 0, 1, 6]
+    cu = torch.tensor([0, 4, 4, 5, 11], dtype=torch.int32)
+    out = A.adv_perturb_init((11, 9), cu, 0.6, "normal", norm, torch.Generator().manual_seed(seed), max_seqlen=6,
+                             backend=backend)
+    noise = A.adv_perturb_noise((11, 9), "normal", torch.Generator().manual_seed(seed))
+    ref64 = A.adv_perturb_init_scale_packed_reference(noise.double(), cu, 6, 0.6, norm)
+    assert_close_to_ref(out, ref64, A.adv_perturb_init_scale_packed_reference(noise, cu, 6, 0.6, norm), backend)
+    if norm == "l2":  # each example scaled by its own length
+        rows = torch.repeat_interleave(torch.tensor(lens), torch.tensor(lens))
+        torch.testing.assert_close(out, noise * 0.6 / (rows.double() * 9).sqrt()[:, None].float())
+
+
+def test_packed_bad_inputs():
+    delta, grad = torch.zeros(5, 4), torch.zeros(5, 4)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"adv_perturb_step_packed: argument 'cu_seqlens' must be int32 or int64"):
+        A.adv_perturb_step_packed(delta, grad, cu.float(), 3, 0.1)
+    with pytest.raises(TypeError, match=r"argument 'cu_seqlens' must be cu_seqlens .* got a bool tensor"):
+        A.adv_perturb_step_packed(delta, grad, cu.bool(), 3, 0.1)
+    with pytest.raises(ValueError, match=r"argument 'max_seqlen' must be a Python int >= every length"):
+        A.adv_perturb_step_packed(delta, grad, cu, None, 0.1)
+    with pytest.raises(ValueError, match=r"adv_perturb_step_packed: argument 'delta' must be 2-d \[T, D\]"):
+        A.adv_perturb_step_packed(delta[None], grad[None], cu, 3, 0.1)
+    with pytest.raises(ValueError, match=r"adv_perturb_step: argument 'delta' must be 3-d \[B, L, D\]"):
+        A.adv_perturb_step(delta, grad, cu, 0.1)
+    with pytest.raises(ValueError, match=r"argument 'max_seqlens\[0\]' must be a Python int"):
+        A.adv_perturb_step_multi([delta], [grad], [cu], [0.1])
+    with pytest.raises(ValueError, match=r"adv_perturb_init: argument 'max_seqlen' must be a Python int"):
+        A.adv_perturb_init((5, 4), cu, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,8 +403,12 @@ def test_init_bad_inputs():
         A.adv_perturb_init((2, 5, 4), m, 1.0)
     with pytest.raises(ValueError, match=r"argument 'init_mag' must be a number >= 0, got -1"):
         A.adv_perturb_init((2, 3, 4), m, -1)
-    with pytest.raises(ValueError, match=r"argument 'like' must describe a \[B, L, D\] shape, got \[2, 3\]"):
-        A.adv_perturb_init((2, 3), m, 1.0)
+    with pytest.raises(ValueError, match=r"argument 'like' must describe a padded \[B, L, D\] or packed \[T, D\] "
+                                         r"shape, got \[2\]"):
+        A.adv_perturb_init((2,), m, 1.0)
+    with pytest.raises(TypeError, match=r"argument 'mask' must be cu_seqlens \(int32/int64 \[B\+1\]\) for the "
+                                        r"packed 2-d 'like', got a bool tensor"):
+        A.adv_perturb_init((2, 3), m, 1.0, max_seqlen=3)
     with pytest.raises(ValueError, match=r"argument 'norm' must be one of"):
         A.adv_perturb_init((2, 3, 4), m, 1.0, norm="L2")
 
@@ -313,10 +422,14 @@ def test_init_bad_inputs():
 def test_opcheck(backend, gen):
     d1, g1, m1 = adv_inputs([3, 1], 3, 5, gen)
     d2, g2, m2 = adv_inputs([2, 4], 4, 7, gen)
-    torch.library.opcheck(A._step_op, ([d1, d2], [g1, g2], [m1, m2], [0.1, 0.2], "l2", [0.05, 0.0], backend))
-    torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "linf", [0.02], backend))
+    torch.library.opcheck(A._step_op, ([d1, d2], [g1, g2], [m1, m2], [0.1, 0.2], "l2", [0.05, 0.0], [3, 4], backend))
+    torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "linf", [0.02], [3], backend))
+    pd, pg, cu, width = adv_inputs_packed([2, 0, 3], 5, gen)
+    torch.library.opcheck(A._step_op, ([pd, d2], [pg, g2], [cu, m2], [0.1, 0.2], "l2", [0.05, 0.0], [width, 4],
+                                       backend))
     noise = torch.randn(2, 3, 5, generator=gen)
-    torch.library.opcheck(A._init_op, (noise, m1, 0.5, "l2", backend))
+    torch.library.opcheck(A._init_op, (noise, m1, 0.5, "l2", 3, backend))
+    torch.library.opcheck(A._init_op, (pd.clone(), cu, 0.5, "linf", width, backend))
 
 
 @settings(max_examples=20, deadline=None)
@@ -399,8 +512,8 @@ def test_gpu_init(backend, dtype, norm, seed):
 def test_gpu_opcheck(gen):
     d1, g1, m1 = adv_inputs([3, 1], 3, 8, gen, device="cuda")
     for backend in GPU_BACKENDS:
-        torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "l2", [0.05], backend))
-        torch.library.opcheck(A._init_op, (g1.clone(), m1, 0.5, "linf", backend))
+        torch.library.opcheck(A._step_op, ([d1], [g1], [m1], [0.1], "l2", [0.05], [3], backend))
+        torch.library.opcheck(A._init_op, (g1.clone(), m1, 0.5, "linf", 3, backend))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if fastvl.HAS_C else []))
@@ -415,3 +528,27 @@ def test_traced_by_torch_compile(backend, gen):
     d1, d2 = delta.clone(), delta.clone()
     torch.testing.assert_close(compiled(d1, grad, mask), step(d2, grad, mask), rtol=0, atol=0)
     torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_gpu_packed_villa_sizes(backend, dtype, norm, gen):
+    """Packed text (B = 32, lengths <= 60, one empty) + packed image (<= 100 regions) in one call, and packed init."""
+    txt_lens = [0, *torch.randint(1, 61, (31,), generator=gen).tolist()]
+    img_lens = torch.randint(10, 101, (32,), generator=gen).tolist()
+    txt = adv_inputs_packed(txt_lens, 768, gen, dtype, "cuda")
+    img = adv_inputs_packed(img_lens, 2048, gen, dtype, "cuda")
+    lrs, max_norms = [1e-3, 1e-2], [MAX_NORMS[norm][1], 0.0]
+    deltas = [txt[0].clone(), img[0].clone()]
+    A.adv_perturb_step_multi(deltas, [txt[1], img[1]], [txt[2], img[2]], lrs, norm, max_norms,
+                             max_seqlens=[txt[3], img[3]], backend=backend)
+    for k, (d, g, cu, width) in enumerate([txt, img]):
+        ref64, lowp = _packed_ref(d, g, cu, width, lrs[k], norm, max_norms[k])
+        assert_close_to_ref(deltas[k], ref64, lowp, f"{backend} {dtype} packed slot {k}")
+    noise = A.adv_perturb_noise(img[0].shape, "uniform", torch.Generator("cuda").manual_seed(1), dtype, "cuda")
+    out = A.adv_perturb_init(img[0], img[2], 0.5, "uniform", norm, torch.Generator("cuda").manual_seed(1),
+                             max_seqlen=img[3], backend=backend)
+    assert_close_to_ref(out, A.adv_perturb_init_scale_packed_reference(noise.double(), img[2], img[3], 0.5, norm),
+                        A.adv_perturb_init_scale_packed_reference(noise, img[2], img[3], 0.5, norm), "packed init")
