@@ -1,0 +1,28 @@
+"""fastvl data: official UNITER LMDB databases (read and write), WordPiece tokenisation, the synthetic default
+corpus, token-bucket batching and the pre-training datasets that emit :class:`~fastvl.batch.PackedVLBatch`.
+
+Entry points:
+
+- :func:`synthetic_corpus` -- generate (once) and cache the default corpus; returns its paths and sizes.
+- :func:`build_pretrain_data` -- per-task batch sources over (txt_db, img_db) pairs for the trainer.
+- :func:`make_data` -- npz folder + captions jsonl -> img_db + txt_db (``fastvl make-data``).
+
+This package knows no model: it depends on numpy, torch, lmdb, msgpack(-numpy), lz4 and tokenizers only.
+"""
+
+from .collate import Example, collate, to_official
+from .errors import BadExampleCounter, DataError
+from .lmdb_db import ImageDB, ImageDBWriter, TxtDB, TxtDBWriter, compute_nbb, position_features
+from .make_data import MakeDataResult, make_data
+from .pretrain_data import TASKS, PretrainBatchSource, PretrainData, VLExamples, build_pretrain_data, parse_tasks
+from .sampler import TaskMixer, TokenBucketSampler
+from .synthetic import SyntheticConfig, SyntheticCorpus, default_cache_dir, synthetic_corpus, write_synthetic_raw
+from .tokenizer import WordPieceTokenizer
+
+__all__ = [
+    "BadExampleCounter", "DataError", "Example", "ImageDB", "ImageDBWriter", "MakeDataResult", "PretrainBatchSource",
+    "PretrainData", "SyntheticConfig", "SyntheticCorpus", "TASKS", "TaskMixer", "TokenBucketSampler", "TxtDB",
+    "TxtDBWriter", "VLExamples", "WordPieceTokenizer", "build_pretrain_data", "collate", "compute_nbb",
+    "default_cache_dir", "make_data", "parse_tasks", "position_features", "synthetic_corpus", "to_official",
+    "write_synthetic_raw",
+]
