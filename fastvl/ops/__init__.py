@@ -4,7 +4,7 @@ See ``python -m fastvl.info`` for which backend serves each op on this machine.
 """
 
 from ._dispatch import OPS, BackendUnavailableError
-from .adv_perturb import adv_perturb_init, adv_perturb_step, adv_perturb_step_multi
+from .adv_perturb import adv_perturb_init, adv_perturb_step, adv_perturb_step_multi, adv_perturb_step_packed
 from .attention import cross_modal_attention
 from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
 from .pack import pack, unpack
@@ -15,6 +15,7 @@ __all__ = [
     "adv_perturb_init",
     "adv_perturb_step",
     "adv_perturb_step_multi",
+    "adv_perturb_step_packed",
     "cross_modal_attention",
     "ipot_plan",
     "optimal_transport_dist",
