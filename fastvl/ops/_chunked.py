@@ -6,9 +6,9 @@ ever holding the logits of all rows: rows are processed in chunks of ``chunk_row
 1. the chunk's hidden rows are gathered (``indices``) and multiplied into a ``[chunk, V]`` logits buffer;
 2. a *row step* (a Triton kernel, or PyTorch for the ``torch_chunked`` backend) writes the chunk's losses and,
    when gradients are wanted, overwrites the logits buffer in place with ``dloss/dlogits`` (already scaled);
-3. the gradients follow in the same pass: ``grad_hidden[rows] = dlogits @ weight`` (scattered with
-   ``index_add_`` when ``indices`` is given), ``grad_weight += dlogits.T @ hidden_rows`` and
-   ``grad_bias += dlogits.sum(0)``.
+3. the gradients follow in the same pass: ``grad_rows = dlogits @ weight`` (the gradient of the N used rows;
+   with ``indices`` the backward scatters it into hidden's [N_all, H] gradient with ``index_add_``, so the
+   forward keeps only [N, H]), ``grad_weight += dlogits.T @ hidden_rows`` and ``grad_bias += dlogits.sum(0)``.
 
 This is the Liger-kernel scheme: for the scalar reductions (``sum``, ``mean``, ...) the gradients are computed in
 the forward pass and the backward only multiplies them by ``grad_output``. For ``reduction='none'`` the
@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import _dispatch as D
+
 SCALAR, ROW, ELEMENT = 0, 1, 2
 GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -41,6 +43,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_BYTES = {"cuda": 32 * 2**20, "cpu": 256 * 2**20}
 
 RowStep = Callable[..., None]
+SMALL_ON_CPU = 2**16  # outputs (rows x V) below which the eager reference serves CPU tensors
 
 
 def chunk_bytes(device: torch.device) -> int:
@@ -184,13 +187,13 @@ def check_chunk_rows(op: str, chunk_rows: int | None) -> None:
 def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         indices: torch.Tensor | None, data: Sequence[torch.Tensor], step: RowStep, *,
                         loss: torch.Tensor, scale: torch.Tensor, scale_mode: int, mask: int, chunk_rows: int,
-                        weight_grad: torch.Tensor | None = None
+                        transposed: bool = False
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Run the chunked pass (module docstring).
 
     Args:
         hidden: [N_all, H]; indices: [N] rows of ``hidden`` to use (None: all N_all rows, N = N_all).
-        weight: [V, H] (any strides: the regression op passes its [H, D] weight transposed).
+        weight: [V, H], or [H, V] when ``transposed`` (the regression op's tied ``weight_t``); any strides.
         bias: [V] or None.
         data: per-row target tensors with first dim N, sliced per chunk and handed to ``step``.
         step: ``step(logits [n, V], data_chunk, loss_chunk, scale_chunk, scale_mode, compute_grad)``; writes the
@@ -199,39 +202,39 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         scale: float32 scale: 0-d (SCALAR), [N] (ROW) or [N, V] (ELEMENT).
         mask: which gradients to compute (GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS); 0 = loss only.
         chunk_rows: rows per chunk.
-        weight_grad: optional preallocated zeroed buffer to accumulate grad_weight into (same shape as
-            ``weight``, possibly a transposed view of a contiguous tensor).
     Returns:
-        (grad_hidden [N_all, H] or None, grad_weight [V, H] or None, grad_bias [V] float32 or None).
+        (grad of the used rows [N, H] (``hidden[indices]``'s gradient; :func:`scatter_rows` turns it into
+        hidden's) or None, grad_weight (weight's shape, contiguous) or None, grad_bias [V] float32
+        or None). The first chunk writes grad_weight / grad_bias, later chunks add to them (no zero fill).
     """
     n = indices.shape[0] if indices is not None else hidden.shape[0]
     compute = mask != 0
     gh = gw = gb = None
     if mask & GRAD_HIDDEN:
-        gh = torch.zeros_like(hidden) if indices is not None else torch.empty_like(hidden)
-    if mask & GRAD_WEIGHT:
-        gw = weight_grad if weight_grad is not None else torch.zeros(weight.shape, dtype=weight.dtype,
-                                                                      device=weight.device)
-    if mask & GRAD_BIAS and bias is not None:
-        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-    wt = weight.t()
+        gh = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    w_vh = weight.t() if transposed else weight  # [V, H] view
+    w_hv = weight if transposed else weight.t()  # [H, V] view
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
         hc = hidden[s:e] if indices is None else hidden.index_select(0, indices[s:e])
-        logits = torch.addmm(bias, hc, wt) if bias is not None else torch.mm(hc, wt)  # [n, V] contiguous
+        logits = torch.addmm(bias, hc, w_hv) if bias is not None else torch.mm(hc, w_hv)  # [n, V] contiguous
         sc = scale if scale_mode == SCALAR else scale[s:e]
         step(logits, [d[s:e] for d in data], loss[s:e], sc, scale_mode, compute)
         if not compute:
             continue
         if gh is not None:
-            if indices is None:
-                torch.mm(logits, weight, out=gh[s:e])
-            else:
-                gh.index_add_(0, indices[s:e], torch.mm(logits, weight))
-        if gw is not None:
-            gw.addmm_(logits.t(), hc)
-        if gb is not None:
-            gb += logits.sum(0, dtype=torch.float32)
+            torch.mm(logits, w_vh, out=gh[s:e])
+        if mask & GRAD_WEIGHT:
+            a, b = (hc.t(), logits) if transposed else (logits.t(), hc)
+            gw = torch.mm(a, b) if gw is None else gw.addmm_(a, b)
+        if mask & GRAD_BIAS and bias is not None:
+            part = logits.sum(0, dtype=torch.float32)
+            gb = part if gb is None else gb.add_(part)
+    if compute and n == 0:  # no chunk ran: the gradients of an empty batch are zero
+        if mask & GRAD_WEIGHT:
+            gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        if mask & GRAD_BIAS and bias is not None:
+            gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
     return gh, gw, gb
 
 
@@ -247,11 +250,10 @@ def empty_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return gh, gw, gb
 
 
-def fake_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: int
+def fake_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: int, n: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shapes of the gradient outputs for a ``register_fake`` implementation."""
-    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if mask & GRAD_HIDDEN \
-        else hidden.new_empty(0)
+    """Shapes of the gradient outputs for a ``register_fake`` implementation (n = rows used)."""
+    gh = hidden.new_empty(n, hidden.shape[1]) if mask & GRAD_HIDDEN else hidden.new_empty(0)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask & GRAD_WEIGHT \
         else weight.new_empty(0)
     if bias is not None and mask & GRAD_BIAS:
@@ -259,6 +261,24 @@ def fake_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     else:
         gb = (bias if bias is not None else weight).new_empty(0)
     return gh, gw, gb
+
+
+def scatter_rows(grad_rows: torch.Tensor, indices: torch.Tensor, n_all: int) -> torch.Tensor:
+    """[N, H] gradient of ``hidden[indices]`` -> [n_all, H] gradient of ``hidden`` (duplicates add up)."""
+    out = grad_rows.new_zeros(n_all, grad_rows.shape[1])
+    return out.index_add_(0, indices, grad_rows)
+
+
+def select_backend(op, args: tuple, rows: int, width: int, backend: str | None) -> str:
+    """``op.select(*args)``, except that a tiny problem on CPU goes to the eager ``reference`` when nothing forces a
+    backend: below :data:`SMALL_ON_CPU` outputs the chunked pass's fixed overhead outweighs its savings
+    (measured in benchmarks/bench_losses.py, case ``itm``)."""
+    name = op.select(*args, backend=backend)
+    t = args[0]
+    if (name == "torch_chunked" and backend is None and D._forced_from_env(op) is None and t.device.type == "cpu"
+            and rows * width < SMALL_ON_CPU):
+        return "reference"
+    return name
 
 
 def register_linear_loss_autograd(op) -> None:
@@ -272,11 +292,11 @@ def register_linear_loss_autograd(op) -> None:
 
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, target, indices, _scale, reduction, _mask, *rest = inputs
-        ctx.reduction, ctx.rest, ctx.has_bias = reduction, rest, bias is not None
+        ctx.reduction, ctx.rest, ctx.has_bias, ctx.n_all = reduction, rest, bias is not None, hidden.shape[0]
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target, indices)
         else:
-            ctx.save_for_backward(*output[1:])
+            ctx.save_for_backward(*output[1:], indices)
 
     def backward(ctx, g_loss, *_unused):
         need = ctx.needs_input_grad
@@ -287,7 +307,10 @@ def register_linear_loss_autograd(op) -> None:
             _, gh, gw, gb = op(hidden, weight, bias, target, indices, g_loss.float().contiguous(), "none", mask,
                                *ctx.rest)
         else:
-            gh, gw, gb = (t * g_loss if t.numel() else t for t in ctx.saved_tensors)
+            gh, gw, gb, indices = ctx.saved_tensors
+            gh, gw, gb = (t * g_loss if t.numel() else t for t in (gh, gw, gb))
+        if need[0] and indices is not None:
+            gh = scatter_rows(gh, indices, ctx.n_all)
         grads = [gh if need[0] else None, gw if need[1] else None, gb if ctx.has_bias and need[2] else None]
         return (*grads, *([None] * (len(need) - 3)))
 

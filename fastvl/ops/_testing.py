@@ -154,6 +154,91 @@ def attention_inputs(lens_q: Sequence[int], lens_k: Sequence[int] | None = None,
             max(lens_k, default=0), mask, prefix)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Fused losses (linear_cross_entropy, linear_kl, masked_regression, bce_soft, symmetric_kl)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def linear_head_inputs(n: int, hidden: int, out: int, gen: torch.Generator, *, n_all: int | None = None,
+                       bias: bool = True, transposed: bool = False, logit_std: float = 2.0, dtype=torch.float32,
+                       device="cpu") -> tuple:
+    """(hidden [n_all or n, H], weight [out, H] (or [H, out] when ``transposed``), bias [out] or None, indices).
+
+    ``indices`` is None unless ``n_all`` is given; then it is [n] int64 rows drawn with replacement from
+    [0, n_all) (so duplicates occur). The weight is scaled so that the outputs have std ~``logit_std``.
+    """
+    rows = n if n_all is None else n_all
+    h = torch.randn(rows, hidden, generator=gen)
+    w = torch.randn(out, hidden, generator=gen) * (logit_std / max(hidden, 1) ** 0.5)
+    b = torch.randn(out, generator=gen) * 0.5 if bias else None
+    idx = None if n_all is None else torch.randint(0, max(n_all, 1), (n,), generator=gen).to(device)
+    w = w.t().contiguous() if transposed else w
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(h), cast(w), cast(b), idx
+
+
+def class_targets(n: int, classes: int, gen: torch.Generator, *, ignore_frac: float = 0.0, ignore_index: int = -1,
+                  device="cpu") -> torch.Tensor:
+    """[n] int64 class ids in [0, classes); a fraction of rows (at least one if ignore_frac > 0) set to
+    ``ignore_index``."""
+    t = torch.randint(0, classes, (n,), generator=gen)
+    if ignore_frac > 0 and n:
+        drop = torch.rand(n, generator=gen) < ignore_frac
+        drop[int(torch.randint(0, n, (1,), generator=gen))] = True
+        t[drop] = ignore_index
+    return t.to(device)
+
+
+def soft_label_targets(n: int, classes: int, gen: torch.Generator, *, sharpness: float = 3.0, dtype=torch.float32,
+                       device="cpu") -> torch.Tensor:
+    """[n, classes] rows summing to 1 (a softmax of random scores: peaked, like detector soft labels)."""
+    return torch.softmax(torch.randn(n, classes, generator=gen) * sharpness, dim=-1).to(device=device, dtype=dtype)
+
+
+def vqa_soft_scores(n: int, answers: int, gen: torch.Generator, *, per_row: int = 3, dtype=torch.float32,
+                    device="cpu") -> torch.Tensor:
+    """[n, answers] VQA-style soft scores: ``per_row`` answers per row get a score in {0.3, 0.6, 0.9, 1.0}."""
+    scores = torch.zeros(n, answers)
+    levels = torch.tensor([0.3, 0.6, 0.9, 1.0])
+    for i in range(n):
+        cols = torch.randperm(answers, generator=gen)[:per_row]
+        scores[i, cols] = levels[torch.randint(0, 4, (len(cols),), generator=gen)]
+    return scores.to(device=device, dtype=dtype)
+
+
+def masked_positions(n_all: int, frac: float, gen: torch.Generator, device="cpu") -> torch.Tensor:
+    """Sorted int64 positions in [0, n_all), each kept with probability ``frac`` (at least one if n_all > 0):
+    the masked tokens / regions of a batch."""
+    keep = torch.rand(n_all, generator=gen) < frac
+    if n_all:
+        keep[int(torch.randint(0, n_all, (1,), generator=gen))] = True
+    return keep.nonzero().squeeze(1).to(device)
+
+
+def logit_pair(shape: Sequence[int], gen: torch.Generator, *, spread: float = 2.0, noise: float = 0.5,
+               dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Two correlated logit tensors (clean and perturbed, as VILLA's symmetric KL sees them)."""
+    a = torch.randn(*shape, generator=gen) * spread
+    b = a + torch.randn(*shape, generator=gen) * noise
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def value_and_grads(fn, inputs: Sequence[torch.Tensor | None], out_weight: torch.Tensor | None = None,
+                    wrt: Sequence[int] | None = None) -> list[torch.Tensor | None]:
+    """[fn(*inputs) detached, then the gradient w.r.t. each input in ``wrt`` (positions; default: every float
+    tensor)] of ``(out * out_weight).sum()`` (``out.sum()`` without a weight). The differentiated inputs are
+    cloned into fresh leaves; an input the output does not depend on gets a zero gradient."""
+    wrt = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()] \
+        if wrt is None else list(wrt)
+    leaves = list(inputs)
+    for i in wrt:
+        leaves[i] = inputs[i].detach().clone().requires_grad_()
+    out = fn(*leaves)
+    total = (out * out_weight.to(out.dtype)).sum() if out_weight is not None else out.sum()
+    grads = torch.autograd.grad(total, [leaves[i] for i in wrt], allow_unused=True)
+    return [out.detach(), *[torch.zeros_like(leaves[i]) if g is None else g for i, g in zip(wrt, grads)]]
+
+
 def adv_inputs_packed(lens: Sequence[int], dim: int, gen: torch.Generator, dtype=torch.float32, device="cpu",
                       delta_scale: float = 0.01):
     """The packed form of :func:`adv_inputs`: delta [T, D], grad [T, D], cu_seqlens [B+1] int32, max_seqlen."""

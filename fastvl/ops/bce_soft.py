@@ -74,12 +74,15 @@ def bce_soft_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def _torch_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) -> None:
     z = _upcast(logits)
     y = data[0].to(z.dtype)
-    elem = z.clamp(min=0).sub_(z * y).add_(torch.log1p(torch.exp(-z.abs())))
+    elem = F.binary_cross_entropy_with_logits(z, y, reduction="none")
     loss.copy_(elem if elementwise else elem.sum(1))
     if not compute:
         return
     s = scale.unsqueeze(1) if mode == C.ROW else scale
-    logits.copy_(torch.sigmoid(z).sub_(y).mul_(s))
+    if z is logits:
+        logits.sigmoid_().sub_(y).mul_(s)
+    else:
+        logits.copy_(torch.sigmoid(z).sub_(y).mul_(s))
 
 
 def _triton_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) -> None:
@@ -142,7 +145,7 @@ def _(hidden, weight, bias, soft_scores, indices, grad_scale, reduction, grad_ma
         shape, mask = (n,), grad_mask
     else:
         shape, mask = ((n, A), 0) if reduction == "none" else ((), grad_mask)
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask))
+    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask, n))
 
 
 C.register_linear_loss_autograd(_bce_op)
@@ -193,7 +196,7 @@ def fused_bce_soft(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if C.should_validate(validate, soft_scores):
         _validate_scores(soft_scores)
         C.validate_indices(_OP, indices, hidden.shape[0])
-    name = BCE_SOFT.select(hidden, weight, bias, soft_scores, indices, backend=backend)
+    name = C.select_backend(BCE_SOFT, (hidden, weight, bias, soft_scores, indices), n, A, backend)
     if name == "reference":
         return bce_soft_reference(hidden, weight, bias, soft_scores, reduction, indices)
     rows = chunk_rows or C.default_chunk_rows(n, A, hidden.dtype, hidden.device)

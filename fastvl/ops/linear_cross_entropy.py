@@ -72,18 +72,14 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, b
 def _torch_step(logits: torch.Tensor, data, loss: torch.Tensor, scale: torch.Tensor, mode: int, compute: bool, *,
                 ignore_index: int) -> None:
     (targets,) = data
-    x = _upcast(logits)  # the logits buffer itself when float32: overwritten below by design
+    logq = torch.log_softmax(_upcast(logits), dim=1)
     valid = targets != ignore_index
     tgt = torch.where(valid, targets, 0).long().unsqueeze(1)
-    lse = torch.logsumexp(x, dim=1)
-    loss.copy_(torch.where(valid, lse - x.gather(1, tgt).squeeze(1), 0.0))
+    loss.copy_(torch.where(valid, logq.gather(1, tgt).squeeze(1).neg(), 0.0))
     if not compute:
         return
-    s = valid.float() * scale  # [n] (scale is 0-d or [n])
-    p = x.sub_(lse.unsqueeze(1)).exp_() if x is logits else (x - lse.unsqueeze(1)).exp_()
-    p.mul_(s.unsqueeze(1)).scatter_add_(1, tgt, -s.unsqueeze(1))
-    if p is not logits:
-        logits.copy_(p)
+    s = (valid.float() * scale).unsqueeze(1).to(logits.dtype)  # [n, 1] (scale is 0-d or [n])
+    torch.exp(logq, out=logits).mul_(s).scatter_add_(1, tgt, -s)
 
 
 def _triton_step(logits, data, loss, scale, mode, compute, *, ignore_index: int) -> None:
@@ -148,7 +144,7 @@ def _(hidden, weight, bias, targets, indices, grad_scale, reduction, grad_mask, 
     n = targets.shape[0]
     shape = (n,) if reduction == "none" or grad_scale is not None else ()
     mask = grad_mask if (grad_scale is not None or reduction != "none") else 0
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask))
+    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask, n))
 
 
 C.register_linear_loss_autograd(_linear_ce_op)
@@ -196,7 +192,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
     if C.should_validate(validate, targets):
         _validate_targets(targets, V, ignore_index)
         C.validate_indices(_OP, indices, hidden.shape[0])
-    name = LINEAR_CE.select(hidden, weight, bias, targets, indices, backend=backend)
+    name = C.select_backend(LINEAR_CE, (hidden, weight, bias, targets, indices), n, V, backend)
     if name == "reference":
         return linear_cross_entropy_reference(hidden, weight, bias, targets, ignore_index, reduction, indices)
     rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device)

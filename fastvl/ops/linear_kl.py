@@ -76,21 +76,21 @@ def linear_kl_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def _torch_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) -> None:
-    x = _upcast(logits)
-    p = data[0].to(x.dtype)
-    logq = x - torch.logsumexp(x, dim=1, keepdim=True)
-    elem = torch.xlogy(p, p).sub_(p * logq)
-    loss.copy_(elem if elementwise else elem.sum(1))
+    logq = torch.log_softmax(_upcast(logits), dim=1)
+    p = data[0].to(logq.dtype)
+    if elementwise:
+        loss.copy_(torch.xlogy(p, p).sub_(p * logq))
+    else:  # sum p log p - sum p log q; clamping p only changes 0 log 0 (= 0 either way)
+        loss.copy_((p * p.clamp_min(torch.finfo(p.dtype).tiny).log_().sub_(logq)).sum(1))
     if not compute:
         return
-    q = logq.exp_()
+    q = torch.exp(logq, out=logq)
     if mode == C.ELEMENT:
         gp = p * scale
-        g = q.mul_(gp.sum(1, keepdim=True)).sub_(gp)
+        q.mul_(gp.sum(1, keepdim=True)).sub_(gp)
     else:
-        s = scale.unsqueeze(-1) if scale.dim() else scale
-        g = q.mul_(p.sum(1, keepdim=True)).sub_(p).mul_(s)
-    logits.copy_(g)
+        q.mul_(p.sum(1, keepdim=True)).sub_(p).mul_(scale.unsqueeze(-1) if scale.dim() else scale)
+    logits.copy_(q)
 
 
 def _triton_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) -> None:
@@ -153,7 +153,7 @@ def _(hidden, weight, bias, soft_targets, indices, grad_scale, reduction, grad_m
         shape, mask = (n,), grad_mask
     else:
         shape, mask = ((n, V), 0) if reduction == "none" else ((), grad_mask)
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask))
+    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask, n))
 
 
 C.register_linear_loss_autograd(_linear_kl_op)
@@ -211,7 +211,7 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if C.should_validate(validate, soft_targets):
         validate_soft_targets(_OP, soft_targets)
         C.validate_indices(_OP, indices, hidden.shape[0])
-    name = LINEAR_KL.select(hidden, weight, bias, soft_targets, indices, backend=backend)
+    name = C.select_backend(LINEAR_KL, (hidden, weight, bias, soft_targets, indices), n, V, backend)
     if name == "reference":
         return linear_kl_reference(hidden, weight, bias, soft_targets, reduction, indices)
     rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device)

@@ -140,13 +140,11 @@ def _regression_op(hidden: torch.Tensor, weight_t: torch.Tensor, bias: torch.Ten
         factor = 1.0 / max(n if l2 else n * D_out, 1) if reduction == "mean" else 1.0
         scale, mode = C.scale_tensor(factor, hidden.device), C.SCALAR
         mask = grad_mask if reduction != "none" else 0
-    gw_t = torch.zeros(weight_t.shape, dtype=weight_t.dtype, device=weight_t.device) if mask & C.GRAD_WEIGHT else None
-    gh, gw, gb = C.chunked_linear_loss(hidden, weight_t.t(), bias, indices, [targets], step, loss=loss, scale=scale,
-                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows,
-                                       weight_grad=gw_t.t() if gw_t is not None else None)
+    gh, gw, gb = C.chunked_linear_loss(hidden, weight_t, bias, indices, [targets], step, loss=loss, scale=scale,
+                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows, transposed=True)
     if reduction != "none" and grad_scale is None:
         loss = loss.sum() * factor
-    return (loss, *C.empty_grads(hidden, weight_t, bias, gh, gw_t, gb))
+    return (loss, *C.empty_grads(hidden, weight_t, bias, gh, gw, gb))
 
 
 @_regression_op.register_fake
@@ -158,7 +156,7 @@ def _(hidden, weight_t, bias, targets, indices, grad_scale, reduction, grad_mask
         shape, mask = ((n,) if loss_kind == "l2" else (n, D_out)), 0
     else:
         shape, mask = (), grad_mask
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight_t, bias, mask))
+    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight_t, bias, mask, n))
 
 
 C.register_linear_loss_autograd(_regression_op)
@@ -199,7 +197,7 @@ def fused_masked_regression(hidden: torch.Tensor, weight_t: torch.Tensor, bias: 
     C.check_chunk_rows(_OP, chunk_rows)
     if C.should_validate(validate, hidden):
         C.validate_indices(_OP, indices, hidden.shape[0])
-    name = MASKED_REGRESSION.select(hidden, weight_t, bias, targets, indices, backend=backend)
+    name = C.select_backend(MASKED_REGRESSION, (hidden, weight_t, bias, targets, indices), n, D_out, backend)
     if name == "reference":
         return masked_regression_reference(hidden, weight_t, bias, targets, reduction, loss, indices)
     rows = chunk_rows or C.default_chunk_rows(n, D_out, hidden.dtype, hidden.device)

@@ -204,7 +204,8 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, reduction: str 
                         f"{logits_a.dtype}")
     C.check_reduction(_OP, reduction, REDUCTIONS)
     C.check_chunk_rows(_OP, chunk_rows)
-    name = SYMMETRIC_KL.select(logits_a, logits_b, backend=backend)
+    width = logits_a.shape[-1]
+    name = C.select_backend(SYMMETRIC_KL, (logits_a, logits_b), logits_a.numel() // max(width, 1), width, backend)
     if name == "reference":
         return symmetric_kl_reference(logits_a, logits_b, reduction)
     shape = logits_a.shape

@@ -33,7 +33,7 @@ def _kl_rows_kernel(x_ptr, x_stride, p_ptr, p_stride, loss_ptr, scale_ptr, g_str
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         sum_p += tl.sum(p, axis=0)
-        sum_px += tl.sum(tl.where(inside, p * x, 0.0), axis=0)
+        sum_px += tl.sum(p * tl.where(inside, x, 0.0), axis=0)
         sum_plogp += tl.sum(p * tl.log(tl.where(p > 0.0, p, 1.0)), axis=0)  # 0 log 0 = 0
         if SCALE_MODE == 2:
             gs = tl.load(scale_ptr + row * g_stride + c, mask=inside, other=0.0)

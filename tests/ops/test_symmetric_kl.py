@@ -1,0 +1,141 @@
+"""symmetric_kl (VILLA): every backend runnable here against the eager reference, forward and the gradients of
+both sides, every F.kl_div reduction, leading dims, one side detached, errors, dispatch, opcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastvl.ops import _chunked as C
+from fastvl.ops import symmetric_kl as M
+from fastvl.ops._testing import assert_close_to_ref, logit_pair, value_and_grads
+
+FUSED = ["torch_chunked", "triton"]
+
+
+def _compare(backend, a, b, gen, reduction="batchmean", chunk_rows=2, wrt=(0, 1)):
+    def fast(a, b):
+        return M.symmetric_kl(a, b, reduction, chunk_rows=chunk_rows, backend=backend)
+
+    def ref(a, b):
+        return M.symmetric_kl_reference(a, b, reduction)
+
+    g = torch.rand(ref(a, b).shape, generator=gen) + 0.5
+    got = value_and_grads(fast, [a, b], g, wrt)
+    r32 = value_and_grads(ref, [a, b], g, wrt)
+    r64 = value_and_grads(ref, [a.double(), b.double()], g.double(), wrt)
+    names = ["loss"] + [["grad a", "grad b"][i] for i in wrt]
+    for name, f, x, x64 in zip(names, got, r32, r64):
+        assert f.dtype == x.dtype and f.shape == x.shape, f"{backend} {name}: {f.dtype} {f.shape} vs {x.dtype}"
+        assert_close_to_ref(f, x64, x, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("classes", [3129, 1601, 28996, 3])
+def test_matches_reference(backend, reduction, classes, gen):
+    a, b = logit_pair((5, classes), gen)
+    _compare(backend, a, b, gen, reduction)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_leading_dims_and_non_contiguous(backend, reduction, gen):
+    a, b = logit_pair((3, 4, 97), gen)
+    _compare(backend, a.transpose(0, 1), b.transpose(0, 1), gen, reduction)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("side", [0, 1])
+def test_one_side_detached(backend, side, gen):
+    a, b = logit_pair((4, 3129), gen)
+    _compare(backend, a, b, gen, "batchmean", wrt=(side,))
+
+
+def test_matches_villa_formula(gen):
+    """VILLA VQA: (kl_div(adv_logprob, clean_prob) + kl_div(clean_logprob, adv_prob)).mean() * num_answers."""
+    adv, clean = logit_pair((6, 3129), gen)
+    villa = (F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="none")
+             + F.kl_div(F.log_softmax(clean, 1), F.softmax(adv, 1), reduction="none")).mean() * 3129
+    torch.testing.assert_close(M.symmetric_kl(adv, clean), villa)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_identical_inputs_give_zero(backend, gen):
+    a, _ = logit_pair((3, 50), gen)
+    x = a.clone().requires_grad_()
+    loss = M.symmetric_kl(x, x.detach().clone(), backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and x.grad.abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_empty_is_zero(backend):
+    a = torch.zeros(0, 7, requires_grad=True)
+    loss = M.symmetric_kl(a, torch.zeros(0, 7), "batchmean", backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and a.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_retain_graph(backend, gen):
+    a, b = logit_pair((4, 33), gen)
+    a.requires_grad_()
+    loss = M.symmetric_kl(a, b, backend=backend)
+    loss.backward(retain_graph=True)
+    first = a.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(a.grad, 2 * first)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 6), classes=st.integers(1, 40), chunk=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+       reduction=st.sampled_from(["batchmean", "mean", "sum", "none"]))
+def test_property_torch_chunked(rows, classes, chunk, seed, reduction):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = logit_pair((rows, classes), gen, spread=4.0, noise=2.0)
+    _compare("torch_chunked", a, b, gen, reduction, chunk_rows=chunk)
+
+
+@pytest.mark.parametrize(
+    "args,err,match",
+    [
+        ((torch.zeros(2, 5), torch.zeros(2, 4)), ValueError, r"'logits_b' has shape \[2, 4\] but 'logits_a' has"),
+        ((torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.float64)), TypeError, "'logits_b' has dtype torch.float64"),
+        ((torch.zeros(2, 5), torch.zeros(2, 5, device="meta")), ValueError, "'logits_b' is on meta"),
+        ((torch.zeros(()), torch.zeros(())), ValueError, r"'logits_a' must be at least 1-d"),
+        ((torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5)), TypeError, "'logits_a' must be a float tensor"),
+        ((torch.zeros(2, 5), [0.0]), TypeError, "'logits_b' must be a tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(args, err, match):
+    with pytest.raises(err, match=match):
+        M.symmetric_kl(*args)
+
+
+def test_bad_reduction_and_selection(gen):
+    a, b = logit_pair((2, 5), gen)
+    with pytest.raises(ValueError, match="'reduction' must be one of"):
+        M.symmetric_kl(a, b, "elementwise_mean")
+    assert C.select_backend(M.SYMMETRIC_KL, (a, b), 2, 5, None) == "reference"  # tiny: eager is faster on CPU
+    big = torch.zeros(1, 1).expand(256, 3129)
+    assert M.SYMMETRIC_KL.select(big, big) == "torch_chunked"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_opcheck(backend, reduction, gen):
+    a, b = logit_pair((3, 11), gen)
+    mask = 0 if reduction == "none" else 3
+    args = (a.requires_grad_(), b.requires_grad_(), None, reduction, mask, 1 / 3, 2, backend)
+    torch.library.opcheck(torch.ops.fastvl.symmetric_kl.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "torch_chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu(backend, dtype, gen):
+    a, b = logit_pair((512, 3129), gen, dtype=dtype, device="cuda")
+    _compare(backend, a, b, gen, "batchmean", chunk_rows=200)
+    _compare(backend, a, b, gen, "none", chunk_rows=200)
