@@ -1,8 +1,9 @@
-"""Task modules: ``task(model, batch) -> dict(loss=scalar tensor, logs=dict)``; the trainer knows nothing else.
+"""Task modules: ``task(batch) -> dict(loss=scalar tensor, logs=dict, count=loss elements)``; the trainer knows
+nothing else.
 
-A task holds no model: it receives it at call time (so the trainer may pass a DDP / compiled wrapper) and
-calls ``model(batch, task_name, ...)``. Registry: ``build_task(name, **kw)``, ``list_tasks()``,
-``@register_task(name, *aliases)``.
+Tasks hold the model they train as a submodule (every task of a run shares one model), so the trainer can wrap
+all tasks in one module (DDP) and checkpoint the model alone. Registry: ``build_task(name, model=..., **kw)``,
+``list_tasks()``, ``@register_task(name, *aliases)``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """UNITER pre-training tasks (MLM, MRFR, MRC, MRC-kl, ITM + WRA) on packed batches, with the official reductions.
 
-Each task calls ``model(batch, name, compute_loss=True, ...)`` on a :class:`~fastvl.batch.PackedVLBatch` (the
-model's native packed API: heads on the masked rows only, no host synchronisation) and reduces as the official
-training loop does:
+A task holds the (shared) model and maps a :class:`~fastvl.batch.PackedVLBatch` to
+``dict(loss=scalar, logs=dict, count=number of loss elements)``; it calls ``model(batch, name, ...)`` (the model's
+native packed API: heads on the masked rows only, no host synchronisation) and reduces as the official training
+loop does:
 
 - ``mlm``: mean cross-entropy over masked tokens;  ``mrfr``: mean squared error over n_masked x img_dim;
 - ``mrc``: mean cross-entropy over masked regions (target argmax of the detector classes 1..);
@@ -10,12 +11,15 @@ training loop does:
 - ``itm``: mean cross-entropy over pairs + ``ot_lambda`` (0.1) x WRA loss, where WRA =
   (sum of positive-pair OT distances - sum of negative-pair distances) / number of pairs.
 
-An empty selection (no masked token) gives loss 0, not NaN. Logs are detached 0-d tensors (no host sync);
-``ot_pos`` / ``ot_neg`` (mean distances) are NaN when the batch has no pair of that kind.
+``count`` is the number of elements the loss averages (masked tokens; masked regions x feature dims for mrfr,
+masked regions for mrc, x classes for mrc-kl; pairs for itm), so that a trainer can weight micro-batches or
+ranks into the global mean. An empty selection (no masked token) gives loss 0, not NaN. Logs are detached 0-d
+tensors (no host sync); ``ot_pos`` / ``ot_neg`` (mean distances) are NaN when the batch has no pair of that kind.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..batch import PackedVLBatch
@@ -26,27 +30,33 @@ __all__ = ["ITMTask", "MLMTask", "MRCKLTask", "MRCTask", "MRFRTask", "PretrainTa
 
 
 class PretrainTask(nn.Module):
-    """Base: ``forward(model, batch) -> dict(loss=..., logs=...)``.
+    """Base: ``forward(batch) -> dict(loss=..., logs=..., count=...)``.
 
     Args:
+        model: the UniterForPretraining shared by all tasks (a submodule, so a wrapper sees its parameters).
         check_finite: check features / targets for NaN or inf (reads the device); None = the model's setting.
     """
 
     name = ""
 
-    def __init__(self, check_finite: bool | None = None):
+    def __init__(self, model: nn.Module, check_finite: bool | None = None):
         super().__init__()
+        self.model = model
         self.check_finite = check_finite
 
-    def _model_loss(self, model: nn.Module, batch: PackedVLBatch, **kw):
+    def _model_loss(self, batch: PackedVLBatch, **kw):
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.{type(self).__name__}: 'batch' must be a PackedVLBatch, got "
                             f"{type(batch).__name__}")
-        return model(batch, self.name, compute_loss=True, check_finite=self.check_finite, **kw)
+        return self.model(batch, self.name, compute_loss=True, check_finite=self.check_finite, **kw)
 
-    def forward(self, model: nn.Module, batch: PackedVLBatch) -> dict:
-        loss = self._model_loss(model, batch, reduction="mean")
-        return dict(loss=loss, logs={f"{self.name}_loss": loss.detach()})
+    def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
+        """Number of elements the loss averages."""
+        raise NotImplementedError
+
+    def forward(self, batch: PackedVLBatch) -> dict:
+        loss = self._model_loss(batch, reduction="mean")
+        return dict(loss=loss, logs={f"{self.name}_loss": loss.detach()}, count=self.count(batch))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
@@ -58,12 +68,18 @@ class MLMTask(PretrainTask):
 
     name = "mlm"
 
+    def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
+        return batch.n_txt_masked if batch.n_txt_masked is not None else (batch.txt_labels != -1).sum()
+
 
 @register_task("mrfr")
 class MRFRTask(PretrainTask):
     """Masked region feature regression (batch fields: img_masks, feat_targets)."""
 
     name = "mrfr"
+
+    def count(self, batch: PackedVLBatch) -> int:
+        return batch.feat_targets.numel()
 
 
 @register_task("mrc")
@@ -72,12 +88,18 @@ class MRCTask(PretrainTask):
 
     name = "mrc"
 
+    def count(self, batch: PackedVLBatch) -> int:
+        return batch.soft_labels.shape[0]
+
 
 @register_task("mrc-kl", "mrckl")
 class MRCKLTask(PretrainTask):
     """Masked region classification, KL to the detector distribution (batch fields: img_masks, soft_labels)."""
 
     name = "mrc-kl"
+
+    def count(self, batch: PackedVLBatch) -> int:
+        return batch.soft_labels.numel()
 
 
 @register_task("itm")
@@ -90,27 +112,32 @@ class ITMTask(PretrainTask):
 
     name = "itm"
 
-    def __init__(self, ot_lambda: float = 0.1, check_finite: bool | None = None):
-        super().__init__(check_finite)
+    def __init__(self, model: nn.Module, ot_lambda: float = 0.1, check_finite: bool | None = None):
+        super().__init__(model, check_finite)
         if ot_lambda < 0:
             raise ValueError(f"fastvl.tasks.ITMTask: 'ot_lambda' must be >= 0, got {ot_lambda}")
         self.ot_lambda = float(ot_lambda)
 
-    def forward(self, model: nn.Module, batch: PackedVLBatch) -> dict:
-        itm, dist = self._model_loss(model, batch, reduction="mean", with_ot=self.ot_lambda > 0)
+    def count(self, batch: PackedVLBatch) -> int:
+        return batch.batch_size
+
+    def forward(self, batch: PackedVLBatch) -> dict:
+        itm, dist = self._model_loss(batch, reduction="mean", with_ot=self.ot_lambda > 0)
         logs = {"itm_loss": itm.detach()}
         if dist is None:
-            return dict(loss=itm, logs=logs)
+            return dict(loss=itm, logs=logs, count=self.count(batch))
         targets = batch.itm_targets
         ot = wra_loss(dist, targets)
         pos = targets.to(dist.dtype)
         d = dist.detach()
         logs.update(ot_loss=ot.detach(), ot_pos=(d * pos).sum() / pos.sum(),
                     ot_neg=(d * (1 - pos)).sum() / (1 - pos).sum())
-        return dict(loss=itm + self.ot_lambda * ot, logs=logs)
+        return dict(loss=itm + self.ot_lambda * ot, logs=logs, count=self.count(batch))
 
 
-def pretrain_tasks(ot_lambda: float = 0.1, check_finite: bool | None = None) -> dict[str, PretrainTask]:
-    """One instance of every pre-training task, by name."""
-    return {"mlm": MLMTask(check_finite), "mrfr": MRFRTask(check_finite), "mrc": MRCTask(check_finite),
-            "mrc-kl": MRCKLTask(check_finite), "itm": ITMTask(ot_lambda, check_finite)}
+def pretrain_tasks(model: nn.Module, ot_lambda: float = 0.1, check_finite: bool | None = None
+                   ) -> dict[str, PretrainTask]:
+    """One instance of every pre-training task, by name, all sharing ``model``."""
+    return {"mlm": MLMTask(model, check_finite), "mrfr": MRFRTask(model, check_finite),
+            "mrc": MRCTask(model, check_finite), "mrc-kl": MRCKLTask(model, check_finite),
+            "itm": ITMTask(model, ot_lambda, check_finite)}
