@@ -348,6 +348,59 @@ def test_torch_compile_fullgraph_default_cpu_path(gen):
     torch.testing.assert_close(compiled(*args), A.cross_modal_attention(*args))
 
 
+# Compiled for real GPUs without one: Triton's bundled ptxas builds the kernels for sm_90 and sm_80 ahead of time,
+# so a kernel that only works in the interpreter (or needs too much shared memory) fails here. A subprocess, since
+# this process runs Triton in interpreter mode.
+AOT_SCRIPT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastvl.kernels.triton import attention as K
+PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+SMEM = {90: 227 * 1024, 80: 163 * 1024}
+for arch in (90, 80):
+    for dt, hd, seq, mask, drop in [(torch.bfloat16, 64, 160, 1, True), (torch.float16, 80, 1024, 0, False),
+                                    (torch.float32, 64, 160, 1, False)]:
+        d_pad = max(16, triton.next_power_of_2(hd))
+        base = dict(HEAD_DIM=hd, D_PAD=d_pad, MASK=mask, DROPOUT=drop, PRECISION="ieee" if dt == torch.float32
+                    else "tf32")
+        for fn, cfg in ((K._attn_fwd, K.fwd_config(d_pad, dt, seq, drop)), (K._attn_bwd, K.bwd_config(d_pad, dt, seq,
+                                                                                                       drop))):
+            const = {**base, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}}
+            def ty(n):
+                if n in const: return "constexpr"
+                if n in ("LSE", "DELTA"): return "*fp32"
+                if n in ("CU_Q", "CU_K", "PREFIX"): return "*i32"
+                if n == "SEED": return "*i64"
+                if n in ("qk_scale", "sm_scale", "dropout_p"): return "fp32"
+                return PTR[dt] if n.isupper() else "i32"
+            sig = {n: ty(n) for n in fn.arg_names}
+            src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            assert kern.asm.get("cubin"), "no cubin"
+            assert kern.metadata.shared <= SMEM[arch], (fn.__name__, arch, kern.metadata.shared)
+            print("ok", arch, fn.__name__, dt, hd, seq, kern.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_and_sm80(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok ") == 12
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU (bf16 / fp16 / fp32; run by benchmarks/gpu_check.sh on a lent GPU)
 # ---------------------------------------------------------------------------------------------------------------

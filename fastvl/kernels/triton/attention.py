@@ -58,37 +58,50 @@ def autotune_enabled() -> bool:
     return os.environ.get("FASTVL_TRITON_AUTOTUNE") == "1" and not INTERPRET
 
 
-def fwd_config(d_pad: int, dtype: torch.dtype, max_seqlen: int) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward."""
+def fwd_config(d_pad: int, dtype: torch.dtype, max_seqlen: int, dropout: bool = False) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward.
+
+    Chosen without spilling registers on sm_90 / sm_80 (checked by compiling ahead of time: ptxas resource usage);
+    the Philox dropout needs the extra registers of 8 warps.
+    """
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:  # IEEE products run on FMA units: small tiles
+        tile = 32 if d_pad <= 64 else 16
+        return dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=4, num_stages=1)
+    if d_pad > 64:
+        if max_seqlen <= SHORT:
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
     if max_seqlen <= SHORT:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if d_pad <= 64 else 8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if dropout else 4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
-def bwd_config(d_pad: int, dtype: torch.dtype, max_seqlen: int) -> dict:
-    """BLOCK_M1 / BLOCK_N1 (dK dV: query rows per step / keys per program), BLOCK_M2 / BLOCK_N2 (dQ), warps, stages."""
+def bwd_config(d_pad: int, dtype: torch.dtype, max_seqlen: int, dropout: bool = False) -> dict:
+    """BLOCK_M1 / BLOCK_N1 (dK dV: query rows per step / keys per program), BLOCK_M2 / BLOCK_N2 (dQ), warps, stages.
+
+    As for the forward, chosen without register spills on sm_90 / sm_80.
+    """
     if INTERPRET:
         return dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=4, num_stages=1)
+    if d_pad > 64:  # dK and dV accumulators of [BLOCK_N1, 128] float32 each
+        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=2)
     if max_seqlen <= SHORT:
-        return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=4 if d_pad <= 64 else 8,
-                num_stages=3 if d_pad <= 64 else 2)
+        return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, num_warps=8, num_stages=3)
 
 
 def _fwd_candidates() -> list[triton.Config]:
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 2)]
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 3), (32, 32, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _bwd_candidates() -> list[triton.Config]:
-    shapes = [(32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 2), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2),
-              (16, 32, 32, 16, 4, 1)]
+    shapes = [(32, 128, 128, 32, 8, 3), (32, 64, 64, 32, 8, 2), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2),
+              (16, 32, 32, 16, 4, 2), (16, 16, 16, 16, 4, 1)]
     return [triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w,
                           num_stages=s) for m1, n1, m2, n2, w, s in shapes]
 
@@ -466,7 +479,7 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     if autotune_enabled():
         kernel, cfg = _attn_fwd_tuned, {}
     else:
-        kernel, cfg = _attn_fwd, fwd_config(d_pad, q.dtype, max(max_seqlen_q, max_seqlen_k))
+        kernel, cfg = _attn_fwd, fwd_config(d_pad, q.dtype, max(max_seqlen_q, max_seqlen_k), dropout)
 
     def grid(meta):
         return triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch, nheads
@@ -508,7 +521,7 @@ def attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if autotune_enabled():
         kernel, cfg = _attn_bwd_tuned, {}
     else:
-        kernel, cfg = _attn_bwd, bwd_config(d_pad, q.dtype, max(max_seqlen_q, max_seqlen_k))
+        kernel, cfg = _attn_bwd, bwd_config(d_pad, q.dtype, max(max_seqlen_q, max_seqlen_k), dropout)
 
     def grid(meta):
         blocks = max(triton.cdiv(max_seqlen_k, meta["BLOCK_N1"]), triton.cdiv(max_seqlen_q, meta["BLOCK_M2"]))
