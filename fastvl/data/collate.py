@@ -6,7 +6,7 @@ a list of them. Lengths stay Python ints, so nothing downstream reads the device
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -38,7 +38,6 @@ class Example:
     feat_targets: np.ndarray | None = None
     soft_labels: np.ndarray | None = None
     itm_target: int | None = None
-    info: dict = field(default_factory=dict)
 
 
 def _cat(arrays: list[np.ndarray], dtype) -> torch.Tensor:

@@ -58,14 +58,16 @@ def dumps_npz(dump: dict[str, np.ndarray], compress: bool = True) -> bytes:
         return buf.getvalue()
 
 
-def loads_npz(data: bytes) -> dict[str, np.ndarray]:
+def loads_npz(data: bytes, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of npz bytes (only ``keys`` when given: members not asked for are not decompressed)."""
     with io.BytesIO(bytes(data)) as buf, np.load(buf, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        names = z.files if keys is None else [k for k in keys if k in z.files]
+        return {k: z[k] for k in names}
 
 
-def _loads_image_value(data: bytes) -> dict[str, np.ndarray]:
+def _loads_image_value(data: bytes, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """An img_db value in either official encoding (npz bytes start with the zip magic)."""
-    out = loads_npz(data) if bytes(data[:2]) == b"PK" else loads_msgpack(data)
+    out = loads_npz(data, keys) if bytes(data[:2]) == b"PK" else loads_msgpack(data)
     if not isinstance(out, dict):
         raise TypeError(f"expected a dict of arrays, got {type(out).__name__}")
     return out
@@ -292,7 +294,7 @@ class ImageDB:
     def _compute_nbb(self) -> dict[str, int]:
         out = {}
         for k in self.keys:
-            conf = self.get_raw(k).get("conf")
+            conf = self.get_raw(k, ("conf",)).get("conf")
             if conf is None:
                 raise DataError(self.name, k, "has no 'conf' array, needed to count regions", "corrupt_record")
             out[k] = compute_nbb(conf, self.conf_th, self.min_bb, self.max_bb)
@@ -305,13 +307,14 @@ class ImageDB:
         return name in self.name2nbb
 
     # -------------------------------------------------------------------------------------------- reading
-    def get_raw(self, name: str) -> dict[str, np.ndarray]:
-        """The stored arrays of ``name`` exactly as written (fp16 stays fp16, no region cut)."""
+    def get_raw(self, name: str, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The stored arrays of ``name`` exactly as written (fp16 stays fp16, no region cut); ``keys`` limits the
+        arrays decoded from compressed values (a hint: others may be returned too)."""
         data = self._env.get(name.encode("utf-8"))
         if data is None:
             raise DataError(self.name, name, "image is not in the img_db", "missing_image")
         try:
-            return _loads_image_value(data)
+            return _loads_image_value(data, keys)
         except Exception as e:  # noqa: BLE001  (any decode failure is a corrupt record)
             raise DataError(self.name, name, f"corrupt or truncated record ({type(e).__name__}: {e})",
                             "corrupt_record") from e
@@ -342,7 +345,7 @@ class ImageDB:
 
     def get(self, name: str, soft_labels: bool = False) -> ImageRecord:
         """Validated fp32 regions of ``name`` (features, boxes and, if asked, soft labels), cut to nbb."""
-        dump = self.get_raw(name)
+        dump = self.get_raw(name, ("features", "norm_bb", "soft_labels") if soft_labels else ("features", "norm_bb"))
         nbb = self.name2nbb.get(name)
         if nbb is None:
             raise DataError(self.name, name, "image has no region count (not in __keys__ / nbb json)",

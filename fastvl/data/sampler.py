@@ -55,6 +55,7 @@ class TokenBucketSampler:
         self.drop_last, self.shuffle, self.seed = drop_last, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._rank_cache: tuple[int, list[list[int]]] | None = None
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """Every rank's examples of every batch of ``epoch`` (same for any world_size with the same global budget)."""
@@ -91,7 +92,9 @@ class TokenBucketSampler:
 
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's share of every global batch of ``epoch`` (may be empty for tiny evaluation batches)."""
-        return [b[self.rank::self.world_size] for b in self.global_batches(epoch)]
+        if self._rank_cache is None or self._rank_cache[0] != epoch:
+            self._rank_cache = (epoch, [b[self.rank::self.world_size] for b in self.global_batches(epoch)])
+        return self._rank_cache[1]
 
     def num_batches(self, epoch: int = 0) -> int:
         return len(self.global_batches(epoch))
