@@ -33,7 +33,7 @@ import torch
 from . import _dispatch as D
 
 SCALAR, ROW, ELEMENT = 0, 1, 2
-GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS = 1, 2, 4
+GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS, DEFER = 1, 2, 4, 8
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -200,7 +200,9 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
             loss rows and, when ``compute_grad``, replaces ``logits`` in place by the scaled ``dloss/dlogits``.
         loss: preallocated float32 output, first dim N.
         scale: float32 scale: 0-d (SCALAR), [N] (ROW) or [N, V] (ELEMENT).
-        mask: which gradients to compute (GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS); 0 = loss only.
+        mask: which gradients to compute (GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS); 0 = loss only. With DEFER
+            all rows form one chunk and no product is taken: the first output is the scaled ``dloss/dlogits``
+            [N, V] and the backward takes the products (see :func:`defer_mode`).
         chunk_rows: rows per chunk.
     Returns:
         (grad of the used rows [N, H] (``hidden[indices]``'s gradient; :func:`scatter_rows` turns it into
@@ -210,7 +212,9 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     n = indices.shape[0] if indices is not None else hidden.shape[0]
     compute = mask != 0
     gh = gw = gb = None
-    if mask & GRAD_HIDDEN:
+    if mask & DEFER:  # one chunk of all rows, whatever chunk_rows says
+        chunk_rows = max(n, 1)
+    if mask & GRAD_HIDDEN and not mask & DEFER:
         gh = torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     w_vh = weight.t() if transposed else weight  # [V, H] view
     w_hv = weight if transposed else weight.t()  # [H, V] view
@@ -220,6 +224,8 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         logits = torch.addmm(bias, hc, w_hv) if bias is not None else torch.mm(hc, w_hv)  # [n, V] contiguous
         sc = scale if scale_mode == SCALAR else scale[s:e]
         step(logits, [d[s:e] for d in data], loss[s:e], sc, scale_mode, compute)
+        if mask & DEFER:
+            return logits, None, None
         if not compute:
             continue
         if gh is not None:
@@ -230,6 +236,8 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         if mask & GRAD_BIAS and bias is not None:
             part = logits.sum(0, dtype=torch.float32)
             gb = part if gb is None else gb.add_(part)
+    if mask & DEFER:  # no chunk ran
+        return torch.empty(0, w_vh.shape[0], dtype=hidden.dtype, device=hidden.device), None, None
     if compute and n == 0:  # no chunk ran: the gradients of an empty batch are zero
         if mask & GRAD_WEIGHT:
             gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -250,9 +258,12 @@ def empty_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return gh, gw, gb
 
 
-def fake_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: int, n: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fake_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: int, n: int,
+               transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shapes of the gradient outputs for a ``register_fake`` implementation (n = rows used)."""
+    if mask & DEFER:
+        return hidden.new_empty(n, weight.shape[1] if transposed else weight.shape[0]), weight.new_empty(0), \
+            (bias if bias is not None else weight).new_empty(0)
     gh = hidden.new_empty(n, hidden.shape[1]) if mask & GRAD_HIDDEN else hidden.new_empty(0)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask & GRAD_WEIGHT \
         else weight.new_empty(0)
@@ -281,20 +292,50 @@ def select_backend(op, args: tuple, rows: int, width: int, backend: str | None) 
     return name
 
 
-def register_linear_loss_autograd(op) -> None:
+def _deferred_grads(dl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor | None,
+                    need: Sequence[bool], has_bias: bool, transposed: bool) -> tuple:
+    """The products of a DEFER forward: dl [N, V] (already scaled by grad_output) -> (grad rows, weight, bias)."""
+    gh = gw = gb = None
+    if need[0]:
+        gh = torch.mm(dl, weight.t() if transposed else weight)
+    if need[1]:
+        hc = hidden if indices is None else hidden.index_select(0, indices)
+        gw = torch.mm(hc.t(), dl) if transposed else torch.mm(dl.t(), hc)
+    if has_bias and need[2]:
+        gb = dl.sum(0, dtype=torch.float32).to(dl.dtype)
+    return gh, gw, gb
+
+
+def defer_mode(mask: int, reduction: str, n: int, width: int, hidden_size: int, chunk_rows: int) -> int:
+    """DEFER when gradients are wanted, all rows fit in one chunk and ``dloss/dlogits`` [N, V] is no larger than
+    the gradients it replaces ([N, H] + [V, H]): then the forward keeps dlogits and the backward scales it by
+    ``grad_output`` and takes the two products, as eager autograd does (VQA: 256 x 3129 vs 3129 x 1536). The
+    Liger scheme would instead scale grad_weight, a larger tensor, in the backward."""
+    if mask and reduction != "none" and n <= chunk_rows and n * width <= (n + width) * hidden_size:
+        return DEFER
+    return 0
+
+
+def register_linear_loss_autograd(op, transposed: bool = False) -> None:
     """Autograd of a linear-loss custom op with the shared schema
 
     ``op(hidden, weight, bias, target, indices, grad_scale, reduction, grad_mask, *rest) -> (loss, gh, gw, gb)``.
 
-    Scalar reductions: the forward already returned the gradients; backward scales them by ``grad_output``.
-    ``reduction='none'``: backward reruns the op with ``grad_scale = grad_output`` (per row or per element).
+    Scalar reductions: the forward already returned the gradients; backward scales them by ``grad_output`` (or,
+    with DEFER in ``grad_mask``, the forward returned ``dloss/dlogits`` and backward scales it and takes the
+    products). ``reduction='none'``: backward reruns the op with ``grad_scale = grad_output`` (per row or per
+    element). ``transposed``: the op's weight is [H, V] (the regression op's ``weight_t``).
     """
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, indices, _scale, reduction, _mask, *rest = inputs
+        hidden, weight, bias, target, indices, _scale, reduction, mask, *rest = inputs
         ctx.reduction, ctx.rest, ctx.has_bias, ctx.n_all = reduction, rest, bias is not None, hidden.shape[0]
+        ctx.defer = reduction != "none" and bool(mask & DEFER)
+        ctx.set_materialize_grads(False)  # the gradient outputs are never used: no zero-filled grads for them
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target, indices)
+        elif ctx.defer:
+            ctx.save_for_backward(output[1], hidden, weight, indices)
         else:
             ctx.save_for_backward(*output[1:], indices)
 
@@ -306,6 +347,9 @@ def register_linear_loss_autograd(op) -> None:
             mask |= GRAD_BIAS if ctx.has_bias and need[2] else 0
             _, gh, gw, gb = op(hidden, weight, bias, target, indices, g_loss.float().contiguous(), "none", mask,
                                *ctx.rest)
+        elif ctx.defer:
+            dlogits, hidden, weight, indices = ctx.saved_tensors
+            gh, gw, gb = _deferred_grads(dlogits * g_loss, hidden, weight, indices, need, ctx.has_bias, transposed)
         else:
             gh, gw, gb, indices = ctx.saved_tensors
             gh, gw, gb = (t * g_loss if t.numel() else t for t in (gh, gw, gb))

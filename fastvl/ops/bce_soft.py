@@ -201,6 +201,7 @@ def fused_bce_soft(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return bce_soft_reference(hidden, weight, bias, soft_scores, reduction, indices)
     rows = chunk_rows or C.default_chunk_rows(n, A, hidden.dtype, hidden.device)
     mask = C.grad_mask(hidden, weight, bias) if reduction != "none" else 0
+    mask |= C.defer_mode(mask, reduction, n, A, hidden.shape[1], rows)
     return _bce_op(hidden, weight, bias, soft_scores.detach(), indices, None, reduction, mask, int(rows), name)[0]
 
 

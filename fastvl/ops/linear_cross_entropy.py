@@ -197,6 +197,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
         return linear_cross_entropy_reference(hidden, weight, bias, targets, ignore_index, reduction, indices)
     rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device)
     mask = C.grad_mask(hidden, weight, bias) if reduction != "none" else 0
+    mask |= C.defer_mode(mask, reduction, n, V, hidden.shape[1], rows)
     out = _linear_ce_op(hidden, weight, bias, targets, indices, None, reduction, mask, int(rows), name,
                         int(ignore_index))
     return out[0]

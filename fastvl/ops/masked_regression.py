@@ -156,10 +156,10 @@ def _(hidden, weight_t, bias, targets, indices, grad_scale, reduction, grad_mask
         shape, mask = ((n,) if loss_kind == "l2" else (n, D_out)), 0
     else:
         shape, mask = (), grad_mask
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight_t, bias, mask, n))
+    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight_t, bias, mask, n, True))
 
 
-C.register_linear_loss_autograd(_regression_op)
+C.register_linear_loss_autograd(_regression_op, transposed=True)
 
 # ----------------------------------------------------------------------------------------------------------
 # Public function
@@ -202,6 +202,7 @@ def fused_masked_regression(hidden: torch.Tensor, weight_t: torch.Tensor, bias: 
         return masked_regression_reference(hidden, weight_t, bias, targets, reduction, loss, indices)
     rows = chunk_rows or C.default_chunk_rows(n, D_out, hidden.dtype, hidden.device)
     mask = C.grad_mask(hidden, weight_t, bias) if reduction != "none" else 0
+    mask |= C.defer_mode(mask, reduction, n, D_out, hidden.shape[1], rows)
     return _regression_op(hidden, weight_t, bias, targets.detach(), indices, None, reduction, mask, int(rows), name,
                           loss)[0]
 

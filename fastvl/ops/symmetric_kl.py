@@ -156,6 +156,7 @@ def _(a, b, grad_scale, reduction, grad_mask, factor, chunk_rows, backend):
 def _setup_context(ctx, inputs, output):
     a, b, _scale, reduction, _mask, factor, chunk_rows, backend = inputs
     ctx.reduction, ctx.rest = reduction, (factor, chunk_rows, backend)
+    ctx.set_materialize_grads(False)  # the gradient outputs are never used: no zero-filled grads for them
     ctx.save_for_backward(*((a, b) if reduction == "none" else output[1:]))
 
 

@@ -54,6 +54,15 @@ def test_gather_no_bias_extreme_logits(backend, gen):
     _compare(backend, (h, w, None, vqa_soft_scores(6, 3129, gen), idx), gen, chunk_rows=4, wrt=(0, 1))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_single_chunk_defers_the_products_to_backward(backend, gen):
+    """VQA's shape class: few rows, answers < hidden x rows: DEFER."""
+    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9)
+    assert C.defer_mode(7, "batchmean", 6, 97, 32, 6) == C.DEFER
+    assert C.defer_mode(7, "batchmean", 256, 3129, 1536, 256) == C.DEFER
+    _compare(backend, (h, w, b, vqa_soft_scores(6, 97, gen), idx), gen, "batchmean", chunk_rows=None)
+
+
 def test_batchmean_is_the_official_instance_level_bce(gen):
     """Official VQA: bce_with_logits(..., reduction='none').mean() * num_answers."""
     h, w, b, _ = linear_head_inputs(9, 16, 3129, gen)
@@ -111,10 +120,9 @@ def test_selection_and_bad_reduction(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_opcheck(backend, reduction, gen):
+@pytest.mark.parametrize("reduction,mask", [("batchmean", 7), ("batchmean", 7 | C.DEFER), ("none", 0)])
+def test_opcheck(backend, reduction, mask, gen):
     h, w, b, y, idx = _good(gen)
-    mask = 0 if reduction == "none" else 7
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, idx, None, reduction, mask, 3, backend)
     torch.library.opcheck(torch.ops.fastvl.bce_soft.default, args)
 

@@ -68,6 +68,17 @@ def test_gather_by_indices_with_duplicates(backend, reduction, gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_single_chunk_defers_the_products_to_backward(backend, reduction, gen):
+    """All rows in one chunk and dlogits smaller than the gradients: the DEFER scheme (as ITM, VQA use)."""
+    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9)
+    assert C.defer_mode(7, reduction, 6, 97, 32, 6) == C.DEFER
+    _compare(backend, (h, w, b, class_targets(6, 97, gen, ignore_frac=0.3), idx), gen, reduction=reduction,
+             chunk_rows=None)
+    _compare(backend, (h, w, b, class_targets(6, 97, gen), idx), gen, reduction=reduction, chunk_rows=None, wrt=(1,))
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_mrc_ignore_index_zero_no_bias(backend, gen):
     """MRC: ignore_index 0 (background), and a bias-free variant."""
     h, w, _, _ = linear_head_inputs(6, 16, 1601, gen, bias=False)
@@ -229,11 +240,10 @@ def test_selection_on_cpu(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(backend, reduction, gen):
+@pytest.mark.parametrize("reduction,mask", [("mean", 7), ("mean", 7 | C.DEFER), ("none", 0)])
+def test_opcheck(backend, reduction, mask, gen):
     h, w, b, t, idx = _good(gen)
     t[0] = -1
-    mask = 0 if reduction == "none" else 7
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), t, idx, None, reduction, mask, 3, backend, -1)
     torch.library.opcheck(torch.ops.fastvl.linear_cross_entropy.default, args)
 

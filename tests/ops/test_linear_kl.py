@@ -59,6 +59,13 @@ def test_gather_by_indices_fp16_targets_no_bias(backend, gen):
         _compare(backend, (h, w, None, p, idx), gen, "elementwise_mean", chunk_rows=4, wrt=(0, 1))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_single_chunk_defers_the_products_to_backward(backend, gen):
+    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9)
+    assert C.defer_mode(7, "batchmean", 6, 97, 32, 6) == C.DEFER
+    _compare(backend, (h, w, b, soft_label_targets(6, 97, gen), idx), gen, "batchmean", chunk_rows=None)
+
+
 def test_mean_is_the_official_element_mean(gen):
     """Official MRC-kl: kl_div(log_softmax(pred), soft, reduction='none').mean(); 'mean' is the same."""
     h, w, b, _ = linear_head_inputs(5, 16, 101, gen)
@@ -155,10 +162,9 @@ def test_selection_on_cpu(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("reduction", ["elementwise_mean", "none"])
-def test_opcheck(backend, reduction, gen):
+@pytest.mark.parametrize("reduction,mask", [("elementwise_mean", 7), ("sum", 7 | C.DEFER), ("none", 0)])
+def test_opcheck(backend, reduction, mask, gen):
     h, w, b, p, idx = _good(gen)
-    mask = 0 if reduction == "none" else 7
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), p, idx, None, reduction, mask, 3, backend)
     torch.library.opcheck(torch.ops.fastvl.linear_kl.default, args)
 

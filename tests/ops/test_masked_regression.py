@@ -61,6 +61,14 @@ def test_gather_no_bias(backend, loss, gen):
     _compare(backend, (h, wt, None, y, idx), gen, "mean", loss, chunk_rows=4, wrt=(0, 1))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_single_chunk_defers_the_products_to_backward(backend, loss, gen):
+    h, wt, b, y, idx = _inputs(6, 32, 97, gen, n_all=9)
+    assert C.defer_mode(7, "mean", 6, 97, 32, 6) == C.DEFER
+    _compare(backend, (h, wt, b, y, idx), gen, "mean", loss, chunk_rows=None)
+
+
 def test_official_mrfr_and_mffr_formulas(gen):
     """UNITER: F.linear(h, img_linear.weight.t(), bias) then mse(reduction='none').mean();
     HERO: sqrt(mse(reduction='none').sum(1)).mean()."""
@@ -143,10 +151,10 @@ def test_bad_settings_and_selection(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("reduction,loss", [("mean", "mse"), ("none", "mse"), ("none", "l2")])
-def test_opcheck(backend, reduction, loss, gen):
+@pytest.mark.parametrize("reduction,loss,mask", [("mean", "mse", 7), ("sum", "l2", 7 | C.DEFER), ("none", "mse", 0),
+                                               ("none", "l2", 0)])
+def test_opcheck(backend, reduction, loss, mask, gen):
     h, wt, b, y, idx = _good(gen)
-    mask = 0 if reduction == "none" else 7
     args = (h.requires_grad_(), wt.requires_grad_(), b.requires_grad_(), y, idx, None, reduction, mask, 3, backend,
             loss)
     torch.library.opcheck(torch.ops.fastvl.masked_regression.default, args)
