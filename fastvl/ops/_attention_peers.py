@@ -156,8 +156,11 @@ _FLEX_COMPILED = None
 
 
 def flex_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, mask: str,
-                    prefix_lens: torch.Tensor | None):
-    """FlexAttention BlockMask over the packed tokens: same sequence (document id), plus the seq2seq rule."""
+                    prefix_lens: torch.Tensor | None, compile: bool = True):
+    """FlexAttention BlockMask over the packed tokens: same sequence (document id), plus the seq2seq rule.
+
+    ``compile=True`` builds it block-wise (no [total_q, total_k] tensor); ``False`` evaluates every pair (tests).
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     from .attention import packed_positions
@@ -174,7 +177,7 @@ def flex_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_
         def mask_mod(b, h, qi, kj):
             return seq_q[qi] == seq_k[kj]
 
-    return create_block_mask(mask_mod, None, None, total_q, total_k, device=cu_q.device, _compile=True)
+    return create_block_mask(mask_mod, None, None, total_q, total_k, device=cu_q.device, _compile=compile)
 
 
 def flex_compiled():

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastvl.ops import BackendUnavailableError
+from fastvl.ops import _attention_peers as P
+from fastvl.ops import _dispatch as D
 from fastvl.ops import attention as A
 from fastvl.ops._testing import FLOOR_REL, assert_close_to_ref, attention_inputs, cu_seqlens, max_abs_err, tolerance
 
@@ -215,6 +217,41 @@ def test_property_triton(mask, seed, data):
     lens_k = data.draw(st.lists(st.integers(0, 24), min_size=b, max_size=b)) if mask == "cross" else None
     args = attention_inputs(lens_q, lens_k, 1, 32, gen, mask=mask)
     _check_against_reference(args, gen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peer runners: dispatch offers them on CUDA only, but their masking / packing logic runs on CPU tensors too
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _flex_eager(q, k, v, cq, ck, mq, mk, mask, prefix, dropout_p, scale, deterministic):
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = P.flex_block_mask(cq, ck, q.shape[0], k.shape[0], mask, prefix, compile=False)
+    t = lambda x: x.transpose(0, 1).unsqueeze(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        return flex_attention(t(q), t(k), t(v), block_mask=block_mask, scale=scale)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("runner", ["sdpa_padded", "flex"])
+@pytest.mark.parametrize("mask,lens_q,lens_k,prefix", [("bidirectional", [7, 1, 20], None, None),
+                                                       ("seq2seq", [7, 1, 20], None, [0, 1, 5]),
+                                                       ("cross", [3, 4, 2, 0], [0, 5, 9, 3], None)])
+def test_peer_runner_logic_on_cpu(runner, mask, lens_q, lens_k, prefix, gen, monkeypatch):
+    args = attention_inputs(lens_q, lens_k, 2, 16, gen, mask=mask, prefix_lens=prefix)
+    fn = P.RUNNERS["sdpa_padded"] if runner == "sdpa_padded" else _flex_eager
+    monkeypatch.setitem(P.RUNNERS, "peer_under_test", fn)
+    backend = D.Backend("peer_under_test", "peer", lambda *a, **kw: [])  # no device check: runs on CPU tensors
+    monkeypatch.setitem(A.ATTENTION.backends, "peer_under_test", backend)
+    if runner == "sdpa_padded":
+        _check_against_reference(args, gen, backend="peer_under_test")
+    else:  # FlexAttention has no CPU backward
+        out = A.cross_modal_attention(*args, backend="peer_under_test")
+        ref64 = A.cross_modal_attention_reference(*(t.double() for t in args[:3]), *args[3:])
+        assert_close_to_ref(out, ref64, A.cross_modal_attention_reference(*args), "flex out")
 
 
 # ---------------------------------------------------------------------------------------------------------------
