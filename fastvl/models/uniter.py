@@ -14,6 +14,9 @@ reads the per-example lengths from the device once per call; the native API
 (:meth:`UniterModel.forward_packed` with a :class:`~fastvl.batch.PackedVLBatch`) has them as Python ints and
 never synchronises with the device (unless ``check_finite`` is on, or an MLM batch does not say how many
 tokens are masked).
+
+``torch.compile(model, dynamic=True)`` works on either API; ``dynamic=True`` keeps one set of graphs for batches
+of any lengths (the host-side index bookkeeping runs outside the graph).
 """
 
 from __future__ import annotations
@@ -290,8 +293,8 @@ class UniterModel(UniterPreTrainedModel):
                 features (VILLA perturbations).
             check_finite: check features / deltas for NaN or inf (default: ``self.check_finite``).
         """
+        self._check_packed(batch, txt_delta, img_delta)
         layout = layout if layout is not None else self.layout(batch)
-        self._check_packed(batch)
         self._finite(check_finite, img_feat=batch.img_feat, img_pos=batch.img_pos, txt_delta=txt_delta,
                      img_delta=img_delta)
         pos = batch.position_ids if batch.position_ids is not None else layout.txt_pos
@@ -305,7 +308,8 @@ class UniterModel(UniterPreTrainedModel):
         """Packed-layout indices of a batch (host arithmetic on its Python-int lengths, one transfer)."""
         return layout_from_lengths(batch.txt_lens, batch.img_lens, batch.input_ids.device)
 
-    def _check_packed(self, batch: PackedVLBatch) -> None:
+    def _check_packed(self, batch: PackedVLBatch, txt_delta: torch.Tensor | None = None,
+                      img_delta: torch.Tensor | None = None) -> None:
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"UniterModel.forward_packed: argument 'batch' must be a PackedVLBatch, got "
                             f"{type(batch).__name__}")
@@ -316,6 +320,10 @@ class UniterModel(UniterPreTrainedModel):
             t = getattr(batch, name)
             if t is not None and tuple(t.shape) != (rows,):
                 raise ValueError(f"UniterModel: batch field '{name}' must have shape [{rows}], got {list(t.shape)}")
+        for name, t, shape in (("txt_delta", txt_delta, (sum(batch.txt_lens), self.config.hidden_size)),
+                               ("img_delta", img_delta, (sum(batch.img_lens), self.img_dim))):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"UniterModel: argument '{name}' must have shape {list(shape)}, got {list(t.shape)}")
 
     def pool_packed(self, sequence_output: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """Pooled output [B, H] from packed encoder output [T, H] (first token of every example)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -220,6 +221,36 @@ def test_packed_api_matches_official_api(gen, seed):
     packed = fast.forward_packed(pb)
     assert packed.shape == (pb.num_tokens, cfg.hidden_size)
     assert_rel_close(packed, padded[ob["attn_masks"].bool()], 1e-5, "packed vs official")
+
+
+def test_perturbation_deltas(gen, seed):
+    """VILLA hooks: txt_delta is added to the word embeddings, img_delta to the raw features; both get gradients."""
+    cfg, fast, _ = model_pair(pretrain=False, seed=seed)
+    pb = random_pretrain_batch("none", gen, cfg, batch=4)
+    other = torch.randint(4, cfg.vocab_size, pb.input_ids.shape, generator=gen)
+    table = fast.embeddings.word_embeddings.weight.detach()
+    txt_delta = (table[other] - table[pb.input_ids]).requires_grad_()
+    img_delta = torch.randn(pb.img_feat.shape, generator=gen).requires_grad_()
+    got = fast.forward_packed(pb, txt_delta=txt_delta, img_delta=img_delta)
+    want = fast.forward_packed(replace(pb, input_ids=other, img_feat=pb.img_feat + img_delta.detach()))
+    assert_rel_close(got, want, 1e-5, "perturbed")
+    got.pow(2).sum().backward()
+    assert txt_delta.grad.abs().sum() > 0 and img_delta.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="'img_delta' must have shape"):
+        fast.forward_packed(pb, img_delta=img_delta[1:])
+
+
+def test_cpu_autocast_bf16(gen, seed):
+    """Under bf16 autocast every task runs forward and backward, close to fp32 (GPU: see the cuda-marked test)."""
+    cfg, fast, _ = model_pair(seed=seed)
+    for task in ("mlm", "mrfr", "mrc", "mrc-kl", "itm"):
+        pb = random_pretrain_batch(task, gen, cfg, batch=4)
+        want = fast(pb, task, reduction="mean")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(pb, task, reduction="mean")
+        want, got = (want[0], got[0]) if task == "itm" else (want, got)
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+        got.backward()
 
 
 # ----------------------------------------------------------------------------------------------------------
