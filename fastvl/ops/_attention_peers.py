@@ -17,6 +17,7 @@ Peers use their library's own autograd (their backward kernels), so gradients fl
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -28,8 +29,19 @@ HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
+def _installed(module: str) -> bool:
+    """Cached: looking up a module that is not installed scans sys.path (~100 us), too slow for every call."""
+    return importlib.util.find_spec(module) is not None
+
+
+def _needs_module(module: str) -> D.Reasons:
+    return [] if _installed(module) else [f"{module} is not installed"]
+
+
+@functools.cache
 def _has_attr(module: str, attr: str) -> bool:
-    if importlib.util.find_spec(module.split(".")[0]) is None:
+    if not _installed(module.split(".")[0]):
         return False
     try:
         return hasattr(importlib.import_module(module), attr)
@@ -62,7 +74,7 @@ def flash_attn_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     why = _common(q, mask, dropout_p, return_probs, ("bidirectional", "cross"), HALF)
     if why:
         return why
-    return D.needs_module("flash_attn") + _flash_dims(q)
+    return _needs_module("flash_attn") + _flash_dims(q)
 
 
 def sdpa_varlen_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, prefix_lens,
@@ -84,7 +96,7 @@ def xformers_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     why = _common(q, mask, dropout_p, return_probs, ("bidirectional", "cross"))
     if why:
         return why
-    why = D.needs_module("xformers")
+    why = _needs_module("xformers")
     if deterministic:
         why.append("no deterministic backward guarantee")
     return why
