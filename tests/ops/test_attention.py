@@ -454,7 +454,7 @@ GPU_CASES = {
 GPU_MATRIX = [(torch.bfloat16, d, "bidirectional", True) for d in (64, 80, 128)] + \
     [(torch.bfloat16, d, "bidirectional", False) for d in (32, 96)] + \
     [(torch.bfloat16, 64, m, True) for m in ("seq2seq", "cross")] + \
-    [(torch.float16, 64, "seq2seq", True), (torch.float32, 64, "cross", True), (torch.float32, 80, "seq2seq", True)]
+    [(torch.float16, 64, "seq2seq", True), (torch.float32, 64, "cross", True)]
 
 
 @pytest.mark.cuda
@@ -494,7 +494,7 @@ def test_gpu_triton_backward_deterministic(gen):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("peer,mask", [(p, m) for p in ("flash_attn", "sdpa_varlen", "xformers", "sdpa_padded")
-                                       for m in A.MASKS] + [("flex", "seq2seq")])  # (flex compiles per shape)
+                                       for m in A.MASKS])  # FlexAttention compiles for ~30 s: the benchmark runs it
 def test_gpu_peers_match_reference(peer, mask, gen):
     lens_q, lens_k, prefix = GPU_CASES[mask]
     args = attention_inputs(lens_q, lens_k, 4, 64, gen, torch.bfloat16, "cuda", mask, prefix)
