@@ -96,10 +96,11 @@ class Op:
                     f"({'backend=' if backend else 'FASTVL_BACKEND'}) but cannot serve these inputs: {'; '.join(why)}"
                 )
             return forced
-        table = self.reasons(*args, **kwargs)
-        for name in table:
-            if not table[name] and not _auto_excluded(self.backends[name], args, kwargs):
+        for name in self.priority:  # stop at the first usable backend; the full table only for the error
+            b = self.backends.get(name)
+            if b is not None and not _auto_excluded(b, args, kwargs) and not b.supports(*args, **kwargs):
                 return name
+        table = self.reasons(*args, **kwargs)
         lines = "\n".join(f"  {n}: {'; '.join(r) or 'selected only when forced'}" for n, r in table.items())
         raise BackendUnavailableError(f"fastvl.ops.{self.name}: no backend can serve these inputs:\n{lines}")
 
