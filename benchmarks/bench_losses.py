@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.parser.add_argument("--cases", nargs="+", default=None, choices=CASES)
     bench.parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "fwd"])
     bench.parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    bench.parser.add_argument("--providers", nargs="+", default=None,
+                              help="time only these besides the eager reference (e.g. compile torch_chunked)")
     bench.parser.add_argument("--compile", default=None, choices=["all", "mlm", "none"],
                               help="which cases also time torch.compile(reference) (default: all on CPU, mlm on "
                                    "GPU, none with --quick)")
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                 cases_.append(Case("compile", _runner(compiled, inputs, mode), mode))
             for backend in fused_backends:
                 cases_.append(Case(backend, _runner(lambda *x, b=backend: fused(b, *x), inputs, mode), mode))
+            if a.providers:
+                cases_ = [c for c in cases_ if c.provider == "reference" or c.provider in a.providers]
             bench.run(cases_, "case", name, cfg)
             if gpu:
                 torch.cuda.empty_cache()

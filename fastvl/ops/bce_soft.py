@@ -199,7 +199,7 @@ def fused_bce_soft(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     name = C.select_backend(BCE_SOFT, (hidden, weight, bias, soft_scores, indices), n, A, backend)
     if name == "reference":
         return bce_soft_reference(hidden, weight, bias, soft_scores, reduction, indices)
-    rows = chunk_rows or C.default_chunk_rows(n, A, hidden.dtype, hidden.device)
+    rows = chunk_rows or C.default_chunk_rows(n, A, hidden.dtype, hidden.device, name)
     mask = C.grad_mask(hidden, weight, bias) if reduction != "none" else 0
     mask |= C.defer_mode(mask, reduction, n, A, hidden.shape[1], rows)
     return _bce_op(hidden, weight, bias, soft_scores.detach(), indices, None, reduction, mask, int(rows), name)[0]

@@ -78,8 +78,11 @@ def _torch_step(logits: torch.Tensor, data, loss: torch.Tensor, scale: torch.Ten
     loss.copy_(torch.where(valid, logq.gather(1, tgt).squeeze(1).neg(), 0.0))
     if not compute:
         return
-    s = (valid.float() * scale).unsqueeze(1).to(logits.dtype)  # [n, 1] (scale is 0-d or [n])
-    torch.exp(logq, out=logits).mul_(s).scatter_add_(1, tgt, -s)
+    s = (valid.float() * scale).unsqueeze(1)  # [n, 1] float32 (scale is 0-d or [n])
+    g = torch.exp(logq, out=logits) if logits.dtype == torch.float32 else logq.exp_()  # in float32 either way
+    g.mul_(s).scatter_add_(1, tgt, -s)
+    if g is not logits:
+        logits.copy_(g)
 
 
 def _triton_step(logits, data, loss, scale, mode, compute, *, ignore_index: int) -> None:
@@ -195,7 +198,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
     name = C.select_backend(LINEAR_CE, (hidden, weight, bias, targets, indices), n, V, backend)
     if name == "reference":
         return linear_cross_entropy_reference(hidden, weight, bias, targets, ignore_index, reduction, indices)
-    rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device)
+    rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device, name)
     mask = C.grad_mask(hidden, weight, bias) if reduction != "none" else 0
     mask |= C.defer_mode(mask, reduction, n, V, hidden.shape[1], rows)
     out = _linear_ce_op(hidden, weight, bias, targets, indices, None, reduction, mask, int(rows), name,

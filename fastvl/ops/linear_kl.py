@@ -214,7 +214,7 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     name = C.select_backend(LINEAR_KL, (hidden, weight, bias, soft_targets, indices), n, V, backend)
     if name == "reference":
         return linear_kl_reference(hidden, weight, bias, soft_targets, reduction, indices)
-    rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device)
+    rows = chunk_rows or C.default_chunk_rows(n, V, hidden.dtype, hidden.device, name)
     mask = C.grad_mask(hidden, weight, bias) if reduction != "none" else 0
     mask |= C.defer_mode(mask, reduction, n, V, hidden.shape[1], rows)
     return _linear_kl_op(hidden, weight, bias, soft_targets.detach(), indices, None, reduction, mask, int(rows),

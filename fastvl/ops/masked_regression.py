@@ -200,7 +200,7 @@ def fused_masked_regression(hidden: torch.Tensor, weight_t: torch.Tensor, bias: 
     name = C.select_backend(MASKED_REGRESSION, (hidden, weight_t, bias, targets, indices), n, D_out, backend)
     if name == "reference":
         return masked_regression_reference(hidden, weight_t, bias, targets, reduction, loss, indices)
-    rows = chunk_rows or C.default_chunk_rows(n, D_out, hidden.dtype, hidden.device)
+    rows = chunk_rows or C.default_chunk_rows(n, D_out, hidden.dtype, hidden.device, name)
     mask = C.grad_mask(hidden, weight_t, bias) if reduction != "none" else 0
     mask |= C.defer_mode(mask, reduction, n, D_out, hidden.shape[1], rows)
     return _regression_op(hidden, weight_t, bias, targets.detach(), indices, None, reduction, mask, int(rows), name,

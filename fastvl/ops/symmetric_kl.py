@@ -222,7 +222,7 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, reduction: str 
     if reduction != "none" and torch.is_grad_enabled():
         mask = (GRAD_A if logits_a.requires_grad else 0) | (GRAD_B if logits_b.requires_grad else 0)
     # the torch_chunked step holds ~6 float32 [rows, C] temporaries: a quarter of the usual budget
-    rows = chunk_rows or max(1, C.default_chunk_rows(rows_total, c, a2.dtype, a2.device) // 4)
+    rows = chunk_rows or max(1, C.default_chunk_rows(rows_total, c, a2.dtype, a2.device, name) // 4)
     factor = _factor(reduction, shape[0], logits_a.numel())
     loss = _skl_op(a2, b2, None, reduction, mask, factor, int(rows), name)[0]
     return loss.reshape(shape) if reduction == "none" else loss

@@ -159,6 +159,14 @@ def test_outputs_are_written_everywhere(gen):
                                                            backend=backend)).all()
 
 
+@pytest.mark.parametrize("chunk_rows", [16, None])
+def test_bf16_torch_chunked_on_cpu(chunk_rows, gen):
+    """bfloat16 through the PyTorch backend (the softmax and gradient in float32, the products in bfloat16)."""
+    h, w, b, idx = linear_head_inputs(40, 32, 3129, gen, n_all=50, dtype=torch.bfloat16)
+    _compare("torch_chunked", (h, w, b, class_targets(40, 3129, gen, ignore_frac=0.2), idx), gen,
+             chunk_rows=chunk_rows)
+
+
 def test_autocast_bf16_on_cpu(gen):
     h, w, b, _ = linear_head_inputs(8, 32, 1601, gen)
     t = class_targets(8, 1601, gen)
