@@ -32,7 +32,7 @@ def _compare(backend, inputs, gen, ignore_index=-1, reduction="mean", chunk_rows
         return M.linear_cross_entropy_reference(h, w, b, t, ignore_index, reduction, idx)
 
     shape = ref(h, w, b).shape
-    g = torch.rand(shape, generator=gen) + 0.5
+    g = (torch.rand(shape, generator=gen) + 0.5).to(h.device)
     got = value_and_grads(fast, [h, w, b], g, wrt)
     r32 = value_and_grads(ref, [h, w, b], g, wrt)
     r64 = value_and_grads(ref, [_double(x) for x in (h, w, b)], g.double(), wrt)
@@ -42,7 +42,7 @@ def _compare(backend, inputs, gen, ignore_index=-1, reduction="mean", chunk_rows
         # grad hidden sums V (up to 28996) products: float32 GEMM rounding alone reaches ~1e-5 relative and
         # differs between BLAS kernels (chunk vs whole batch), so its floor is 1e-4 instead of 1e-5
         floor = 1e-4 if name == "grad hidden" and f.dtype == torch.float32 else None
-        assert_close_to_ref(f, b64, a, f"{backend} {name}", floor_rel=floor)
+        assert_close_to_ref(f, b64, a, f"{backend} {name}", floor_rel=floor, dtype=h.dtype)
     return got
 
 

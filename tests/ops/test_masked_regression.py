@@ -28,7 +28,7 @@ def _compare(backend, inputs, gen, reduction="mean", loss="mse", chunk_rows=3, w
     def ref(h, wt, b):
         return M.masked_regression_reference(h, wt, b, y, reduction, loss, idx)
 
-    g = torch.rand(ref(h, wt, b).shape, generator=gen) + 0.5
+    g = (torch.rand(ref(h, wt, b).shape, generator=gen) + 0.5).to(h.device)
     got = value_and_grads(fast, [h, wt, b], g, wrt)
     r32 = value_and_grads(ref, [h, wt, b], g, wrt)
     r64 = value_and_grads(lambda h, wt, b: M.masked_regression_reference(h, wt, b, y.double(), reduction, loss, idx),
@@ -36,7 +36,7 @@ def _compare(backend, inputs, gen, reduction="mean", loss="mse", chunk_rows=3, w
     for name, f, a, a64 in zip([NAMES[0]] + [NAMES[1 + i] for i in wrt], got, r32, r64):
         assert f.dtype == a.dtype, f"{backend} {name}: dtype {f.dtype} != reference {a.dtype}"
         floor = 1e-4 if name == "grad hidden" and f.dtype == torch.float32 else None  # sums D products
-        assert_close_to_ref(f, a64, a, f"{backend} {name}", floor_rel=floor)
+        assert_close_to_ref(f, a64, a, f"{backend} {name}", floor_rel=floor, dtype=h.dtype)
     return got
 
 
