@@ -509,3 +509,12 @@ class UniterForPretraining(PretrainMixin, UniterPreTrainedModel):
         """Grow the type table as the official fine-tuning models do (see :meth:`UniterModel.init_type_embedding`)."""
         self.uniter.init_type_embedding(task)
         self.config = self.uniter.config
+
+
+# Fine-tuning classes (defined in uniter_finetune / uniter_nlvr2), importable from here as officially.
+from . import uniter_finetune as _ft  # noqa: E402
+from . import uniter_nlvr2 as _nlvr2  # noqa: E402
+from .uniter_finetune import *  # noqa: E402, F401, F403
+from .uniter_nlvr2 import *  # noqa: E402, F401, F403
+
+__all__ += [n for n in _ft.__all__ + _nlvr2.__all__ if n.startswith("Uniter")]
