@@ -112,5 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command][2](args)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m fastvl.cli: run the package module, where plugins register their commands
+    from fastvl.cli import main as _package_main
+
+    raise SystemExit(_package_main())
