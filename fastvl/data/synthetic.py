@@ -1,7 +1,7 @@
 """The embedded default corpus: synthetic scenes with detector-like region features and grounded captions.
 
-A scene has 2-4 objects, each with a class, a colour, a size and a cell of a 3x3 grid (classes, colours and cells
-distinct within a scene). For every object the "detector" gives one region:
+A scene has 1-3 objects (by default), each with a class, a colour, a size and a cell of a 3x3 grid (classes,
+colours and cells distinct within a scene). For every object the "detector" gives one region:
 
 - feature [D] = prototype[class] + direction[colour] + direction[size] + Gaussian noise (fp16 in the db);
 - box (norm_bb) around the cell centre, scaled by size, with a class-specific aspect ratio;
@@ -43,7 +43,7 @@ SIZES = ["small", "large"]
 ROWS = ["top", "middle", "bottom"]
 COLS = ["left", "center", "right"]
 RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
-OPENINGS = ["there is", "we can see", "this picture shows", "the image has", "here is"]
+OPENINGS = ["there is", "we see", "here is", "the image has"]
 _GLUE = "a an the at in on of and is with , . next to".split()
 
 
@@ -56,9 +56,10 @@ class SyntheticConfig:
     n_val_images: int = 200
     captions_per_image: int = 3
     img_dim: int = 64
-    n_classes: int = 10  # soft labels have n_classes + 1 entries (background at 0)
-    min_objects: int = 2
-    max_objects: int = 4
+    n_classes: int = 8  # soft labels have n_classes + 1 entries (background at 0)
+    n_colours: int = 6
+    min_objects: int = 1
+    max_objects: int = 3
     max_clutter: int = 2
     feature_noise: float = 0.3
     compress: bool = False  # img_db values as msgpack (False, fastest to read) or compressed npz (True)
@@ -67,9 +68,11 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.n_classes <= len(CLASSES):
             raise ValueError(f"SyntheticConfig: 'n_classes' must be in [2, {len(CLASSES)}], got {self.n_classes}")
-        if not 1 <= self.min_objects <= self.max_objects <= min(self.n_classes, len(COLOURS), 9):
+        if not 2 <= self.n_colours <= len(COLOURS):
+            raise ValueError(f"SyntheticConfig: 'n_colours' must be in [2, {len(COLOURS)}], got {self.n_colours}")
+        if not 1 <= self.min_objects <= self.max_objects <= min(self.n_classes, self.n_colours, 9):
             raise ValueError(f"SyntheticConfig: need 1 <= min_objects <= max_objects <= "
-                             f"{min(self.n_classes, len(COLOURS), 9)}, got {self.min_objects}, {self.max_objects}")
+                             f"{min(self.n_classes, self.n_colours, 9)}, got {self.min_objects}, {self.max_objects}")
         if self.img_dim < 4:
             raise ValueError(f"SyntheticConfig: 'img_dim' must be >= 4, got {self.img_dim}")
         for name in ("n_train_images", "n_val_images", "captions_per_image"):
@@ -180,13 +183,14 @@ def _caption(objs: list[dict], rng: np.random.Generator) -> str:
             phrase += f" {_relation(o, ref)} the {CLASSES[ref['cls']]}"
         clauses.append(phrase)
     body = clauses[0] if len(clauses) == 1 else " , ".join(clauses[:-1]) + " and " + clauses[-1]
-    return f"{OPENINGS[rng.integers(len(OPENINGS))]} {body} ."
+    opening = OPENINGS[rng.integers(len(OPENINGS))] + " " if rng.random() < 0.5 else ""
+    return f"{opening}{body} ."
 
 
 def _scene(cfg: SyntheticConfig, world: _World, rng: np.random.Generator) -> tuple[dict, list[dict]]:
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     classes = rng.choice(cfg.n_classes, n, replace=False)
-    colours = rng.choice(len(COLOURS), n, replace=False)
+    colours = rng.choice(cfg.n_colours, n, replace=False)
     cells = rng.choice(9, n, replace=False)
     objs = []
     for k in range(n):
@@ -252,9 +256,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTVL_CACHE", Path.home() / ".cache" / "fastvl"))
 
 
-def _word_ids(tok: WordPieceTokenizer) -> dict[str, list[int]]:
-    groups = {"object": CLASSES, "colour": COLOURS, "size": SIZES, "spatial": ROWS + COLS + ["left", "right",
-                                                                                          "above", "below"]}
+def _word_ids(tok: WordPieceTokenizer, cfg: SyntheticConfig) -> dict[str, list[int]]:
+    groups = {"object": CLASSES[:cfg.n_classes], "colour": COLOURS[:cfg.n_colours], "size": SIZES,
+              "spatial": ROWS + COLS + ["above", "below"]}
     return {k: sorted({tok.token_to_id(w) for w in ws}) for k, ws in groups.items()}
 
 
@@ -276,7 +280,8 @@ def _write_corpus(root: Path, cfg: SyntheticConfig) -> dict:
             counts[split] = {"images": len(scenes), "captions": len(scenes) * cfg.captions_per_image}
     return {"version": VERSION, "config": asdict(cfg), "img_dim": cfg.img_dim, "img_label_dim": cfg.n_classes + 1,
             "vocab_size": tok.vocab_size, "img_db_params": cfg.img_db_params, "counts": counts,
-            "word_ids": _word_ids(tok), "classes": CLASSES[:cfg.n_classes], "colours": COLOURS, "sizes": SIZES}
+            "word_ids": _word_ids(tok, cfg), "classes": CLASSES[:cfg.n_classes], "colours": COLOURS[:cfg.n_colours],
+            "sizes": SIZES}
 
 
 def _corpus(root: Path, cfg: SyntheticConfig, info: dict) -> SyntheticCorpus:

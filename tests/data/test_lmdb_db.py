@@ -190,7 +190,7 @@ def test_wrong_dim_and_nan_features(img_db_dir, seed):
     wrong = _image(rng, 3, d=13)
     wrong["features"] = wrong["features"].astype(np.float16)
     nan = _image(rng, 3)
-    nan["features"][1, 4] = np.nan
+    nan["features"][0, 4] = np.nan  # row 0: inside every nbb
     nan["features"] = nan["features"].astype(np.float16)
     _put_raw(db_path, names[2], dumps_msgpack(wrong))
     _put_raw(db_path, names[3], dumps_msgpack(nan))
