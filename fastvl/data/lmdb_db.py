@@ -145,9 +145,17 @@ class _LazyEnv:
 
     def __init__(self, path: Path, what: str):
         self.path, self.what = path, what
+        self.key = os.path.realpath(path)
+        self._handle: lmdb.Environment | None = None
 
     def _env(self) -> lmdb.Environment:
-        return _shared_env(self.path, self.what)
+        hit = _ENVS.get(self.key)
+        if hit is None or hit[1] is not self._handle:
+            self._handle = _shared_env(self.path, self.what)
+        return self._handle
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None}
 
     def get(self, key: bytes) -> bytes | None:
         env = self._env()
