@@ -14,6 +14,7 @@ perturbed prediction equals the clean one, which the loop relies on for its step
     itm      symmetric KL on the pair scores [B, 2], batchmean (VILLA's ``kl.mean() * num_classes``)
     mrfr     mean squared difference of the regressed features [n, img_dim] (element mean, as the MRFR loss)
     wra      no term: the OT loss is part of ITM's task loss on every pass, unchanged
+    vqa/ve   symmetric KL on the answer logits [B, A], batchmean (fine-tuning; other fine-tuning tasks: not yet)
 
 Task losses are computed from the predictions with the head loss functions of
 :mod:`fastvl.models.uniter_heads` (an identity head), so they are the task modules' official reductions.
@@ -33,7 +34,7 @@ from ..models import uniter_heads as H
 from ..models.uniter_pretrain import canonical_task
 from ..ops.symmetric_kl import symmetric_kl
 
-__all__ = ["AdvOutput", "AdvView", "PretrainView", "adversarial_view", "consistency_loss"]
+__all__ = ["AdvOutput", "AdvView", "PretrainView", "VQAView", "adversarial_view", "consistency_loss"]
 
 
 @dataclass
@@ -146,15 +147,48 @@ class PretrainView:
         return self.task.count(batch)
 
 
+class VQAView:
+    """:class:`AdvView` of the VQA / SNLI-VE fine-tuning task (VILLA's fine-tuning recipe): loss = BCE-with-logits
+    against the soft scores, per-instance sum averaged over the batch (the task's official reduction); consistency =
+    symmetric KL on the answer logits [B, A], batchmean (VILLA's ``kl.mean() * num_answers``)."""
+
+    def __init__(self, task: nn.Module):
+        self.task = task
+        self.model = task.model
+        self.hidden_size = int(self.model.uniter.config.hidden_size)
+
+    def context(self, batch: PackedVLBatch) -> _Ctx:
+        task = self.task
+        task._check(batch)
+        return _Ctx(batch, self.model.uniter.layout(batch), batch.extras["targets"])
+
+    def forward(self, ctx: _Ctx, txt_delta: torch.Tensor | None, img_delta: torch.Tensor | None) -> AdvOutput:
+        logits = self.model.forward_packed(ctx.batch, compute_loss=False, layout=ctx.layout, txt_delta=txt_delta,
+                                           img_delta=img_delta)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), ctx.targets.float(), reduction="sum") / \
+            max(logits.shape[0], 1)
+        return AdvOutput(loss, logits, {f"{self.task.name}_loss": loss.detach()})
+
+    def consistency(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return consistency_loss("kl", pred, clean)
+
+    def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
+        return self.task.count(batch)
+
+
 def adversarial_view(task: nn.Module) -> AdvView:
-    """The :class:`AdvView` of ``task``: its own ``adversarial_view()`` if it has one, else the pre-training view."""
+    """The :class:`AdvView` of ``task``: its own ``adversarial_view()`` if it has one, else the built-in view of the
+    UNITER pre-training tasks and of VQA / SNLI-VE fine-tuning."""
     own = getattr(task, "adversarial_view", None)
     if callable(own):
         return own()
+    from ..tasks.finetune import VQATask
     from ..tasks.pretrain import PretrainTask
 
     if isinstance(task, PretrainTask):
         return PretrainView(task)
+    if isinstance(task, VQATask):
+        return VQAView(task)
     raise TypeError(f"fastvl.adversarial: task {type(task).__name__} has no adversarial interface: give it an "
                     "'adversarial_view()' method returning an AdvView (context, forward, consistency, count, "
                     "hidden_size), as fastvl.adversarial.consistency describes")
