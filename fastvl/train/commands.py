@@ -40,6 +40,16 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-checkpoint", default=None, help="weights to start from (e.g. an official .pt)")
     p.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--no-progress", action="store_true")
+    adv = p.add_argument_group("VILLA adversarial training (--adv turns it on; defaults from REFERENCE.md)")
+    adv.add_argument("--adv", action="store_true", help="adversarial pre-training in the embedding space")
+    adv.add_argument("--adv-modality", default="text", choices=["text", "image", "both", "alter"])
+    adv.add_argument("--adv-norm", default="l2", choices=["l2", "linf"])
+    adv.add_argument("--adv-steps", type=int, default=3)
+    adv.add_argument("--adv-lr-txt", type=float, default=1e-3)
+    adv.add_argument("--adv-lr-img", type=float, default=1e-3)
+    adv.add_argument("--adv-init-mag", type=float, default=0.0)
+    adv.add_argument("--adv-max-norm", type=float, default=0.0)
+    adv.add_argument("--adv-kl-weight", type=float, default=1.5)
 
 
 def _settings(args: argparse.Namespace):
@@ -63,6 +73,10 @@ def _settings(args: argparse.Namespace):
     s.val_txt_db, s.val_img_db = list(args.val_txt_db), list(args.val_img_db)
     s.output, s.resume, s.skip_bad_examples = args.output, args.resume, args.skip_bad_examples
     s.progress = not args.no_progress
+    if args.adv:
+        s.adv = dict(mode=args.adv_modality, norm=args.adv_norm, adv_steps=args.adv_steps,
+                     adv_lr_txt=args.adv_lr_txt, adv_lr_img=args.adv_lr_img, adv_init_mag=args.adv_init_mag,
+                     adv_max_norm=args.adv_max_norm, adv_kl_weight=args.adv_kl_weight)
     for name in ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "tasks", "seed",
                  "val_every", "ckpt_every", "log_every", "precision", "device", "init_checkpoint"):
         value = getattr(args, name)

@@ -66,6 +66,7 @@ class PretrainSettings:
     skip_bad_examples: bool = False
     init_checkpoint: str | None = None
     progress: bool = True
+    adv: dict | None = None  # VILLA adversarial pre-training: AdvConfig fields (None = off)
 
     def resolved(self) -> PretrainSettings:
         """Unset values filled from the preset of the model size (tiny for paths)."""
@@ -192,6 +193,13 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
             f"{'synthetic corpus' if not s.txt_db else s.txt_db}, tasks {train.mix}, {s.steps} steps, "
             f"{info.world_size} process(es) on {info.device}")
     tasks = {k: v for k, v in pretrain_tasks(model, s.ot_lambda).items() if k in train.mix}
+    if s.adv is not None:  # VILLA: every task under the K-step adversarial loop (one flag on any task)
+        from ..adversarial import AdvConfig, AdversarialTask
+
+        adv_cfg = AdvConfig(**s.adv)
+        tasks = {k: AdversarialTask(t, adv_cfg) for k, t in tasks.items()}
+        if info.is_main:
+            log(f"adversarial pre-training (VILLA): {adv_cfg}")
     cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                       betas=tuple(s.betas), grad_accum=s.grad_accum, grad_clip=s.grad_clip, seed=s.seed,
                       precision=s.precision, log_every=s.log_every, val_every=s.val_every, ckpt_every=s.ckpt_every,
