@@ -26,7 +26,7 @@ else
 fi
 "$PY" -m fastvl.info > "$OUT/info.txt" 2>&1; head -4 "$OUT/info.txt"
 
-timeout 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/ops > "$OUT/cuda_tests.log" 2>&1
+timeout 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/models tests/tasks > "$OUT/cuda_tests.log" 2>&1
 status "cuda tests (rc $?)" "$(tail -1 "$OUT/cuda_tests.log")"
 
 run_bench() {  # name, time limit, extra args
