@@ -12,6 +12,7 @@ This package knows no model: it depends on numpy, torch, lmdb, msgpack(-numpy), 
 
 from .collate import Example, collate, to_official
 from .errors import BadExampleCounter, DataError
+from .layout import DataLayout, find_dbs
 from .lmdb_db import ImageDB, ImageDBWriter, TxtDB, TxtDBWriter, compute_nbb, position_features
 from .make_data import MakeDataResult, make_data
 from .pretrain_data import TASKS, PretrainBatchSource, PretrainData, VLExamples, build_pretrain_data, parse_tasks
@@ -20,9 +21,9 @@ from .synthetic import SyntheticConfig, SyntheticCorpus, default_cache_dir, synt
 from .tokenizer import WordPieceTokenizer
 
 __all__ = [
-    "BadExampleCounter", "DataError", "Example", "ImageDB", "ImageDBWriter", "MakeDataResult", "PretrainBatchSource",
-    "PretrainData", "SyntheticConfig", "SyntheticCorpus", "TASKS", "TaskMixer", "TokenBucketSampler", "TxtDB",
-    "TxtDBWriter", "VLExamples", "WordPieceTokenizer", "build_pretrain_data", "collate", "compute_nbb",
-    "default_cache_dir", "make_data", "parse_tasks", "position_features", "synthetic_corpus", "to_official",
-    "write_synthetic_raw",
+    "BadExampleCounter", "DataError", "DataLayout", "Example", "ImageDB", "ImageDBWriter", "MakeDataResult",
+    "PretrainBatchSource", "PretrainData", "SyntheticConfig", "SyntheticCorpus", "TASKS", "TaskMixer",
+    "TokenBucketSampler", "TxtDB", "TxtDBWriter", "VLExamples", "WordPieceTokenizer", "build_pretrain_data", "collate",
+    "compute_nbb", "default_cache_dir", "find_dbs", "make_data", "parse_tasks", "position_features",
+    "synthetic_corpus", "to_official", "write_synthetic_raw",
 ]

@@ -152,7 +152,8 @@ def make_data(npz_dir: str | os.PathLike, captions: str | os.PathLike | list[str
             img_w.put(path.name, dump)
     images = set(img_w.name2nbb)
 
-    meta = {**tok.meta(), "source": "fastvl make-data", "npz_dir": str(npz_dir), "img_db": str(img_dir)}
+    meta = {**tok.meta(), "source": "fastvl make-data", "npz_dir": str(npz_dir), "img_db": str(img_dir),
+            "img_db_name": img_dir.name}
     n_texts = {}
     for src, db_dir in zip(cap_files, txt_dirs):
         n = 0

@@ -125,3 +125,18 @@ def test_refuses_to_overwrite(tmp_path, raw):
     assert len(TxtDB(res.txt_dbs[0])) == 8
     with pytest.raises(FileNotFoundError, match="npz_dir"):
         make_data(tmp_path / "none", raw["captions_val"], tmp_path / "o2")
+
+
+def test_find_dbs_pairs_and_splits(tmp_path, raw, tiny_corpus):
+    from fastvl.data import find_dbs
+
+    res = make_data(raw["npz_dir"], [raw["captions_train"], raw["captions_val"]], tmp_path / "out",
+                    vocab_file=raw["vocab"], min_bb=1)
+    lay = find_dbs(tmp_path / "out")
+    assert lay.train_txt == [res.txt_dbs[0]] and lay.val_txt == [res.txt_dbs[1]]
+    assert lay.train_img == lay.val_img == [res.img_db]
+    syn = find_dbs(tiny_corpus.root)
+    assert syn.train_txt == [tiny_corpus.txt_train] and syn.val_txt == [tiny_corpus.txt_val]
+    assert syn.train_img == [tiny_corpus.img_db] and syn.info["img_dim"] == tiny_corpus.img_dim
+    with pytest.raises(FileNotFoundError, match="no corpus.json"):
+        find_dbs(raw["npz_dir"])
