@@ -64,7 +64,7 @@ def default_chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 
     A row costs V elements of the input dtype for ``triton`` (its kernel works in place on the buffer) and V
     float32 values for ``torch_chunked`` (its PyTorch step works in float32)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     per_row = max(1, vocab) * (size if backend == "triton" else max(4, size))
     rows = max(16, (chunk_bytes(device) // per_row) // 16 * 16)
     return int(max(1, min(rows, n_rows)))
