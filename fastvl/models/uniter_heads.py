@@ -14,6 +14,9 @@ from torch.nn import functional as F
 
 from ..nn.bert import LAYER_NORM_EPS, BertOnlyMLMHead
 from ..ops import optimal_transport_dist_packed
+from ..ops.linear_cross_entropy import fused_linear_cross_entropy
+from ..ops.linear_kl import fused_linear_kl
+from ..ops.masked_regression import fused_masked_regression
 
 __all__ = [
     "RegionClassification",
@@ -75,13 +78,22 @@ def _reduce(per_elem: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def mlm_loss(head: BertOnlyMLMHead, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "none"
              ) -> torch.Tensor:
-    """Masked language modelling. hidden [n, H] of the masked tokens, labels [n] long -> CE [n] (or reduced)."""
+    """Masked language modelling. hidden [n, H] of the masked tokens, labels [n] long -> CE [n] (or reduced).
+
+    ``reduction='mean'`` (the training loss) runs the fused linear-cross-entropy over the tied decoder: the
+    [n, vocab] logits are never materialised whole."""
+    if reduction == "mean" and isinstance(head, BertOnlyMLMHead):
+        pred = head.predictions
+        return fused_linear_cross_entropy(pred.transform(hidden), pred.decoder.weight, pred.bias, labels,
+                                          ignore_index=-1, reduction="mean")
     return _reduce(F.cross_entropy(head(hidden).float(), labels, reduction="none"), reduction)
 
 
 def mrfr_loss(head: RegionFeatureRegression, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "none"
               ) -> torch.Tensor:
     """Masked region feature regression. hidden [n, H], targets [n, img_dim] -> squared error [n, img_dim]."""
+    if reduction == "mean" and isinstance(head, RegionFeatureRegression):  # fused: h @ img_linear.weight + bias and the MSE in one pass
+        return fused_masked_regression(head.net(hidden), head.weight, head.bias, targets, reduction="mean", loss="mse")
     pred = head(hidden)
     return _reduce(F.mse_loss(pred.float(), targets.float(), reduction="none"), reduction)
 
@@ -94,6 +106,10 @@ def mrc_targets(soft_labels: torch.Tensor) -> torch.Tensor:
 def mrc_loss(head: RegionClassification, hidden: torch.Tensor, soft_labels: torch.Tensor, reduction: str = "none"
              ) -> torch.Tensor:
     """Masked region classification (hard label). hidden [n, H], soft_labels [n, C] -> CE [n], ignore_index 0."""
+    if reduction == "mean" and isinstance(head, RegionClassification):  # targets are never 0 (argmax over classes 1..), so both means divide by n
+        out = head.net[3]
+        return fused_linear_cross_entropy(head.net[:3](hidden), out.weight, out.bias, mrc_targets(soft_labels),
+                                          ignore_index=0, reduction="mean")
     logits = head(hidden).float()
     return _reduce(F.cross_entropy(logits, mrc_targets(soft_labels), ignore_index=0, reduction="none"), reduction)
 
@@ -101,12 +117,17 @@ def mrc_loss(head: RegionClassification, hidden: torch.Tensor, soft_labels: torc
 def mrc_kl_loss(head: RegionClassification, hidden: torch.Tensor, soft_labels: torch.Tensor, reduction: str = "none"
                 ) -> torch.Tensor:
     """MRC with KL to the detector distribution. -> kl_div terms [n, C]; 'mean' is the element mean (official)."""
+    if reduction == "mean" and isinstance(head, RegionClassification):
+        out = head.net[3]
+        return fused_linear_kl(head.net[:3](hidden), out.weight, out.bias, soft_labels, reduction="elementwise_mean")
     log_probs = F.log_softmax(head(hidden).float(), dim=-1)
     return _reduce(F.kl_div(log_probs, soft_labels.float(), reduction="none"), reduction)
 
 
 def itm_loss(head: nn.Linear, pooled: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """Image-text matching. pooled [B, H], targets [B] long (1 = match) -> CE [B] (or reduced)."""
+    if reduction == "mean" and isinstance(head, nn.Linear):
+        return fused_linear_cross_entropy(pooled, head.weight, head.bias, targets, reduction="mean")
     return _reduce(F.cross_entropy(head(pooled).float(), targets, reduction="none"), reduction)
 
 

@@ -6,8 +6,13 @@ See ``python -m fastvl.info`` for which backend serves each op on this machine.
 from ._dispatch import OPS, BackendUnavailableError
 from .adv_perturb import adv_perturb_init, adv_perturb_step, adv_perturb_step_multi, adv_perturb_step_packed
 from .attention import cross_modal_attention
+from .bce_soft import fused_bce_soft
+from .linear_cross_entropy import fused_linear_cross_entropy
+from .linear_kl import fused_linear_kl
+from .masked_regression import fused_masked_regression
 from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
 from .pack import pack, unpack
+from .symmetric_kl import symmetric_kl
 
 __all__ = [
     "OPS",
@@ -17,9 +22,14 @@ __all__ = [
     "adv_perturb_step_multi",
     "adv_perturb_step_packed",
     "cross_modal_attention",
+    "fused_bce_soft",
+    "fused_linear_cross_entropy",
+    "fused_linear_kl",
+    "fused_masked_regression",
     "ipot_plan",
     "optimal_transport_dist",
     "optimal_transport_dist_packed",
     "pack",
+    "symmetric_kl",
     "unpack",
 ]
