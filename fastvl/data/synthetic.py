@@ -1,6 +1,6 @@
 """The embedded default corpus: synthetic scenes with detector-like region features and grounded captions.
 
-A scene has 1-3 objects (by default), each with a class, a colour, a size and a cell of a 3x3 grid (classes,
+A scene has 1-2 objects (by default; up to 9), each with a class, a colour, a size and a cell of a 3x3 grid (classes,
 colours and cells distinct within a scene). For every object the "detector" gives one region:
 
 - feature [D] = prototype[class] + direction[colour] + direction[size] + Gaussian noise (fp16 in the db);
@@ -13,8 +13,8 @@ either its grid cell ("at the top left") or its relation to an object mentioned 
 So ITM (caption objects vs regions), MLM on object / colour / size words (read from the matching region), MRC
 (the caption and the other regions tell which class is missing; the box shape hints too) and WRA all have signal.
 
-Everything is deterministic from ``SyntheticConfig.seed``; the default corpus (1500 + 200 images, 3 captions each,
-64-d features) is written in the official db formats in a couple of seconds.
+Everything is deterministic from ``SyntheticConfig.seed``; the default corpus (3000 + 300 images, 2 captions each,
+64-d features, 8 classes, 6 colours) is written in the official db formats in a few seconds.
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ class SyntheticConfig:
     """Knobs of the synthetic corpus (all deterministic from ``seed``)."""
 
     seed: int = 0
-    n_train_images: int = 1500
-    n_val_images: int = 200
-    captions_per_image: int = 3
+    n_train_images: int = 3000
+    n_val_images: int = 300
+    captions_per_image: int = 2
     img_dim: int = 64
     n_classes: int = 8  # soft labels have n_classes + 1 entries (background at 0)
     n_colours: int = 6
     min_objects: int = 1
-    max_objects: int = 3
+    max_objects: int = 2
     max_clutter: int = 2
     feature_noise: float = 0.3
     compress: bool = False  # img_db values as msgpack (False, fastest to read) or compressed npz (True)
