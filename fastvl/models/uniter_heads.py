@@ -92,7 +92,8 @@ def mlm_loss(head: BertOnlyMLMHead, hidden: torch.Tensor, labels: torch.Tensor, 
 def mrfr_loss(head: RegionFeatureRegression, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "none"
               ) -> torch.Tensor:
     """Masked region feature regression. hidden [n, H], targets [n, img_dim] -> squared error [n, img_dim]."""
-    if reduction == "mean" and isinstance(head, RegionFeatureRegression):  # fused: h @ img_linear.weight + bias and the MSE in one pass
+    if reduction == "mean" and isinstance(head, RegionFeatureRegression):
+        # fused: h @ img_linear.weight + bias and the MSE in one pass
         return fused_masked_regression(head.net(hidden), head.weight, head.bias, targets, reduction="mean", loss="mse")
     pred = head(hidden)
     return _reduce(F.mse_loss(pred.float(), targets.float(), reduction="none"), reduction)
@@ -106,7 +107,8 @@ def mrc_targets(soft_labels: torch.Tensor) -> torch.Tensor:
 def mrc_loss(head: RegionClassification, hidden: torch.Tensor, soft_labels: torch.Tensor, reduction: str = "none"
              ) -> torch.Tensor:
     """Masked region classification (hard label). hidden [n, H], soft_labels [n, C] -> CE [n], ignore_index 0."""
-    if reduction == "mean" and isinstance(head, RegionClassification):  # targets are never 0 (argmax over classes 1..), so both means divide by n
+    if reduction == "mean" and isinstance(head, RegionClassification):
+        # targets are never 0 (argmax over classes 1..), so both means divide by n
         out = head.net[3]
         return fused_linear_cross_entropy(head.net[:3](hidden), out.weight, out.bias, mrc_targets(soft_labels),
                                           ignore_index=0, reduction="mean")
