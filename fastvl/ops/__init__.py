@@ -1,5 +1,8 @@
 """fastvl's public functional API: one module per op; each function takes ``backend=None`` to force one.
 
+``symmetric_kl`` lives in (and is imported from) its module ``fastvl.ops.symmetric_kl``: a package attribute of
+the same name would shadow the module.
+
 See ``python -m fastvl.info`` for which backend serves each op on this machine.
 """
 
@@ -12,7 +15,6 @@ from .linear_kl import fused_linear_kl
 from .masked_regression import fused_masked_regression
 from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
 from .pack import pack, unpack
-from .symmetric_kl import symmetric_kl
 
 __all__ = [
     "OPS",
@@ -30,6 +32,5 @@ __all__ = [
     "optimal_transport_dist",
     "optimal_transport_dist_packed",
     "pack",
-    "symmetric_kl",
     "unpack",
 ]
