@@ -126,11 +126,12 @@ class UniterEncoder(nn.Module):
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                output_all_encoded_layers: bool = True) -> list[torch.Tensor]:
-        """hidden [T, H] -> list of [T, H] (every layer, or only the last)."""
+                output_all_encoded_layers: bool = True, **mask_kw) -> list[torch.Tensor]:
+        """hidden [T, H] -> list of [T, H] (every layer, or only the last). ``mask_kw`` (``mask=``,
+        ``prefix_lens=``) goes to every layer's attention (default: bidirectional)."""
         outs = []
         for layer in self.layer:
-            hidden = layer(hidden, cu_seqlens, max_seqlen)
+            hidden = layer(hidden, cu_seqlens, max_seqlen, **mask_kw)
             if output_all_encoded_layers:
                 outs.append(hidden)
         return outs if output_all_encoded_layers else [hidden]
@@ -270,10 +271,11 @@ class UniterModel(UniterPreTrainedModel):
             return cat
         return cat[layout.joint_src]
 
-    def encode_packed(self, embeddings: torch.Tensor, layout: PackedLayout, output_all_encoded_layers: bool = False
-                      ) -> torch.Tensor | list[torch.Tensor]:
-        """Run the encoder on joint packed embeddings [T, H] -> [T, H] (or a list of every layer's [T, H])."""
-        outs = self.encoder(embeddings, layout.cu_seqlens, layout.max_seqlen, output_all_encoded_layers)
+    def encode_packed(self, embeddings: torch.Tensor, layout: PackedLayout, output_all_encoded_layers: bool = False,
+                      **mask_kw) -> torch.Tensor | list[torch.Tensor]:
+        """Run the encoder on joint packed embeddings [T, H] -> [T, H] (or a list of every layer's [T, H]).
+        ``mask_kw`` (``mask=``, ``prefix_lens=``) selects the attention mask (default: bidirectional)."""
+        outs = self.encoder(embeddings, layout.cu_seqlens, layout.max_seqlen, output_all_encoded_layers, **mask_kw)
         return outs if output_all_encoded_layers else outs[-1]
 
     def forward_packed(self, batch: PackedVLBatch, output_all_encoded_layers: bool = False,
