@@ -5,7 +5,8 @@ It follows upstream's structure: the clean pass is run first and kept with its g
 adversarial step runs the perturbed pass(es), backpropagates ``(task + kl_weight * consistency) / K`` (alter: a
 text-only and an image-only pass, / 2K) with ``retain_graph`` through both the perturbed and the clean graph,
 and, except after the last step, updates each delta by ``lr * g / max(||g||, 1e-8)`` per example followed by the
-projection to ``adv_max_norm``. Task losses and consistency terms are written out with plain PyTorch for the
+projection to ``adv_max_norm``. With ``cfg.kl_clean_grad = False`` the clean predictions enter the consistency
+term detached (the opt-in stop-gradient target). Task losses and consistency terms are written out with plain PyTorch for the
 UNITER pre-training tasks mlm, mrfr, itm (+ WRA) on packed batches.
 """
 
@@ -82,6 +83,8 @@ def plain_villa_step(model: nn.Module, task: str, batch: PackedVLBatch, cfg: Adv
     K = cfg.adv_steps
     passes = _PASSES[cfg.mode]
     _, clean = _pass(model, task, batch, None, None, ot_lambda)
+    if not cfg.kl_clean_grad:
+        clean = clean.detach()
     hidden = model.uniter.config.hidden_size
     txt = txt_init.clone() if txt_init is not None else batch.img_feat.new_zeros(batch.input_ids.shape[0], hidden)
     img = img_init.clone() if img_init is not None else torch.zeros_like(batch.img_feat)

@@ -25,8 +25,8 @@ from .loop import TrainConfig, Trainer
 
 #: Defaults per model size (CPU-friendly for tiny; the official recipe for base / large).
 PRESETS = {
-    "tiny": dict(steps=500, lr=1e-3, warmup_steps=50, batch_tokens=1024, grad_accum=1, weight_decay=0.01,
-                 tasks="itm:3,mlm:4,mrfr:2,mrc:1,mrc-kl:1", val_every=250, ckpt_every=250, log_every=10),
+    "tiny": dict(steps=12_000, lr=1e-3, warmup_steps=300, batch_tokens=512, grad_accum=1, weight_decay=0.01,
+                 tasks="itm:2,mlm:2,mrc:1,mrfr:1", val_every=2000, ckpt_every=2000, log_every=50),
     "base": dict(steps=200_000, lr=5e-5, warmup_steps=10_000, batch_tokens=10240, grad_accum=6,
                  tasks="itm:3,mlm:4,mrfr:2,mrc-kl:2", val_every=5000, ckpt_every=5000, log_every=100),
     "large": dict(steps=500_000, lr=5e-5, warmup_steps=10_000, batch_tokens=6144, grad_accum=4,

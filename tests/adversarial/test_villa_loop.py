@@ -88,6 +88,27 @@ def test_matches_plain_villa_loop(task, mode, norm, max_norm, seed, gen):
             assert t.norm() <= max_norm * batch.batch_size ** 0.5 + 1e-6
 
 
+@pytest.mark.parametrize("task,mode,reuse", [("mlm", "both", True), ("itm", "alter", True), ("mrfr", "image", True),
+                                             ("itm", "text", False)])
+def test_stop_gradient_clean_target(task, mode, reuse, seed, gen):
+    """kl_clean_grad=False (opt-in): same delta trajectory and parameter gradients as the plain loop with the clean
+    predictions detached, and a different parameter gradient from the exact VILLA loop."""
+    model, batch, module = _setup(task, seed, gen)
+    cfg = AdvConfig(mode=mode, adv_steps=3, adv_lr_txt=0.05, adv_lr_img=0.02, adv_kl_weight=1.5, kl_clean_grad=False)
+    want_traj, want_total = plain_villa_step(model, task, batch, cfg, OT_LAMBDA)
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    got_traj, out = _fastvl(AdversarialTask(module, cfg, reuse_clean=reuse), batch)
+    out["loss"].backward()
+    _check(model, want_traj, got_traj, want)
+    torch.testing.assert_close(float(out["loss"].detach()), want_total, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    plain_villa_step(model, task, batch, AdvConfig(**{**cfg.to_dict(), "kl_clean_grad": True}), OT_LAMBDA)
+    exact = _grads(model)
+    assert any(float((exact[n] - want[n]).abs().max()) > 1e-6 for n in want), "the clean branch must matter"
+    model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("task,mode", [("mlm", "both"), ("itm", "alter"), ("mrfr", "image")])
 def test_separate_clean_pass_and_random_init(task, mode, seed, gen):
     """reuse_clean=False (upstream's separate clean pass), and the scaled random init (always separate)."""
