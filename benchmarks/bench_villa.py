@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         clean = times.get((task, "clean"))
         if not clean:
             continue
-        parts = [f"{p} {times[(task, p)] / clean:.2f}x" for p in ("villa-fastvl", "villa-fastvl-sg", "villa-plain") if (task, p) in times]
+        parts = [f"{p} {times[(task, p)] / clean:.2f}x" for p in ("villa-fastvl", "villa-fastvl-sg", "villa-plain")
+                 if (task, p) in times]
         print(f"  {task:>5}: clean {clean:8.1f} ms  " + "  ".join(parts))
 
 

@@ -6,8 +6,8 @@ adversarial step runs the perturbed pass(es), backpropagates ``(task + kl_weight
 text-only and an image-only pass, / 2K) with ``retain_graph`` through both the perturbed and the clean graph,
 and, except after the last step, updates each delta by ``lr * g / max(||g||, 1e-8)`` per example followed by the
 projection to ``adv_max_norm``. With ``cfg.kl_clean_grad = False`` the clean predictions enter the consistency
-term detached (the opt-in stop-gradient target). Task losses and consistency terms are written out with plain PyTorch for the
-UNITER pre-training tasks mlm, mrfr, itm (+ WRA) on packed batches.
+term detached (the opt-in stop-gradient target). Task losses and consistency terms are written out with plain
+PyTorch for the UNITER pre-training tasks mlm, mrfr, itm (+ WRA) on packed batches.
 """
 
 from __future__ import annotations
