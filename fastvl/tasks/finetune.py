@@ -14,17 +14,24 @@ Each task holds one of the fine-tuning models of :mod:`fastvl.models.uniter` (``
   optional ``extras['num_choices']`` (Python ints per question, all must be 4); mean cross-entropy over rows.
 
 ``evaluate(batch)`` (no gradient) returns per-example metric values (see :mod:`fastvl.tasks.metrics`).
+
+VILLA: ``adversarial_view()`` of nlvr2 / itr / re / vcr gives :class:`fastvl.adversarial.AdversarialTask` what it
+needs (one encoder pass with the perturbations, the task loss and the scores its consistency KL compares: NLVR2
+[n, 2], ITR each group's [n_groups, 1 + 2 num_neg], RE [B, max regions], VCR each question's [n, 4]); vqa / gqa /
+ve use the built-in view of :mod:`fastvl.adversarial.consistency`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..batch import PackedVLBatch
-from ..models.uniter_finetune import select_examples
+from ..models.uniter_finetune import rank_hinge, select_examples
 from . import metrics, register_task
 
 __all__ = ["FinetuneTask", "ITRTask", "NLVR2Task", "RETask", "VCRTask", "VQATask", "pair_batch", "vqa_soft_targets"]
@@ -93,12 +100,33 @@ class FinetuneTask(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
 
+    # VILLA hooks (see adversarial_view) ---------------------------------------------------------------------
+    def adv_prepare(self, batch: PackedVLBatch) -> PackedVLBatch:
+        """The batch every adversarial pass encodes (checked; ITR: grouped with its negatives)."""
+        self._check(batch)
+        return batch
+
+    def adv_loss(self, h: torch.Tensor, layout, batch: PackedVLBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, scores for the consistency term) from the packed encoder output h [T, H]."""
+        scores = self.model._head(h, layout, None, False, "none", batch.extras)
+        return F.cross_entropy(scores.float(), batch.extras["targets"]), scores
+
+    def adversarial_view(self):
+        """The :class:`fastvl.adversarial.consistency.AdvView` of this task (see the module docstring)."""
+        return _FinetuneAdvView(self)
+
 
 @register_task("vqa", "gqa", "ve")
 class VQATask(FinetuneTask):
     """VQA / GQA / SNLI-VE with a UniterForVisualQuestionAnswering / UniterForVisualEntailment model."""
 
     name = "vqa"
+
+    def adversarial_view(self):
+        """VILLA's fine-tuning view (BCE on the soft scores, KL on the answer logits)."""
+        from ..adversarial.consistency import VQAView
+
+        return VQAView(self)
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
@@ -154,12 +182,24 @@ class ITRTask(FinetuneTask):
             ii += [i] + neg[:self.num_neg] + [i] * self.num_neg
         return ti, ii
 
-    def forward(self, batch: PackedVLBatch) -> dict:
+    def adv_prepare(self, batch: PackedVLBatch) -> PackedVLBatch:
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.ITRTask: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
         ti, ii = self.groups(batch.batch_size)
         grouped = pair_batch(batch, ti, ii)
         grouped.extras["sample_size"] = 1 + 2 * self.num_neg
+        return grouped
+
+    def adv_loss(self, h, layout, batch):
+        ss = int(batch.extras["sample_size"])
+        scores = self.model._head(h, layout, None, False, "none", batch.extras)  # [n_groups * ss, 1]
+        return rank_hinge(scores.float(), ss, self.model.margin).mean(), scores.reshape(-1, ss)
+
+    def adv_count(self, batch: PackedVLBatch) -> int:
+        return batch.batch_size // int(batch.extras["sample_size"])
+
+    def forward(self, batch: PackedVLBatch) -> dict:
+        grouped = self.adv_prepare(batch)
         loss = self.model(grouped, compute_loss=True, reduction="mean")
         return dict(loss=loss, logs={"itr_loss": loss.detach()}, count=batch.batch_size)
 
@@ -208,6 +248,10 @@ class RETask(FinetuneTask):
                 raise ValueError(f"fastvl.tasks.RETask: example {i} targets region {int(t[i])} but has "
                                  f"{batch.img_lens[i]} regions")
 
+    def adv_loss(self, h, layout, batch):
+        loss = self.model._head(h, layout, batch.extras["targets"], True, "mean", batch.extras)
+        return loss, self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
+
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
         """-> ``{'accuracy': [B]}``: IoU >= 0.5 between the top-scored region's box and the ground-truth box when
@@ -249,6 +293,11 @@ class VCRTask(FinetuneTask):
     def count(self, batch: PackedVLBatch) -> int:
         return batch.batch_size
 
+    def adv_loss(self, h, layout, batch):
+        scores = self.model.vcr_output(self.model.pooled(h, layout))  # [B, 2]
+        loss = F.cross_entropy(scores.float(), batch.extras["targets"])
+        return loss, scores[:, 1].reshape(-1, self.num_choices)
+
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
         """-> ``{'accuracy': [n_questions]}``: the highest-scored choice is the correct one."""
@@ -257,3 +306,40 @@ class VCRTask(FinetuneTask):
         right = batch.extras["targets"].reshape(-1, self.num_choices).argmax(1)
         return {"accuracy": metrics.accuracy(scores, right), "scores": scores}
 
+
+
+class _FinetuneAdvView:
+    """:class:`fastvl.adversarial.consistency.AdvView` of a fine-tuning task: one packed layout per micro-batch, the
+    encoder run with the perturbations, then the task's ``adv_loss`` (loss, scores); consistency = symmetric KL on
+    the scores, batchmean."""
+
+    def __init__(self, task: FinetuneTask):
+        self.task = task
+        self.model = task.model
+        self.hidden_size = int(self.model.uniter.config.hidden_size)
+
+    def context(self, batch: PackedVLBatch) -> _AdvCtx:
+        batch = self.task.adv_prepare(batch)
+        return _AdvCtx(batch, self.model.uniter.layout(batch))
+
+    def forward(self, ctx: _AdvCtx, txt_delta: torch.Tensor | None, img_delta: torch.Tensor | None):
+        from ..adversarial.consistency import AdvOutput
+
+        h = self.model.uniter.forward_packed(ctx.batch, layout=ctx.layout, txt_delta=txt_delta, img_delta=img_delta)
+        loss, pred = self.task.adv_loss(h, ctx.layout, ctx.batch)
+        return AdvOutput(loss, pred, {f"{self.task.name}_loss": loss.detach()})
+
+    def consistency(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        from ..adversarial.consistency import consistency_loss
+
+        return consistency_loss("kl", pred, clean)
+
+    def count(self, batch: PackedVLBatch) -> int:
+        fn = getattr(self.task, "adv_count", None)
+        return fn(batch) if fn is not None else self.task.count(batch)
+
+
+@dataclass
+class _AdvCtx:
+    batch: PackedVLBatch
+    layout: object
