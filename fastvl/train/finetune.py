@@ -424,7 +424,10 @@ def evaluate_finetune(checkpoint: str | Path, task: str | None = None, overrides
     spec = get_finetune_task(name)
     known = {f.name for f in fields(FinetuneSettings)}
     s = FinetuneSettings(**{k: v for k, v in saved.items() if k in known})
-    s = replace(s, resume=False, progress=False, **(overrides or {}))
+    overrides = dict(overrides or {})
+    if "options" in overrides:
+        overrides["options"] = {**s.options, **overrides["options"]}
+    s = replace(s, resume=False, progress=False, **overrides)
     if folder == run:
         folder = ckpt.latest_checkpoint(run)
         if folder is None:

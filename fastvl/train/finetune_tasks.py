@@ -83,8 +83,11 @@ def _paths(s: FinetuneSettings, task: str) -> dict[str, Any]:
                     synthetic=False, source=str(s.data), root=Path(s.data))
     n = int(s.options.get("synthetic_images", FinetuneSynthConfig.n_train_images))
     syn = finetune_synthetic(config=FinetuneSynthConfig(n_train_images=n))
-    return dict(train_txt=[syn.txt_db(task, "train")], train_img=[syn.img_db], val_txt=[syn.txt_db(task, "val")],
-                val_img=[syn.img_db], synthetic=True, source=f"synthetic ({syn.root})", root=syn.root / task, syn=syn)
+    val_txt, val_img = [syn.txt_db(task, "val")], [syn.img_db]
+    if s.val_txt_db:  # other validation data for a model trained on the synthetic data
+        val_txt, val_img = list(s.val_txt_db), list(s.val_img_db or [syn.img_db] * len(s.val_txt_db))
+    return dict(train_txt=[syn.txt_db(task, "train")], train_img=[syn.img_db], val_txt=val_txt, val_img=val_img,
+                synthetic=True, source=f"synthetic ({syn.root})", root=syn.root / task, syn=syn)
 
 
 def _bundle(s: FinetuneSettings, paths: dict, train: dict[str, FinetuneDataset], val: dict[str, FinetuneDataset],
