@@ -1,0 +1,768 @@
+"""Fast image-text retrieval evaluation for single-stream UNITER: IR / TR recall@1/5/10 over the text x image matrix.
+
+UNITER is a cross-encoder: the score of (text t, image i) needs a joint forward of ``[txt_t | img_i]`` through the
+encoder, so the full matrix of N texts x M images costs N x M joint forwards. Two modes:
+
+- ``mode='exact'``: every pair is cross-encoded. What does not depend on the pair is computed ONCE: the text
+  embeddings (word + position + type, LayerNorm) of each text and the image embeddings (feature and box
+  projections, type, LayerNorm) of each image. Pairs are then packed without padding (fastvl's packed layout,
+  one ``cu_seqlens`` per chunk) into chunks of at most ``max_tokens`` tokens, whose joint embeddings are a
+  gather of those rows; only the encoder, the pooler and the head run per pair. Texts and images are visited in
+  length-sorted tiles so that the sequences of a chunk have similar lengths. No gradient; optional bf16 autocast.
+  The scores equal naive per-pair scoring through the model's normal forward up to fp32 rounding.
+- ``mode='two_stage'``: a cheap shortlist, then cross-encoder re-ranking. The shortlist encodes each text alone
+  and each image alone once with the same encoder (N + M sequences instead of N x M), mean-pools the last layer
+  and scores pairs by cosine similarity (or takes ``shortlist`` scores from the caller, e.g. a dual encoder).
+  The top ``k`` images of every text and the top ``k`` texts of every image are re-scored by the cross-encoder.
+  Entries that were not re-scored hold their shortlist score moved below every cross-encoder score (so the
+  shortlist order breaks the rest). Its recall is an APPROXIMATION of the exact protocol's (a ground truth outside
+  both shortlists can only be found by its shortlist rank); report it separately. With ``k`` >= N and >= M every
+  pair is re-scored and the matrix is the exact one.
+
+The metric follows the official protocol: text t matches image ``txt2img[t]``; IR ranks all images for each
+text; TR ranks all texts for each image and counts a hit when ANY of the image's texts is within the top k. Ties
+are resolved as ``ties`` says (see :func:`recall_at_k`).
+
+Entry points: :func:`score_matrix`, :func:`recall_at_k`, :func:`evaluate_retrieval` (both, plus bookkeeping), and
+:func:`brute_force_scores` (the naive per-pair loop, for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..batch import PackedVLBatch
+from ..nn.bert import BertLayer
+from ..ops import cross_modal_attention
+
+__all__ = ["RetrievalImages", "RetrievalTexts", "brute_force_scores", "evaluate_retrieval", "format_recall",
+           "recall_at_k", "score_matrix", "shortlist_scores", "split_batch"]
+
+MODES = ("exact", "two_stage")
+TIES = ("optimistic", "pessimistic", "expected")
+HEADS = ("rank", "itm")
+ATTENTION = ("auto", "fastvl", "sdpa")
+DEFAULT_MAX_TOKENS = {"cpu": 1 << 15, "cuda": 1 << 18}
+_FN = "fastvl.tasks.retrieval"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: the N texts and M images, each packed once
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _lens(name: str, lens: Sequence[int]) -> list[int]:
+    out = [int(x) for x in lens]
+    if any(x < 1 for x in out):
+        i = next(j for j, x in enumerate(out) if x < 1)
+        raise ValueError(f"{_FN}: '{name}' must be >= 1 for every entry (retrieval pairs a text with an image), entry "
+                         f"{i} is {out[i]}")
+    return out
+
+
+@dataclass
+class RetrievalTexts:
+    """N texts, packed: ``input_ids`` [T_txt] long (each text ``[CLS] ... [SEP]``, concatenated), ``lens`` N Python
+    ints, optional ``position_ids`` [T_txt] long (default 0..len-1 within each text)."""
+
+    input_ids: torch.Tensor
+    lens: list[int]
+    position_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.lens = _lens("RetrievalTexts.lens", self.lens)
+        if self.input_ids.dim() != 1 or self.input_ids.shape[0] != sum(self.lens):
+            raise ValueError(f"{_FN}.RetrievalTexts: 'input_ids' must have shape [sum(lens)] = [{sum(self.lens)}], "
+                             f"got {list(self.input_ids.shape)}")
+        if self.position_ids is not None and tuple(self.position_ids.shape) != tuple(self.input_ids.shape):
+            raise ValueError(f"{_FN}.RetrievalTexts: 'position_ids' must have the shape of 'input_ids' "
+                             f"{list(self.input_ids.shape)}, got {list(self.position_ids.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    @classmethod
+    def from_list(cls, texts: Sequence[torch.Tensor]) -> RetrievalTexts:
+        """From N 1-d long tensors of token ids (each with its [CLS] and [SEP])."""
+        if not texts:
+            raise ValueError(f"{_FN}.RetrievalTexts.from_list: 'texts' is empty")
+        return cls(torch.cat([torch.as_tensor(t).reshape(-1).long() for t in texts]), [len(t) for t in texts])
+
+    def to(self, device: torch.device | str) -> RetrievalTexts:
+        pos = None if self.position_ids is None else self.position_ids.to(device)
+        return RetrievalTexts(self.input_ids.to(device), self.lens, pos)
+
+
+@dataclass
+class RetrievalImages:
+    """M images, packed: ``feat`` [T_img, img_dim] region features, ``pos`` [T_img, 7] box features, ``lens`` M Python
+    ints (regions per image)."""
+
+    feat: torch.Tensor
+    pos: torch.Tensor
+    lens: list[int]
+
+    def __post_init__(self) -> None:
+        self.lens = _lens("RetrievalImages.lens", self.lens)
+        n = sum(self.lens)
+        if self.feat.dim() != 2 or self.feat.shape[0] != n:
+            raise ValueError(f"{_FN}.RetrievalImages: 'feat' must have shape [sum(lens) = {n}, img_dim], got "
+                             f"{list(self.feat.shape)}")
+        if tuple(self.pos.shape) != (n, 7):
+            raise ValueError(f"{_FN}.RetrievalImages: 'pos' must have shape [{n}, 7], got {list(self.pos.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    @classmethod
+    def from_list(cls, images: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> RetrievalImages:
+        """From M ``(feat [n_i, img_dim], pos [n_i, 7])`` pairs."""
+        if not images:
+            raise ValueError(f"{_FN}.RetrievalImages.from_list: 'images' is empty")
+        feats, boxes = [f for f, _ in images], [p for _, p in images]
+        return cls(torch.cat(feats), torch.cat(boxes), [f.shape[0] for f in feats])
+
+    def to(self, device: torch.device | str) -> RetrievalImages:
+        return RetrievalImages(self.feat.to(device), self.pos.to(device), self.lens)
+
+
+def split_batch(batch: PackedVLBatch, img_keys: Sequence[Hashable] | None = None
+                ) -> tuple[RetrievalTexts, RetrievalImages, torch.Tensor]:
+    """The texts and images of a packed batch of matched pairs -> ``(texts, images, txt2img)``.
+
+    Every example's text is a text. Without ``img_keys`` every example's image is an image and text i matches image
+    i; with ``img_keys`` (one hashable per example, e.g. the image file name) examples sharing a key share ONE image
+    (its first occurrence), as in the official protocol where an image has several captions.
+    """
+    if not isinstance(batch, PackedVLBatch):
+        raise TypeError(f"{_FN}.split_batch: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
+    b = batch.batch_size
+    texts = RetrievalTexts(batch.input_ids, batch.txt_lens, batch.position_ids)
+    if img_keys is None:
+        return texts, RetrievalImages(batch.img_feat, batch.img_pos, batch.img_lens), torch.arange(b)
+    if len(img_keys) != b:
+        raise ValueError(f"{_FN}.split_batch: 'img_keys' has {len(img_keys)} entries but the batch has {b} examples")
+    first: dict[Hashable, int] = {}  # key -> image index
+    keep: list[int] = []  # image index -> example holding its features (first occurrence)
+    txt2img = []
+    for i, key in enumerate(img_keys):
+        if key not in first:
+            first[key] = len(keep)
+            keep.append(i)
+        txt2img.append(first[key])
+    cu = [0]
+    for n in batch.img_lens:
+        cu.append(cu[-1] + n)
+    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in keep]).to(batch.img_feat.device)
+    images = RetrievalImages(batch.img_feat[rows], batch.img_pos[rows], [batch.img_lens[i] for i in keep])
+    return texts, images, torch.tensor(txt2img)
+
+
+def _as_texts(texts) -> RetrievalTexts:
+    if isinstance(texts, RetrievalTexts):
+        return texts
+    if isinstance(texts, Sequence) and not isinstance(texts, torch.Tensor):
+        return RetrievalTexts.from_list(texts)
+    raise TypeError(f"{_FN}: 'texts' must be a RetrievalTexts or a list of 1-d token-id tensors, got "
+                    f"{type(texts).__name__}")
+
+
+def _as_images(images) -> RetrievalImages:
+    if isinstance(images, RetrievalImages):
+        return images
+    if isinstance(images, Sequence) and not isinstance(images, torch.Tensor):
+        return RetrievalImages.from_list(images)
+    raise TypeError(f"{_FN}: 'images' must be a RetrievalImages or a list of (feat, pos) tensor pairs, got "
+                    f"{type(images).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model plumbing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _uniter(model: nn.Module) -> nn.Module:
+    uniter = getattr(model, "uniter", None)
+    if uniter is None or not hasattr(uniter, "encoder"):
+        raise TypeError(f"{_FN}: 'model' must be a UNITER model with a 'uniter' encoder and a scoring head "
+                        f"(UniterForImageTextRetrieval, UniterForPretraining, ...), got {type(model).__name__}")
+    return uniter
+
+
+def _resolve_head(model: nn.Module, head) -> str | Callable:
+    """'rank' (rank_output), 'itm' (itm_output log-odds of 'match') or a callable pooled [P, H] -> scores [P]."""
+    if head is None:
+        if hasattr(model, "rank_output"):
+            return "rank"
+        if hasattr(model, "itm_output"):
+            return "itm"
+        raise ValueError(f"{_FN}: {type(model).__name__} has neither 'rank_output' nor 'itm_output'; pass "
+                         f"head=callable(pooled [P, H]) -> scores [P]")
+    if callable(head):
+        return head
+    if head not in HEADS:
+        raise ValueError(f"{_FN}: 'head' must be one of {HEADS}, a callable or None, got {head!r}")
+    attr = "rank_output" if head == "rank" else "itm_output"
+    if not hasattr(model, attr):
+        raise ValueError(f"{_FN}: head={head!r} needs model.{attr}, which {type(model).__name__} lacks")
+    return head
+
+
+def _apply_head(model: nn.Module, head, pooled: torch.Tensor) -> torch.Tensor:
+    """pooled [P, H] -> scores [P] (float32)."""
+    if head == "rank":
+        return model.rank_output(pooled)[:, 0].float()
+    if head == "itm":
+        logits = model.itm_output(pooled).float()
+        return logits[:, 1] - logits[:, 0]
+    out = head(pooled)
+    return out.reshape(-1).float()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, amp: bool | str | torch.dtype | None):
+    """bf16 (or the given dtype) autocast on ``device``; ``None``/False: fp32, no autocast."""
+    if amp in (None, False):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp is True or amp == "bf16" else (torch.float16 if amp == "fp16" else amp)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{_FN}: 'amp' must be None/False, True/'bf16', 'fp16' or a torch dtype, got {amp!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pair", unit_scale=True, disable=not enabled, mininterval=1.0,
+                dynamic_ncols=True, leave=False)
+
+
+class _Encoded:
+    """The per-modality embeddings of every text and image (computed once) and their packed bookkeeping."""
+
+    def __init__(self, model: nn.Module, texts: RetrievalTexts, images: RetrievalImages, device: torch.device,
+                 shortcuts: bool = False, attention: str = "auto"):
+        uniter = _uniter(model)
+        if attention not in ATTENTION:
+            raise ValueError(f"{_FN}: 'attention' must be one of {ATTENTION}, got {attention!r}")
+        self.attention = ("sdpa" if device.type == "cpu" else "fastvl") if attention == "auto" else attention
+        if images.feat.shape[1] != uniter.img_dim:
+            raise ValueError(f"{_FN}: image features have size {images.feat.shape[1]} but the model was built with "
+                             f"img_dim={uniter.img_dim}")
+        limit = uniter.config.max_position_embeddings
+        if max(texts.lens) > limit:
+            raise ValueError(f"{_FN}: a text has {max(texts.lens)} tokens but max_position_embeddings is {limit}")
+        self.uniter = uniter
+        self.device = device
+        self.tl = torch.tensor(texts.lens, dtype=torch.long)  # host copies (Python-side chunk sizes)
+        self.il = torch.tensor(images.lens, dtype=torch.long)
+        self.t_start = torch.cumsum(self.tl, 0) - self.tl
+        self.i_start = torch.cumsum(self.il, 0) - self.il
+        self.n_txt_tok = int(self.tl.sum())
+        tx, im = texts.to(device), images.to(device)
+        pos = tx.position_ids
+        if pos is None:
+            seg = torch.repeat_interleave(torch.arange(len(texts)), self.tl)
+            pos = (torch.arange(self.n_txt_tok) - self.t_start[seg]).to(device)
+        # exactly what UniterModel.embed_packed computes for these rows (text type 0, image type 1, no masks)
+        txt = uniter.embeddings(tx.input_ids, pos, None)
+        types = uniter.embeddings.token_type_embeddings.weight[1]
+        img = uniter.img_embeddings(im.feat, im.pos, types)
+        self.table = torch.cat([txt, img.to(txt.dtype)])  # [T_txt + T_img, H]
+        layers = list(uniter.encoder.layer)
+        self.shortcuts = bool(shortcuts) and len(layers) > 0 and all(type(x) is BertLayer for x in layers)
+        self.qkv0 = None
+        if self.shortcuts:  # layer 0's query / key / value of a token do not depend on the pair either
+            sa = layers[0].attention.self
+            self.qkv0 = torch.cat([sa.query(self.table), sa.key(self.table), sa.value(self.table)], 1)
+        self.dev_idx = {k: v.to(device) for k, v in (("tl", self.tl), ("il", self.il), ("ts", self.t_start),
+                                                      ("is", self.i_start))}
+
+    def pair_scores(self, model: nn.Module, head, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Cross-encoder scores [P] (float32, on the device) of the pairs (t[p], i[p]); t, i: [P] long on the host."""
+        tl_h, il_h = self.tl[t], self.il[i]
+        total = int(tl_h.sum()) + int(il_h.sum())
+        max_len = int((tl_h + il_h).max())
+        d = self.dev_idx
+        td, idv = t.to(self.device, non_blocking=True), i.to(self.device, non_blocking=True)
+        tl, il = d["tl"][td], d["il"][idv]
+        lens = tl + il
+        cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=self.device)
+        cu[1:] = torch.cumsum(lens, 0)
+        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=self.device), lens, output_size=total)
+        within = torch.arange(total, device=self.device) - cu[:-1].long()[seg]
+        tls = tl[seg]
+        src = torch.where(within < tls, d["ts"][td][seg] + within,
+                          self.n_txt_tok + d["is"][idv][seg] + (within - tls))
+        if self.shortcuts:
+            first_states = self._encode_first_rows(src, cu, max_len)
+        else:  # the model's own encoder: bitwise what its forward computes on the same packed batch
+            first_states = self.uniter.encoder(self.table[src], cu, max_len, False)[-1][cu[:-1].long()]
+        return _apply_head(model, head, self.uniter.pooler(first_states))
+
+    def _encode_first_rows(self, src: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        """The encoder's last-layer states of each sequence's first token ([CLS]) [P, H], with two exact shortcuts:
+        layer 0's query / key / value rows are gathered from per-token caches (``qkv0``), and the last layer runs
+        only the [CLS] query (keys / values of every token, then attention output, FFN and LayerNorms on P rows:
+        the pooler reads nothing else). Same math as :class:`~fastvl.nn.bert.BertLayer`, on fewer rows."""
+        if self.attention == "sdpa":
+            return self._first_rows_padded(src, cu, max_len)
+        layers = self.uniter.encoder.layer
+        x = self.table[src]  # [T, H]
+        t, hsz = x.shape
+        first = cu[:-1].long()
+        p = first.numel()
+        cu_q = torch.arange(p + 1, dtype=torch.int32, device=x.device)
+        for li, layer in enumerate(layers):
+            sa = layer.attention.self
+            heads, dh = sa.num_attention_heads, sa.attention_head_size
+            last = li == len(layers) - 1
+            if li == 0:
+                qkv = self.qkv0[src]
+                q, k, v = qkv[:, :hsz], qkv[:, hsz:2 * hsz], qkv[:, 2 * hsz:]
+            else:
+                q, k, v = (None if last else sa.query(x)), sa.key(x), sa.value(x)
+            k, v = k.reshape(t, heads, dh), v.reshape(t, heads, dh)
+            if last:
+                xq = x[first]  # [P, H]
+                q = (q[first] if q is not None else sa.query(xq)).reshape(p, heads, dh)
+                ctx = cross_modal_attention(q, k, v, cu_q, cu, 1, max_len, mask="cross")
+                a = layer.attention.output(ctx.reshape(p, hsz), xq)
+            else:
+                ctx = cross_modal_attention(q.reshape(t, heads, dh), k, v, cu, cu, max_len, max_len)
+                a = layer.attention.output(ctx.reshape(t, hsz), x)
+            x = layer.output(layer.intermediate(a), a)
+        return x
+
+    def _first_rows_padded(self, src: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        """As :meth:`_encode_first_rows` on a padded view [P, L, H] of the chunk, attention through torch's fused
+        ``scaled_dot_product_attention`` with a key-padding mask (pad rows are computed and never read). Chunks are
+        length-sorted, so the padding is small; the CPU choice, where fastvl's attention op has only its plain
+        reference."""
+        layers = self.uniter.encoder.layer
+        p = cu.numel() - 1
+        lens = (cu[1:] - cu[:-1]).long()
+        ar = torch.arange(max_len, device=cu.device)
+        mask = (ar[None] < lens[:, None])[:, None, None, :]  # [P, 1, 1, L] keys to attend
+        rows = src[(cu[:-1].long()[:, None] + ar[None]).clamp(max=src.numel() - 1)]  # [P, L] table rows (pads: any)
+        x = self.table[rows]  # [P, L, H]
+        hsz = x.shape[-1]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for li, layer in enumerate(layers):
+            sa = layer.attention.self
+            heads, dh = sa.num_attention_heads, sa.attention_head_size
+            last = li == len(layers) - 1
+            if li == 0:
+                qkv = self.qkv0[rows]
+                q, k, v = qkv[..., :hsz], qkv[..., hsz:2 * hsz], qkv[..., 2 * hsz:]
+            else:
+                q, k, v = (None if last else sa.query(x)), sa.key(x), sa.value(x)
+            kp, vp = (y.reshape(p, max_len, heads, dh).transpose(1, 2) for y in (k, v))  # [P, h, L, d]
+            if last:
+                xq = x[:, 0]  # [P, H]
+                q = q[:, 0] if q is not None else sa.query(xq)
+                ctx = sdpa(q.reshape(p, heads, 1, dh), kp, vp, attn_mask=mask)  # [P, h, 1, d]
+                a = layer.attention.output(ctx.reshape(p, hsz), xq)
+            else:
+                ctx = sdpa(q.reshape(p, max_len, heads, dh).transpose(1, 2), kp, vp, attn_mask=mask)
+                a = layer.attention.output(ctx.transpose(1, 2).reshape(p, max_len, hsz), x)
+            x = layer.output(layer.intermediate(a), a)
+        return x
+
+    def single_pooled(self, which: str, max_tokens: int, layer: int = -1) -> torch.Tensor:
+        """Each text (``which='txt'``) or image (``'img'``) encoded ALONE, mean-pooled -> [N or M, H] float32."""
+        lens = self.tl if which == "txt" else self.il
+        start = self.t_start if which == "txt" else self.i_start + self.n_txt_tok
+        out = []
+        s = 0
+        n = lens.numel()
+        while s < n:
+            e = s + 1
+            while e < n and int(lens[s:e + 1].sum()) <= max_tokens:
+                e += 1
+            rows = torch.cat([torch.arange(int(start[j]), int(start[j]) + int(lens[j])) for j in range(s, e)])
+            emb = self.table[rows.to(self.device)]
+            cu = torch.zeros(e - s + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(lens[s:e], 0)
+            if layer == 0:
+                h = emb
+            else:
+                h = self.uniter.encoder(emb, cu.to(self.device), int(lens[s:e].max()), True)[layer]
+            seg = torch.repeat_interleave(torch.arange(e - s), lens[s:e]).to(self.device)
+            summed = torch.zeros(e - s, h.shape[1], device=self.device, dtype=torch.float32)
+            summed.index_add_(0, seg, h.float())
+            out.append(summed / lens[s:e].to(self.device, torch.float32)[:, None])
+            s = e
+        return torch.cat(out)
+
+
+def _tiles(enc: _Encoded, max_tokens: int):
+    """Length-sorted tiles of the full matrix: yields (t [P] long, i [P] long) host index pairs, text-major."""
+    t_order = torch.argsort(enc.tl, stable=True)
+    i_order = torch.argsort(enc.il, stable=True)
+    n, m = t_order.numel(), i_order.numel()
+    pairs = max(1, max_tokens // int(enc.tl.max() + enc.il.max()))
+    bi = max(1, min(m, round(math.sqrt(pairs * m / n))))
+    bt = max(1, min(n, pairs // bi))
+    for ts in range(0, n, bt):
+        tb = t_order[ts:ts + bt]
+        for is_ in range(0, m, bi):
+            ib = i_order[is_:is_ + bi]
+            yield tb.repeat_interleave(ib.numel()), ib.repeat(tb.numel())
+
+
+def _pair_chunks(enc: _Encoded, t: torch.Tensor, i: torch.Tensor, max_tokens: int):
+    """An arbitrary pair list sorted by joint length and cut into chunks of <= max_tokens tokens (a longer single
+    pair is a chunk of its own). Yields (t [P], i [P], positions of those pairs in the input list [P])."""
+    lens = enc.tl[t] + enc.il[i]
+    order = torch.argsort(lens, stable=True)
+    cum = torch.cumsum(lens[order], 0)
+    s = 0
+    while s < order.numel():
+        base = int(cum[s - 1]) if s else 0
+        e = max(int(torch.searchsorted(cum, base + max_tokens, right=True)), s + 1)
+        sel = order[s:e]
+        yield t[sel], i[sel], sel
+        s = e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Score matrices
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_common(mode: str, max_tokens: int | None, device: torch.device) -> int:
+    if mode not in MODES:
+        raise ValueError(f"{_FN}.score_matrix: 'mode' must be one of {MODES}, got {mode!r}")
+    if max_tokens is None:
+        return DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cuda"])
+    if int(max_tokens) < 1:
+        raise ValueError(f"{_FN}.score_matrix: 'max_tokens' must be >= 1, got {max_tokens}")
+    return int(max_tokens)
+
+
+def _shortlist(enc: _Encoded, max_tokens: int, layer: int) -> torch.Tensor:
+    tv = torch.nn.functional.normalize(enc.single_pooled("txt", max_tokens, layer), dim=1, eps=1e-6)
+    iv = torch.nn.functional.normalize(enc.single_pooled("img", max_tokens, layer), dim=1, eps=1e-6)
+    return tv @ iv.t()
+
+
+@torch.no_grad()
+def shortlist_scores(model: nn.Module, texts, images, *, max_tokens: int | None = None, layer: int = -1,
+                     amp: bool | str | torch.dtype | None = None) -> torch.Tensor:
+    """The cheap shortlist: cosine similarity of each text encoded alone and each image encoded alone.
+
+    Each text (``[CLS] ... [SEP]``, type 0) and each image (its regions, type 1) runs through the model's encoder
+    on its own (N + M sequences), its ``layer`` output (default the last; 0 = the embeddings) is mean-pooled over
+    tokens and L2-normalised. Returns [N, M] float32 cosine similarities on the model's device.
+    """
+    device = _device(model)
+    max_tokens = _check_common("exact", max_tokens, device)
+    with _eval_mode(model), _autocast(device, amp):
+        enc = _Encoded(model, _as_texts(texts), _as_images(images), device)
+        return _shortlist(enc, max_tokens, layer)
+
+
+@torch.no_grad()
+def score_matrix(model: nn.Module, texts, images, mode: str = "exact", *, k: int = 32,
+                 shortlist: torch.Tensor | None = None, shortlist_layer: int = -1, head=None,
+                 max_tokens: int | None = None, amp: bool | str | torch.dtype | None = None, shortcuts: bool = True,
+                 attention: str = "auto", progress: bool = True, return_info: bool = False,
+                 out_device: torch.device | str = "cpu"):
+    """Scores [N, M] of every (text, image) pair for retrieval (see the module docstring for the two modes).
+
+    Args:
+        model: a UNITER model with a head: ``UniterForImageTextRetrieval`` (``rank_output``) or one with
+            ``itm_output`` (``UniterForPretraining``: score = ITM log-odds of 'match'). Run in eval mode (restored).
+        texts: :class:`RetrievalTexts` or a list of N 1-d token-id tensors. images: :class:`RetrievalImages` or a list
+            of M ``(feat [n, img_dim], pos [n, 7])``.
+        mode: 'exact' (every pair cross-encoded) or 'two_stage' (shortlist + re-rank of the top ``k``).
+        k: two_stage: images re-scored per text and texts re-scored per image.
+        shortlist: two_stage: your own shortlist scores [N, M] (higher = better) instead of the unimodal cosine.
+        shortlist_layer: two_stage: encoder layer whose mean-pooled output the cosine shortlist uses (0 = embeddings).
+        head: None (auto: 'rank' if the model has rank_output, else 'itm'), 'rank', 'itm', or a callable
+            pooled [P, H] -> [P].
+        max_tokens: joint tokens per packed chunk (memory bound; default 32768 on CPU, 262144 on GPU).
+        amp: None/False = fp32; True/'bf16' = bf16 autocast (GPU), 'fp16', or a dtype.
+        shortcuts: (default) gather layer 0's query / key / value from per-token caches and run the last layer for
+            the [CLS] rows only (exact: the same math on fewer rows; equal to the model's forward up to fp32
+            rounding). False: each chunk runs the model's own encoder, bitwise what its forward gives on that chunk.
+        attention: with shortcuts, the attention core: 'fastvl' (fastvl.ops.cross_modal_attention: packed, its best
+            backend), 'sdpa' (torch's fused scaled_dot_product_attention on a padded view), 'auto' (default: sdpa on
+            CPU, where fastvl's op has only its plain reference; fastvl elsewhere).
+        progress: tqdm bar over the pairs scored.
+        return_info: also return a dict (mode, k, pairs_scored, pairs_total, seconds, cross_scored [N, M] bool).
+        out_device: where the [N, M] float32 matrix is gathered (default the host).
+    Returns:
+        scores [N, M] float32 (and the info dict with ``return_info``).
+    """
+    t0 = time.perf_counter()
+    device = _device(model)
+    max_tokens = _check_common(mode, max_tokens, device)
+    texts, images = _as_texts(texts), _as_images(images)
+    head = _resolve_head(model, head)
+    n, m = len(texts), len(images)
+    out = torch.empty(n, m, dtype=torch.float32, device=out_device)
+    info: dict = {"mode": mode, "pairs_total": n * m}
+    with _eval_mode(model), _autocast(device, amp):
+        enc = _Encoded(model, texts, images, device, shortcuts, attention)
+        if mode == "exact":
+            with _progress(n * m, "itr exact", progress) as bar:
+                for t, i in _tiles(enc, max_tokens):
+                    out[t, i] = enc.pair_scores(model, head, t, i).to(out.device)
+                    bar.update(t.numel())
+            info.update(pairs_scored=n * m, k=None)
+            scored = None
+        else:
+            if int(k) < 1:
+                raise ValueError(f"{_FN}.score_matrix: 'k' must be >= 1, got {k}")
+            if shortlist is None:
+                s0 = _shortlist(enc, max_tokens, shortlist_layer).float().to(out.device)
+            else:
+                if tuple(shortlist.shape) != (n, m):
+                    raise ValueError(f"{_FN}.score_matrix: 'shortlist' must have shape [{n}, {m}] (texts, images), "
+                                     f"got {list(shortlist.shape)}")
+                s0 = shortlist.detach().float().to(out.device)
+            kt, ki = min(int(k), m), min(int(k), n)
+            scored = torch.zeros(n, m, dtype=torch.bool, device=out.device)
+            scored.scatter_(1, s0.topk(kt, dim=1).indices, True)
+            scored.scatter_(0, s0.topk(ki, dim=0).indices, True)
+            t, i = scored.nonzero(as_tuple=True)
+            t, i = t.cpu(), i.cpu()
+            cross = torch.empty(t.numel(), dtype=torch.float32, device=out.device)
+            with _progress(t.numel(), f"itr two-stage (k={k})", progress) as bar:
+                for tc, ic, sel in _pair_chunks(enc, t, i, max_tokens):
+                    cross[sel.to(out.device)] = enc.pair_scores(model, head, tc, ic).to(out.device)
+                    bar.update(tc.numel())
+            # not re-scored: shortlist order kept, every value moved below the lowest cross-encoder score
+            lo, hi = s0.min(), s0.max()
+            span = (hi - lo).clamp(min=1e-12)
+            floor = cross.min() - 1.0 if cross.numel() else torch.zeros((), device=out.device)
+            out.copy_(floor - (hi - s0) / span)
+            out[t.to(out.device), i.to(out.device)] = cross
+            info.update(pairs_scored=int(t.numel()), k=int(k))
+    info["seconds"] = time.perf_counter() - t0
+    info["cross_scored"] = scored
+    return (out, info) if return_info else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Naive reference: one normal forward per pair
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def brute_force_scores(model: nn.Module, texts, images, pairs: Sequence[tuple[int, int]] | None = None, head=None,
+                       amp: bool | str | torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+    """Naive scoring: one model forward (a 1-pair PackedVLBatch, embeddings recomputed) per (text, image) pair.
+
+    ``rank`` heads go through the model's own ``forward(batch, compute_loss=False)``; ``itm`` through
+    ``forward(batch, task='itm', compute_loss=False)`` when the model is a pre-training model. Returns [N, M]
+    float32 (every pair) or, with ``pairs``, [len(pairs)] float32 for those pairs only.
+    """
+    device = _device(model)
+    texts, images = _as_texts(texts).to(device), _as_images(images).to(device)
+    head = _resolve_head(model, head)
+    ct = [0]
+    for x in texts.lens:
+        ct.append(ct[-1] + x)
+    ci = [0]
+    for x in images.lens:
+        ci.append(ci[-1] + x)
+    todo = pairs if pairs is not None else [(t, i) for t in range(len(texts)) for i in range(len(images))]
+    uniter = _uniter(model)
+    out = torch.empty(len(todo), dtype=torch.float32)
+    with _eval_mode(model), _autocast(device, amp), _progress(len(todo), "itr naive", progress) as bar:
+        for p, (t, i) in enumerate(todo):
+            pos = None if texts.position_ids is None else texts.position_ids[ct[t]:ct[t + 1]]
+            b = PackedVLBatch(input_ids=texts.input_ids[ct[t]:ct[t + 1]], txt_lens=[texts.lens[t]],
+                              img_feat=images.feat[ci[i]:ci[i + 1]], img_pos=images.pos[ci[i]:ci[i + 1]],
+                              img_lens=[images.lens[i]], position_ids=pos)
+            if head == "rank" and getattr(model, "task", None) == "itr":
+                s = model(b, compute_loss=False)[:, 0]
+            elif head == "itm" and hasattr(model, "region_classifier"):
+                logits = model(b, task="itm", compute_loss=False, with_ot=False)[0].float()
+                s = logits[:, 1] - logits[:, 0]
+            else:
+                h = uniter.forward_packed(b)
+                s = _apply_head(model, head, uniter.pool_packed(h, uniter.layout(b)))
+            out[p] = s.float().reshape(())
+            bar.update(1)
+    return out if pairs is not None else out.reshape(len(texts), len(images))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recall@k
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_txt2img(txt2img, n: int, m: int) -> torch.Tensor:
+    t2i = torch.as_tensor(txt2img).long().reshape(-1).cpu()
+    if t2i.numel() != n:
+        raise ValueError(f"{_FN}.recall_at_k: 'txt2img' must have one image per text ({n}), got {t2i.numel()}")
+    if n and (int(t2i.min()) < 0 or int(t2i.max()) >= m):
+        bad = int(((t2i < 0) | (t2i >= m)).nonzero()[0])
+        raise ValueError(f"{_FN}.recall_at_k: 'txt2img[{bad}]' = {int(t2i[bad])} is not an image index in [0, {m})")
+    return t2i
+
+
+def _check_img2txts(img2txts, t2i: torch.Tensor, m: int) -> None:
+    """img2txts must be the inverse of txt2img (list of M lists, or a dict image -> texts)."""
+    items = img2txts.items() if isinstance(img2txts, Mapping) else enumerate(img2txts)
+    given: dict[int, set[int]] = {}
+    for j, txts in items:
+        if not 0 <= int(j) < m:
+            raise ValueError(f"{_FN}.recall_at_k: 'img2txts' names image {j}, outside [0, {m})")
+        given[int(j)] = {int(x) for x in txts}
+    expect: dict[int, set[int]] = {}
+    for t, j in enumerate(t2i.tolist()):
+        expect.setdefault(j, set()).add(t)
+    for j in set(given) | set(expect):
+        if given.get(j, set()) != expect.get(j, set()):
+            raise ValueError(f"{_FN}.recall_at_k: 'img2txts' disagrees with 'txt2img' for image {j}: img2txts gives "
+                             f"texts {sorted(given.get(j, set()))}, txt2img gives {sorted(expect.get(j, set()))}")
+
+
+def _hit_prob(higher: torch.Tensor, tied: torch.Tensor, gt_tied: torch.Tensor, k: int, ties: str) -> torch.Tensor:
+    """P(some ground truth is within the top k) given ``higher`` candidates strictly above the best ground truth,
+    ``tied`` candidates (ground truths included) at its score, ``gt_tied`` of them ground truths. float64."""
+    higher, tied, gt_tied = higher.double(), tied.double(), gt_tied.double()
+    if ties == "optimistic":
+        return (higher < k).double()
+    if ties == "pessimistic":
+        return (higher + tied - gt_tied < k).double()
+    slots = (k - higher).clamp(min=0)  # top-k places left for the tied group (random order within it)
+    miss = torch.ones_like(higher)
+    for j in range(k):
+        f = ((tied - gt_tied - j) / (tied - j).clamp(min=1)).clamp(min=0)
+        miss = torch.where(slots > j, miss * f, miss)
+    return 1.0 - miss
+
+
+def recall_at_k(scores: torch.Tensor, txt2img, img2txts=None, ks: Sequence[int] = (1, 5, 10),
+                ties: str = "expected", chunk: int = 1024) -> dict[str, float]:
+    """IR (text -> image) and TR (image -> text) recall@k in percent, the official protocol.
+
+    IR: for text t, a hit at k when image ``txt2img[t]`` is among the k best images. TR: for image j, a hit when
+    ANY text of image j is among the k best texts (images without a text are not queries).
+
+    Ties (equal scores around the ground truth): ``'optimistic'`` ranks the ground truth first among its ties
+    (= :func:`fastvl.tasks.metrics.retrieval_recall`), ``'pessimistic'`` last, ``'expected'`` (default) gives the
+    expected hit rate under a uniformly random order of the tied candidates (what an arbitrary top-k does on
+    average; a model that scores everything equal gets chance, not 100%).
+
+    Args:
+        scores: [N, M] (texts x images), higher = better match. txt2img: [N] ints, the image of each text.
+        img2txts: optional, the texts of each image (list of M lists, or dict image -> texts); it must be the
+            inverse of txt2img (checked) and is accepted for parity with the official signature.
+        ks: cut-offs. chunk: rows compared at a time (memory bound).
+    Returns:
+        ``{'tr_r1', 'tr_r5', 'tr_r10', 'ir_r1', 'ir_r5', 'ir_r10', 'tr_mean', 'ir_mean', 'r_mean', 'n_txt', 'n_img'}``
+        (recalls in percent; r_mean = mean of the six recalls).
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"{_FN}.recall_at_k: 'scores' must be a [N texts, M images] tensor, got {got}")
+    if ties not in TIES:
+        raise ValueError(f"{_FN}.recall_at_k: 'ties' must be one of {TIES}, got {ties!r}")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"{_FN}.recall_at_k: 'ks' must be positive ints, got {ks}")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(f"{_FN}.recall_at_k: 'scores' contains NaN")
+    n, m = scores.shape
+    t2i = _check_txt2img(txt2img, n, m)
+    if img2txts is not None:
+        _check_img2txts(img2txts, t2i, m)
+    s = scores.detach().float().cpu()
+    # IR: one ground truth per text
+    gt = s.gather(1, t2i[:, None])  # [N, 1]
+    ir_hi = torch.cat([(s[a:a + chunk] > gt[a:a + chunk]).sum(1) for a in range(0, n, chunk)]) if n else \
+        torch.zeros(0, dtype=torch.long)
+    ir_eq = torch.cat([(s[a:a + chunk] == gt[a:a + chunk]).sum(1) for a in range(0, n, chunk)]) if n else \
+        torch.zeros(0, dtype=torch.long)
+    # TR: best ground-truth text of each image
+    best = torch.full((m,), float("-inf")).scatter_reduce(0, t2i, gt[:, 0], reduce="amax", include_self=True)
+    has = torch.zeros(m, dtype=torch.bool).index_fill_(0, t2i, True)
+    tr_hi = torch.zeros(m, dtype=torch.long)
+    tr_eq = torch.zeros(m, dtype=torch.long)
+    for a in range(0, n, chunk):
+        blk = s[a:a + chunk]
+        tr_hi += (blk > best[None]).sum(0)
+        tr_eq += (blk == best[None]).sum(0)
+    gt_eq = torch.zeros(m, dtype=torch.long).index_add_(0, t2i, (gt[:, 0] == best[t2i]).long())
+    tr_hi, tr_eq, gt_eq = tr_hi[has], tr_eq[has], gt_eq[has]
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"tr_r{k}"] = 100.0 * float(_hit_prob(tr_hi, tr_eq, gt_eq, k, ties).mean()) if tr_hi.numel() else 0.0
+    for k in ks:
+        ir = _hit_prob(ir_hi, ir_eq, torch.ones_like(ir_eq), k, ties)
+        out[f"ir_r{k}"] = 100.0 * float(ir.mean()) if n else 0.0
+    out["tr_mean"] = sum(out[f"tr_r{k}"] for k in ks) / len(ks)
+    out["ir_mean"] = sum(out[f"ir_r{k}"] for k in ks) / len(ks)
+    out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
+    out["n_txt"] = n
+    out["n_img"] = int(has.sum())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One call: scores + recall + bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+
+
+def evaluate_retrieval(model: nn.Module, texts, images, txt2img, img2txts=None, mode: str = "exact",
+                       ties: str = "expected", **kwargs) -> dict:
+    """:func:`score_matrix` then :func:`recall_at_k` -> one dict for logs.
+
+    Keys: the recalls (percent), ``mode``, ``exact`` (True only for ``mode='exact'`` or a two-stage run that
+    re-scored every pair), ``k``, ``pairs_scored``, ``pairs_total``, ``seconds``, and for two-stage
+    ``shortlist_coverage`` (percent of ground-truth pairs that were re-scored: an upper bound on what the cross
+    encoder could rank) and a ``note`` saying the recall is approximate. ``kwargs`` go to :func:`score_matrix`.
+    """
+    scores, info = score_matrix(model, texts, images, mode, return_info=True, **kwargs)
+    res = recall_at_k(scores, txt2img, img2txts, ties=ties)
+    scored = info.pop("cross_scored")
+    res.update(info)
+    res["exact"] = info["pairs_scored"] == info["pairs_total"]
+    if mode == "two_stage":
+        t2i = torch.as_tensor(txt2img).long().reshape(-1).cpu()
+        cov = scored.cpu()[torch.arange(t2i.numel()), t2i].float().mean()
+        res["shortlist_coverage"] = 100.0 * float(cov)
+        if not res["exact"]:
+            res["note"] = (f"two-stage: cross-encoder re-ranked the top-{info['k']} of a cheap shortlist "
+                           f"({info['pairs_scored']} of {info['pairs_total']} pairs); recall approximates the exact "
+                           f"protocol and may be lower")
+    return res
+
+
+def format_recall(res: Mapping) -> str:
+    """One log line: ``itr[exact] IR R@1/5/10 a/b/c  TR R@1/5/10 d/e/f  R-mean g  (pairs, seconds)``."""
+    tag = res.get("mode", "?") + ("" if res.get("k") is None else f", k={res['k']}")
+    line = (f"itr[{tag}] IR R@1/5/10 {res['ir_r1']:.2f}/{res['ir_r5']:.2f}/{res['ir_r10']:.2f}  "
+            f"TR R@1/5/10 {res['tr_r1']:.2f}/{res['tr_r5']:.2f}/{res['tr_r10']:.2f}  R-mean {res['r_mean']:.2f}")
+    if "pairs_scored" in res:
+        line += f"  ({res['pairs_scored']}/{res['pairs_total']} pairs cross-encoded, {res.get('seconds', 0):.1f} s)"
+    if res.get("mode") == "two_stage" and not res.get("exact"):
+        line += f"  APPROXIMATE (shortlist coverage {res.get('shortlist_coverage', float('nan')):.1f}%)"
+    return line
