@@ -40,6 +40,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-checkpoint", default=None, help="weights to start from (e.g. an official .pt)")
     p.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (tiny default: 1)")
     adv = p.add_argument_group("VILLA adversarial training (--adv turns it on; defaults from REFERENCE.md)")
     adv.add_argument("--adv", action="store_true", help="adversarial pre-training in the embedding space")
     adv.add_argument("--adv-modality", default="text", choices=["text", "image", "both", "alter"])
@@ -82,7 +83,7 @@ def _settings(args: argparse.Namespace):
                      adv_max_norm=args.adv_max_norm, adv_kl_weight=args.adv_kl_weight,
                      kl_clean_grad=not args.adv_detach_clean)
     for name in ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "tasks", "seed",
-                 "val_every", "ckpt_every", "log_every", "precision", "device", "init_checkpoint"):
+                 "val_every", "ckpt_every", "log_every", "precision", "device", "init_checkpoint", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
