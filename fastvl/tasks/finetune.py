@@ -17,8 +17,8 @@ Each task holds one of the fine-tuning models of :mod:`fastvl.models.uniter` (``
 
 VILLA: ``adversarial_view()`` of nlvr2 / itr / re / vcr gives :class:`fastvl.adversarial.AdversarialTask` what it
 needs (one encoder pass with the perturbations, the task loss and the scores its consistency KL compares: NLVR2
-[n, 2], ITR each group's [n_groups, 1 + 2 num_neg], RE [B, max regions], VCR each question's [n, 4]); vqa / gqa /
-ve use the built-in view of :mod:`fastvl.adversarial.consistency`.
+[n, 2], ITR each group's [n_groups, 1 + 2 num_neg], RE [B, max regions] (padding at -30 below the best region),
+VCR each question's [n, 4]); vqa / gqa / ve use the built-in view of :mod:`fastvl.adversarial.consistency`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..batch import PackedVLBatch
-from ..models.uniter_finetune import rank_hinge, select_examples
+from ..models.uniter_finetune import NEG_FILL, rank_hinge, select_examples
 from . import metrics, register_task
 
 __all__ = ["FinetuneTask", "ITRTask", "NLVR2Task", "RETask", "VCRTask", "VQATask", "pair_batch", "vqa_soft_targets"]
@@ -249,8 +249,13 @@ class RETask(FinetuneTask):
                                  f"{batch.img_lens[i]} regions")
 
     def adv_loss(self, h, layout, batch):
+        """Consistency scores: the region scores with padded / masked regions (filled with -1e4, whose softmax
+        underflows to exactly 0 and makes the KL gradient NaN) set to -30 below the row's best score."""
         loss = self.model._head(h, layout, batch.extras["targets"], True, "mean", batch.extras)
-        return loss, self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
+        scores = self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
+        pad = scores <= NEG_FILL / 2
+        shifted = scores - scores.detach().max(1, keepdim=True).values
+        return loss, shifted.masked_fill(pad, -30.0)
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ Data: ``--data DIR`` (``txt_db/*.db`` + ``img_db/<name>/``, validation txt_dbs n
 (:func:`fastvl.data.finetune_synthetic.finetune_synthetic`). Task options (``--opt key=value``): ``ans2label``
 (vqa / gqa / ve: answer vocabulary file), ``variant`` (nlvr2: paired | triplet | paired-attn), ``num_neg``,
 ``margin``, ``eval_images`` (itr), ``loss`` (cls | rank), ``mlp`` (re), ``special_tokens`` (vcr, official 81),
-``synthetic_images`` (training images of the synthetic data).
+``synthetic_images`` / ``synthetic_val_images`` (images of the synthetic data's splits).
 
 After loading pre-trained weights each model is prepared as the official scripts do: NLVR2 grows the type table
 to 3 rows, VCR to 4 rows plus ``special_tokens`` word rows, retrieval copies the ITM "match" row into its rank head.
@@ -81,8 +81,9 @@ def _paths(s: FinetuneSettings, task: str) -> dict[str, Any]:
         lay = find_dbs(s.data)
         return dict(train_txt=lay.train_txt, train_img=lay.train_img, val_txt=lay.val_txt, val_img=lay.val_img,
                     synthetic=False, source=str(s.data), root=Path(s.data))
-    n = int(s.options.get("synthetic_images", FinetuneSynthConfig.n_train_images))
-    syn = finetune_synthetic(config=FinetuneSynthConfig(n_train_images=n))
+    syn = finetune_synthetic(config=FinetuneSynthConfig(
+        n_train_images=int(s.options.get("synthetic_images", FinetuneSynthConfig.n_train_images)),
+        n_val_images=int(s.options.get("synthetic_val_images", FinetuneSynthConfig.n_val_images))))
     val_txt, val_img = [syn.txt_db(task, "val")], [syn.img_db]
     if s.val_txt_db:  # other validation data for a model trained on the synthetic data
         val_txt, val_img = list(s.val_txt_db), list(s.val_img_db or [syn.img_db] * len(s.val_txt_db))
