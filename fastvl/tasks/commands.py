@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from ..cli import COMMANDS, command
@@ -110,10 +111,15 @@ def settings_from_args(args: argparse.Namespace):
 @command("finetune", "fine-tune UNITER on a downstream task (default: UNITER-tiny on the task's synthetic data)",
          _finetune_args)
 def _finetune(args: argparse.Namespace) -> int:
+    from ..data.errors import DataError
     from ..train.finetune import finetune
 
     t0 = time.perf_counter()
-    result = finetune(settings_from_args(args))
+    try:
+        result = finetune(settings_from_args(args))
+    except (DataError, FileNotFoundError) as e:  # bad or missing data: the message names the db and key
+        print(f"fastvl finetune: error: {e}", file=sys.stderr)
+        return 2
     summary = {"task": result["task"], "metric": result["metric_name"], "value": result["metric"],
                "chance": round(result["chance"], 4), "minutes": round((time.perf_counter() - t0) / 60, 2),
                "checkpoint": result["checkpoint"]}
