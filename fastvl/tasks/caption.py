@@ -257,8 +257,8 @@ def score_captions(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequen
 # fine-tuning registration (fastvl finetune --task caption)
 # ----------------------------------------------------------------------------------------------------------------
 #: Task defaults for ``fastvl finetune --task caption`` (tiny model on the synthetic corpus, CPU minutes).
-DEFAULTS: dict[str, Any] = dict(steps=2000, lr=1e-3, warmup_steps=100, batch_tokens=1024, val_every=1000,
-                                ckpt_every=1000, log_every=50,
+DEFAULTS: dict[str, Any] = dict(steps=4000, lr=1e-3, warmup_steps=100, batch_tokens=1024, val_every=2000,
+                                ckpt_every=2000, log_every=50,
                                 options=dict(mask_prob=0.15, beam_size=1, max_len=20, length_penalty=1.0,
                                              eval_batch_size=100))
 
