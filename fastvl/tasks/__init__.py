@@ -46,4 +46,4 @@ def build_task(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _load() -> None:
-    from . import finetune, pretrain  # noqa: F401  (register the fine-tuning and pre-training tasks)
+    from . import caption, finetune, pretrain  # noqa: F401  (register the fine-tuning and pre-training tasks)
