@@ -8,8 +8,14 @@ encoder, so the full matrix of N texts x M images costs N x M joint forwards. Tw
   projections, type, LayerNorm) of each image. Pairs are then packed without padding (fastvl's packed layout,
   one ``cu_seqlens`` per chunk) into chunks of at most ``max_tokens`` tokens, whose joint embeddings are a
   gather of those rows; only the encoder, the pooler and the head run per pair. Texts and images are visited in
-  length-sorted tiles so that the sequences of a chunk have similar lengths. No gradient; optional bf16 autocast.
-  The scores equal naive per-pair scoring through the model's normal forward up to fp32 rounding.
+  length-sorted tiles so that the sequences of a chunk have similar lengths. Two more exact shortcuts (on by
+  default, ``shortcuts=False`` turns them off): layer 0's query / key / value projections of a token do not
+  depend on the pair either, so they are cached per token like the embeddings; and the last layer runs only for
+  the [CLS] row of each pair (the pooler reads nothing else): keys and values of every token, the rest on one row.
+  On CPU the attention core is torch's fused ``scaled_dot_product_attention`` on a padded view of the chunk (tiles
+  are length-sorted, so little padding); on GPU, fastvl's packed attention op. No gradient; optional bf16
+  autocast. The scores equal naive per-pair scoring through the model's normal forward up to fp32 rounding (BLAS
+  results depend on the batch shape, so no batched evaluation is bitwise equal to a per-pair one).
 - ``mode='two_stage'``: a cheap shortlist, then cross-encoder re-ranking. The shortlist encodes each text alone
   and each image alone once with the same encoder (N + M sequences instead of N x M), mean-pools the last layer
   and scores pairs by cosine similarity (or takes ``shortlist`` scores from the caller, e.g. a dual encoder).
@@ -316,7 +322,7 @@ class _Encoded:
                           self.n_txt_tok + d["is"][idv][seg] + (within - tls))
         if self.shortcuts:
             first_states = self._encode_first_rows(src, cu, max_len)
-        else:  # the model's own encoder: bitwise what its forward computes on the same packed batch
+        else:  # the model's own encoder on the chunk
             first_states = self.uniter.encoder(self.table[src], cu, max_len, False)[-1][cu[:-1].long()]
         return _apply_head(model, head, self.uniter.pooler(first_states))
 
@@ -522,7 +528,7 @@ def score_matrix(model: nn.Module, texts, images, mode: str = "exact", *, k: int
     texts, images = _as_texts(texts), _as_images(images)
     head = _resolve_head(model, head)
     n, m = len(texts), len(images)
-    out = torch.empty(n, m, dtype=torch.float32, device=out_device)
+    out = torch.empty(n, m, dtype=torch.float32, device=device)  # filled on the device, moved once at the end
     info: dict = {"mode": mode, "pairs_total": n * m}
     with _eval_mode(model), _autocast(device, amp):
         enc = _Encoded(model, texts, images, device, shortcuts, attention)
@@ -561,8 +567,11 @@ def score_matrix(model: nn.Module, texts, images, mode: str = "exact", *, k: int
             out.copy_(floor - (hi - s0) / span)
             out[t.to(out.device), i.to(out.device)] = cross
             info.update(pairs_scored=int(t.numel()), k=int(k))
+    out = out.to(out_device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     info["seconds"] = time.perf_counter() - t0
-    info["cross_scored"] = scored
+    info["cross_scored"] = None if scored is None else scored.to(out_device)
     return (out, info) if return_info else out
 
 
