@@ -23,7 +23,10 @@ encoder, so the full matrix of N texts x M images costs N x M joint forwards. Tw
   Entries that were not re-scored hold their shortlist score moved below every cross-encoder score (so the
   shortlist order breaks the rest). Its recall is an APPROXIMATION of the exact protocol's (a ground truth outside
   both shortlists can only be found by its shortlist rank); report it separately. With ``k`` >= N and >= M every
-  pair is re-scored and the matrix is the exact one.
+  pair is re-scored and the matrix is the exact one. The recall is bounded by the shortlist's coverage of the
+  ground-truth pairs (:func:`evaluate_retrieval` reports it): a cross-encoder's unimodal encodings carry little
+  matching signal (UNITER is not trained for them; on the synthetic corpus the cosine shortlist of a fine-tuned
+  tiny model is at chance), so for a useful two-stage run pass ``shortlist`` scores from a dual encoder.
 
 The metric follows the official protocol: text t matches image ``txt2img[t]``; IR ranks all images for each
 text; TR ranks all texts for each image and counts a hit when ANY of the image's texts is within the top k. Ties
@@ -55,7 +58,7 @@ MODES = ("exact", "two_stage")
 TIES = ("optimistic", "pessimistic", "expected")
 HEADS = ("rank", "itm")
 ATTENTION = ("auto", "fastvl", "sdpa")
-DEFAULT_MAX_TOKENS = {"cpu": 1 << 15, "cuda": 1 << 18}
+DEFAULT_MAX_TOKENS = {"cpu": 1 << 15, "cuda": 1 << 17}
 _FN = "fastvl.tasks.retrieval"
 
 
@@ -413,7 +416,8 @@ class _Encoded:
             if layer == 0:
                 h = emb
             else:
-                h = self.uniter.encoder(emb, cu.to(self.device), int(lens[s:e].max()), True)[layer]
+                outs = self.uniter.encoder(emb, cu.to(self.device), int(lens[s:e].max()), True)
+                h = outs[layer - 1] if layer > 0 else outs[layer]
             seg = torch.repeat_interleave(torch.arange(e - s), lens[s:e]).to(self.device)
             summed = torch.zeros(e - s, h.shape[1], device=self.device, dtype=torch.float32)
             summed.index_add_(0, seg, h.float())
@@ -468,6 +472,10 @@ def _check_common(mode: str, max_tokens: int | None, device: torch.device) -> in
 
 
 def _shortlist(enc: _Encoded, max_tokens: int, layer: int) -> torch.Tensor:
+    n_layers = len(enc.uniter.encoder.layer)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer <= n_layers:
+        raise ValueError(f"{_FN}: 'shortlist_layer' must be an int in [-{n_layers}, {n_layers}] (0 = embeddings, k = "
+                         f"output of layer k, -1 = last), got {layer!r}")
     tv = torch.nn.functional.normalize(enc.single_pooled("txt", max_tokens, layer), dim=1, eps=1e-6)
     iv = torch.nn.functional.normalize(enc.single_pooled("img", max_tokens, layer), dim=1, eps=1e-6)
     return tv @ iv.t()
@@ -479,8 +487,12 @@ def shortlist_scores(model: nn.Module, texts, images, *, max_tokens: int | None 
     """The cheap shortlist: cosine similarity of each text encoded alone and each image encoded alone.
 
     Each text (``[CLS] ... [SEP]``, type 0) and each image (its regions, type 1) runs through the model's encoder
-    on its own (N + M sequences), its ``layer`` output (default the last; 0 = the embeddings) is mean-pooled over
-    tokens and L2-normalised. Returns [N, M] float32 cosine similarities on the model's device.
+    on its own (N + M sequences), its ``layer`` output (default -1, the last; 0 = the embeddings; k = layer k) is
+    mean-pooled over tokens and L2-normalised. Returns [N, M] float32 cosine similarities on the model's device.
+
+    A cross-encoder is never trained to align text and image encoded apart, so this shortlist is only as good as
+    that accident: on the synthetic corpus's fine-tuned tiny model it is at chance (see the two-stage note in the
+    module docstring). A dual encoder's scores, passed as ``score_matrix(..., shortlist=...)``, make a better one.
     """
     device = _device(model)
     max_tokens = _check_common("exact", max_tokens, device)
@@ -508,11 +520,11 @@ def score_matrix(model: nn.Module, texts, images, mode: str = "exact", *, k: int
         shortlist_layer: two_stage: encoder layer whose mean-pooled output the cosine shortlist uses (0 = embeddings).
         head: None (auto: 'rank' if the model has rank_output, else 'itm'), 'rank', 'itm', or a callable
             pooled [P, H] -> [P].
-        max_tokens: joint tokens per packed chunk (memory bound; default 32768 on CPU, 262144 on GPU).
+        max_tokens: joint tokens per packed chunk (memory bound; default 32768 on CPU, 131072 on GPU).
         amp: None/False = fp32; True/'bf16' = bf16 autocast (GPU), 'fp16', or a dtype.
         shortcuts: (default) gather layer 0's query / key / value from per-token caches and run the last layer for
             the [CLS] rows only (exact: the same math on fewer rows; equal to the model's forward up to fp32
-            rounding). False: each chunk runs the model's own encoder, bitwise what its forward gives on that chunk.
+            rounding). False: each chunk runs through the model's own encoder module (any layer type).
         attention: with shortcuts, the attention core: 'fastvl' (fastvl.ops.cross_modal_attention: packed, its best
             backend), 'sdpa' (torch's fused scaled_dot_product_attention on a padded view), 'auto' (default: sdpa on
             CPU, where fastvl's op has only its plain reference; fastvl elsewhere).

@@ -209,6 +209,14 @@ def test_shortlist_is_cosine_of_unimodal_encodings(gen):
                                output_all_encoded_layers=False)) for f, p in img])
     ref = torch.nn.functional.normalize(tv, dim=1) @ torch.nn.functional.normalize(iv, dim=1).t()
     torch.testing.assert_close(shortlist_scores(model, texts, images), ref, **TOL)
+    torch.testing.assert_close(shortlist_scores(model, texts, images, layer=cfg.num_hidden_layers), ref, **TOL)
+    # layer 0: the embeddings alone (text type 0, image type 1)
+    te = torch.stack([u.embeddings(t, torch.arange(t.numel())).mean(0) for t in txt])
+    ie = torch.stack([u.img_embeddings(f, p, u.embeddings.token_type_embeddings.weight[1]).mean(0) for f, p in img])
+    ref0 = torch.nn.functional.normalize(te, dim=1) @ torch.nn.functional.normalize(ie, dim=1).t()
+    torch.testing.assert_close(shortlist_scores(model, texts, images, layer=0), ref0, **TOL)
+    with pytest.raises(ValueError, match="'shortlist_layer' must be an int"):
+        shortlist_scores(model, texts, images, layer=cfg.num_hidden_layers + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
