@@ -17,7 +17,7 @@ regions:
 - ``itr``: the scene captions (2 per training image, 1 per validation image).
 - ``re``: expressions to one object ("the red object", "the cup", "the object at the top left", "the lamp left of
   the cup"); the official RefCOCO layout (refs / annotations / images / categories json, boxes in pixels).
-- ``vcr``: one question per image with 4 answers and 4 rationales (one right each), the official VCR layout.
+- ``vcr``: questions with 4 answers and 4 rationales (one right each), the official VCR layout.
 
 Layout of the cache folder ``<cache>/finetune-<hash>/`` (atomic, like the pre-training corpus): ``vocab.txt``,
 ``img_db/`` (every scene, named ``visual_grounding_coco_gt_<image id:012>.npz`` as official RE data),
@@ -57,7 +57,7 @@ from .tokenizer import WordPieceTokenizer, write_vocab
 __all__ = ["FINETUNE_TASKS", "FinetuneSynthConfig", "FinetuneSynthData", "finetune_synthetic", "image_name",
            "scene_objects"]
 
-VERSION = 1
+VERSION = 4
 FINETUNE_TASKS = ("vqa", "gqa", "ve", "nlvr2", "itr", "re", "vcr")
 VE_LABELS = ["contradiction", "entailment", "neutral"]
 CELLS = [f"{r} {c}" if (r, c) != ("middle", "center") else "center" for r in ROWS for c in COLS]
@@ -294,46 +294,37 @@ def _re_expressions(objs: list[dict], k: int, rng: np.random.Generator) -> list[
 
 def _vcr_item(objs: list[dict], cfg: FinetuneSynthConfig, rng: np.random.Generator
               ) -> tuple[str, list[str], int, list[str], int]:
+    """A question about one object, 4 answers (statements with the asked attribute; 3 random wrong values) and 4
+    rationales (descriptions of the object; the wrong ones change its colour, cell and size)."""
     o = _pick(rng, objs)
     kind = _pick(rng, ["colour", "where", "what"])
+    where = _location_phrase(o["row"], o["col"])
     if kind == "colour":
-        q, right = f"what colour is the {_name(o)} ?", _colour(o)
-        pool = [_colour(x) for x in objs if x is not o] + list(COLOURS[:cfg.world.n_colours])
-        fmt = "it is {}"
+        q, right, pool = f"what colour is the {_name(o)} ?", _colour(o), COLOURS[:cfg.world.n_colours]
+        fmt = f"the {_name(o)} is {{}}"
     elif kind == "where":
-        q, right = f"where is the {_name(o)} ?", _location_phrase(o["row"], o["col"])
-        pool = [_location_phrase(x["row"], x["col"]) for x in objs if x is not o] + \
-            [_location_phrase(*divmod(c, 3)) for c in range(9)]
-        fmt = "it is {}"
+        q, right = f"where is the {_name(o)} ?", where
+        pool, fmt = [_location_phrase(*divmod(c, 3)) for c in range(9)], f"the {_name(o)} is {{}}"
     else:
-        q, right = f"what is {_location_phrase(o['row'], o['col'])} ?", _name(o)
-        pool = [_name(x) for x in objs if x is not o] + list(CLASSES[:cfg.world.n_classes])
-        fmt = "a {}"
-    wrong: list[str] = []
-    for a in pool:
-        if a != right and a not in wrong:
-            wrong.append(a)
-        if len(wrong) == 3:
-            break
+        q, right = f"what is {where} ?", _name(o)
+        pool, fmt = CLASSES[:cfg.world.n_classes], f"a {{}} is {where}"
+    wrong = [pool[int(k)] for k in rng.permutation(len(pool)) if pool[int(k)] != right][:3]
     answers = [fmt.format(a) for a in wrong]
     qa = int(rng.integers(4))
     answers.insert(qa, fmt.format(right))
-    # rationales: the object described; wrong ones change one attribute (checkable only in the image)
-    true = f"the {SIZES[o['size']]} {_colour(o)} {_name(o)} is {_location_phrase(o['row'], o['col'])}"
-    wrong_r = []
-    for attr in ("colour", "cell", "size"):
-        x = dict(o)
-        if attr == "colour":
-            x["colour"] = _pick(rng, [c for c in range(cfg.world.n_colours) if c != o["colour"]])
-        elif attr == "cell":
-            x["row"], x["col"] = divmod(_pick(rng, [c for c in range(9) if c != o["row"] * 3 + o["col"]]), 3)
-        else:
-            x["size"] = 1 - o["size"]
-        wrong_r.append(x)
-    rationales = [f"the {SIZES[x['size']]} {_colour(x)} {_name(x)} is {_location_phrase(x['row'], x['col'])}"
-                  for x in wrong_r]
+
+    def describe(x: dict) -> str:
+        return f"the {SIZES[x['size']]} {_colour(x)} {_name(x)} is {_location_phrase(x['row'], x['col'])}"
+
+    rationales = []
+    while len(rationales) < 3:
+        x = dict(o, colour=_pick(rng, [c for c in range(cfg.world.n_colours) if c != o["colour"]]),
+                 size=int(rng.integers(len(SIZES))))
+        x["row"], x["col"] = divmod(_pick(rng, [c for c in range(9) if c != o["row"] * 3 + o["col"]]), 3)
+        if describe(x) not in rationales:
+            rationales.append(describe(x))
     qar = int(rng.integers(4))
-    rationales.insert(qar, true)
+    rationales.insert(qar, describe(o))
     return q, answers, qa, rationales, qar
 
 
@@ -416,10 +407,11 @@ def _write(root: Path, cfg: FinetuneSynthConfig) -> dict:
                 refs.append({"ref_id": ref_id, "ann_id": ann_ids[k], "image_id": image_id, "split": split,
                              "category_id": o["cls"] + RE_CATEGORY_OFFSET,
                              "sent_ids": [s["sent_id"] for s in sents], "sentences": sents})
-            q, ans_, qa, rats, qar = _vcr_item(objs, cfg, rng)
-            out["vcr"].append((f"{split}-{image_id}", {"img_fname": [name, name], "sent": q, "answer_choices": ans_,
-                                                       "rationale_choices": rats, "qa_target": qa,
-                                                       "qar_target": qar}))
+            for j in range(cfg.questions_per_image):
+                q, ans_, qa, rats, qar = _vcr_item(objs, cfg, rng)
+                out["vcr"].append((f"{split}-{image_id}-{j}", {
+                    "img_fname": [name, name], "sent": q, "answer_choices": ans_, "rationale_choices": rats,
+                    "qa_target": qa, "qar_target": qar}))
         for t in FINETUNE_TASKS:
             recs[(t, split)] = out[t]
         re_side[split] = {"refs": refs, "annotations": anns, "images": images,

@@ -22,6 +22,7 @@ Data: ``--data DIR`` (``txt_db/*.db`` + ``img_db/<name>/``, validation txt_dbs n
 (:func:`fastvl.data.finetune_synthetic.finetune_synthetic`). Task options (``--opt key=value``): ``ans2label``
 (vqa / gqa / ve: answer vocabulary file), ``variant`` (nlvr2: paired | triplet | paired-attn), ``num_neg``,
 ``margin``, ``eval_images`` (itr), ``loss`` (cls | rank), ``mlp`` (re), ``special_tokens`` (vcr, official 81),
+``stages`` (vcr: the trained stages, ``qa,qar``),
 ``synthetic_images`` / ``synthetic_val_images`` (images of the synthetic data's splits).
 
 After loading pre-trained weights each model is prepared as the official scripts do: NLVR2 grows the type table
@@ -162,11 +163,15 @@ def _vcr_data(s, rank, world):
     paths = _paths(s, "vcr")
     counter = BadExampleCounter()
     special = int(s.options.get("special_tokens", 81))
+    stages = [x.strip() for x in str(s.options.get("stages", "qa,qar")).split(",") if x.strip()]
+    if not stages or set(stages) - {"qa", "qar"}:
+        raise ValueError(f"fastvl finetune vcr: --opt stages must list qa and/or qar, got {s.options['stages']!r}")
     train, val = {}, {}
     for stage in ("qa", "qar"):
         t, v = _open(VCRDataset, s, paths, counter, stage=stage, special_tokens=special)
-        train[f"vcr_{stage}"] = t
-        if v is not None:
+        if stage in stages:
+            train[f"vcr_{stage}"] = t
+        if v is not None:  # both stages are evaluated (Q->AR needs both)
             val[f"vcr_{stage}"] = v
     return _bundle(s, paths, train, val, rank, world, counter, special_tokens=special)
 
@@ -236,7 +241,7 @@ def _itr_tasks(model, s, data):
 
 def _vcr_tasks(model, s, data):
     task = VCRTask(model)
-    return {k: task for k in data.sources}
+    return {k: task for k in {*data.sources, *(data.val or {})}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,6 +372,13 @@ def _vcr_eval(tasks, data, device, s):
 # registration
 # ----------------------------------------------------------------------------------------------------------------
 _COMMON = dict(steps=1500, lr=1e-3, warmup_steps=100, batch_tokens=1024, val_every=500, ckpt_every=500)
+# Defaults: UNITER-tiny on the synthetic data, a few CPU minutes each from a short `fastvl pretrain` checkpoint;
+# question answering (vqa, gqa, vcr's Q->A) needs longer to ground its questions than the statement tasks.
+_DEFAULTS = {"vqa": dict(_COMMON, steps=4000, lr=2e-3, val_every=1000, ckpt_every=1000),
+             "gqa": dict(_COMMON, steps=4000, val_every=1000, ckpt_every=1000),
+             "ve": dict(_COMMON), "nlvr2": dict(_COMMON), "re": dict(_COMMON),
+             "itr": dict(_COMMON, val_every=0),  # the exact val matrix is the slow part: evaluate at the end only
+             "vcr": dict(_COMMON, steps=4000, val_every=1000, ckpt_every=1000)}
 
 for _name, _help in (("vqa", "VQA (soft-score BCE, VQA accuracy)"),
                      ("gqa", "GQA (relational questions; VQA head and metric)"),
@@ -374,26 +386,26 @@ for _name, _help in (("vqa", "VQA (soft-score BCE, VQA accuracy)"),
     register_finetune_task(FinetuneTaskSpec(
         name=_name, build_data=_vqa_data(_name), build_model=_vqa_model, build_tasks=_single(VQATask),
         evaluate=_vqa_eval, metric="accuracy", chance=_vqa_chance if _name != "ve" else _majority_chance,
-        defaults=dict(_COMMON), help=_help))
+        defaults=_DEFAULTS[_name], help=_help))
 
 register_finetune_task(FinetuneTaskSpec(
     name="nlvr2", build_data=_nlvr2_data, build_model=_nlvr2_model, build_tasks=_single(NLVR2Task),
-    evaluate=_acc_eval, metric="accuracy", chance=_majority_chance, defaults=dict(_COMMON),
+    evaluate=_acc_eval, metric="accuracy", chance=_majority_chance, defaults=_DEFAULTS["nlvr2"],
     help="NLVR2 (two images, true/false; --opt variant=paired|triplet|paired-attn)"))
 
 register_finetune_task(FinetuneTaskSpec(
     name="itr", build_data=_itr_data, build_model=_itr_model, build_tasks=_itr_tasks, evaluate=_itr_eval,
-    metric="ir_r1", chance=_itr_chance, defaults=dict(_COMMON),
+    metric="ir_r1", chance=_itr_chance, defaults=_DEFAULTS["itr"],
     help="image-text retrieval (hinge on in-batch negatives; IR/TR R@1/5/10)"))
 
 register_finetune_task(FinetuneTaskSpec(
     name="re", build_data=_re_data, build_model=_re_model, build_tasks=_single(RETask), evaluate=_acc_eval,
-    metric="accuracy", chance=_re_chance, defaults=dict(_COMMON),
+    metric="accuracy", chance=_re_chance, defaults=_DEFAULTS["re"],
     help="referring expressions (region CE; accuracy at IoU >= 0.5)"))
 
 register_finetune_task(FinetuneTaskSpec(
     name="vcr", build_data=_vcr_data, build_model=_vcr_model, build_tasks=_vcr_tasks, evaluate=_vcr_eval,
-    metric="q2ar", chance=1 / 16, defaults=dict(_COMMON),
+    metric="q2ar", chance=1 / 16, defaults=_DEFAULTS["vcr"],
     help="VCR (Q->A and QA->R mixed; Q->A, QA->R, Q->AR accuracy)"))
 
 __all__: list[str] = []
