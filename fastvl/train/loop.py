@@ -214,6 +214,7 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
         writer = _tensorboard(self.output) if self.dist.is_main else None
         bar = _progress(cfg.steps, self.step, enabled=cfg.progress and self.dist.is_main)
+        self._bar = bar
         last_loss: dict[str, float] = {}
         t0, tok = time.perf_counter(), 0
         while self.step < cfg.steps:
@@ -251,7 +252,9 @@ class Trainer:
         if self.dist.is_main:
             rec = {"step": self.step, **{f"val/{k}": v for k, v in val.items()}}
             _append_jsonl(metrics_path, rec)
-            self.log("validation step {}: {}".format(self.step, "  ".join(f"{k} {v:.4f}" for k, v in val.items())))
+            msg = "validation step {}: {}".format(self.step, "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            bar = getattr(self, "_bar", None)
+            (bar.write if bar is not None and self.log is print else self.log)(msg)  # a line of its own, not mid-bar
             if writer is not None:
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, self.step)
