@@ -374,9 +374,9 @@ def _vcr_eval(tasks, data, device, s):
 _COMMON = dict(steps=1500, lr=1e-3, warmup_steps=100, batch_tokens=1024, val_every=500, ckpt_every=500)
 # Defaults: UNITER-tiny on the synthetic data, a few CPU minutes each from a short `fastvl pretrain` checkpoint;
 # question answering (vqa, gqa, vcr's Q->A) needs longer to ground its questions than the statement tasks.
-_DEFAULTS = {"vqa": dict(_COMMON, steps=4000, lr=2e-3, val_every=1000, ckpt_every=1000),
+_DEFAULTS = {"vqa": dict(_COMMON, steps=8000, val_every=1000, ckpt_every=1000),
              "gqa": dict(_COMMON, steps=4000, val_every=1000, ckpt_every=1000),
-             "ve": dict(_COMMON), "nlvr2": dict(_COMMON), "re": dict(_COMMON),
+             "ve": dict(_COMMON), "nlvr2": dict(_COMMON, steps=3000), "re": dict(_COMMON),
              "itr": dict(_COMMON, val_every=0),  # the exact val matrix is the slow part: evaluate at the end only
              "vcr": dict(_COMMON, steps=4000, val_every=1000, ckpt_every=1000)}
 
