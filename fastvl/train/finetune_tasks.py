@@ -51,7 +51,6 @@ from ..data.finetune_data import (
 from ..data.finetune_synthetic import FinetuneSynthConfig, finetune_synthetic
 from ..data.layout import find_dbs
 from ..models import uniter as U
-from ..tasks import metrics as M
 from ..tasks.finetune import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
 from .finetune import (
     FinetuneData,
@@ -307,21 +306,25 @@ def _majority_chance(data):
 
 def _itr_eval(tasks, data, device, s):
     """IR / TR recall over the validation text x image matrix (the first ``eval_images`` images and their texts),
-    exact: every pair cross-encoded."""
+    exact: every pair cross-encoded by :func:`fastvl.tasks.retrieval.evaluate_retrieval` (embeddings once, pairs
+    packed). ``--opt rerank_k=K`` adds the approximate two-stage figures under ``itr2s_*`` keys."""
+    from ..tasks.retrieval import evaluate_retrieval, split_batch
+
     ds: ITRDataset = data.val["itr"].dataset
-    keep, images = _itr_subset(ds, int(s.options.get("eval_images", 100)))
+    keep, _ = _itr_subset(ds, int(s.options.get("eval_images", 100)))
     batch = ds.make_batch(keep)
     if batch is None:
         return {}
-    names = batch.extras["img_fnames"]
-    first = {}
-    for k, n in enumerate(names):
-        first.setdefault(n, k)
-    img_idx = [first[n] for n in images if n in first]
-    col = {n: j for j, n in enumerate(n for n in images if n in first)}
-    scores = tasks["itr"].score_matrix(batch.to(device), range(batch.batch_size), img_idx).float().cpu()
-    out = M.retrieval_recall(scores, torch.tensor([col[n] for n in names]))
-    out["n_images"] = float(len(img_idx))
+    texts, images, txt2img = split_batch(batch, batch.extras["img_fnames"])
+    model = tasks["itr"].model
+    amp = "bf16" if device.type == "cuda" else None
+    res = evaluate_retrieval(model, texts, images, txt2img, mode="exact", amp=amp, progress=False)
+    out = {k: float(v) for k, v in res.items() if k.startswith(("ir_", "tr_", "r_"))}
+    out["n_images"] = float(len(images))
+    if "rerank_k" in s.options:
+        two = evaluate_retrieval(model, texts, images, txt2img, mode="two_stage", k=int(s.options["rerank_k"]),
+                                 amp=amp, progress=False)
+        out.update({f"itr2s_{k}": float(v) for k, v in two.items() if k.startswith(("ir_", "tr_", "r_"))})
     return out
 
 
