@@ -312,8 +312,14 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor] | None, log
         raise ValueError(f"fastvl finetune: the pre-trained weights do not fit the model: {bad[:4]} have shapes "
                          f"(checkpoint, model) {shapes}")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # a weight tied to a loaded one (e.g. an MLM decoder tied to the word embeddings) is not missing
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    tied = [k for k in missing if k in params and params[k].data_ptr() in loaded]
+    missing = [k for k in missing if k not in tied]
     log(f"init: loaded {len(state) - len(unexpected)} tensors; {len(missing)} missing (new heads: "
-        f"{sorted({k.split('.')[0] for k in missing})}), {len(unexpected)} unused")
+        f"{sorted({k.split('.')[0] for k in missing})}), {len(unexpected)} unused"
+        + (f", {len(tied)} tied to loaded weights" if tied else ""))
     return list(missing), list(unexpected)
 
 

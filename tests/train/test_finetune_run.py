@@ -251,3 +251,18 @@ def test_villa_matches_plain_loop(name, seed, gen):
     for n in want:                                              # relative to the largest gradient
         torch.testing.assert_close(got[n], want[n], rtol=2e-4, atol=2e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
     assert out["count"] == (3 if name.startswith("nlvr2") else 4 if name != "vcr" else 8)
+
+
+def test_load_pretrained_tied_decoder_is_not_missing():
+    """A checkpoint storing a tied weight once (the decoder shares the word embeddings) loads with nothing missing;
+    a genuinely absent head is still reported."""
+    from fastvl.models.uniter_caption import UniterForCaptioning
+
+    src = UniterForCaptioning(tiny_config(), 16)
+    state = {k: v for k, v in src.state_dict().items() if k != "cls.predictions.decoder.weight"}
+    logs: list[str] = []
+    missing, unexpected = FT.load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
+    assert missing == [] and unexpected == [] and "1 tied to loaded weights" in logs[0]
+    state.pop("cls.predictions.bias")
+    missing, _ = FT.load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
+    assert missing == ["cls.predictions.bias"]
