@@ -8,8 +8,8 @@ UNITER pre-training tasks; see ``consistency``) and is itself a task module for 
 
 from .config import MODALITIES, MODES, AdvConfig
 from .consistency import AdvOutput, AdvView, PretrainView, VQAView, adversarial_view, consistency_loss
-from .loop import AdversarialTask
+from .loop import AdversarialTask, adversarial_tasks
 from .perturbation import Delta, Perturbation
 
 __all__ = ["MODALITIES", "MODES", "AdvConfig", "AdvOutput", "AdvView", "AdversarialTask", "Delta", "Perturbation",
-           "PretrainView", "VQAView", "adversarial_view", "consistency_loss"]
+           "PretrainView", "VQAView", "adversarial_tasks", "adversarial_view", "consistency_loss"]

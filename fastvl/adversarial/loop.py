@@ -71,7 +71,7 @@ from .config import AdvConfig
 from .consistency import AdvView, adversarial_view
 from .perturbation import Perturbation
 
-__all__ = ["AdversarialTask"]
+__all__ = ["AdversarialTask", "adversarial_tasks"]
 
 
 class _HandBack(torch.autograd.Function):
@@ -244,3 +244,13 @@ class AdversarialTask(nn.Module):
         if w > 0:
             logs["adv_kl"] = (kl_sum if torch.is_tensor(kl_sum) else torch.tensor(kl_sum)) / max(n_pass, 1)
         return dict(loss=total, logs=logs, count=view.count(getattr(ctx, "batch", batch)))
+
+
+def adversarial_tasks(tasks: dict[str, nn.Module], config: AdvConfig) -> dict[str, nn.Module]:
+    """Every task module of a run under :class:`AdversarialTask` with ``config`` (one wrapper per module: several
+    batch sources may share a task module)."""
+    wrapped: dict[int, nn.Module] = {}
+    for t in tasks.values():
+        if id(t) not in wrapped:
+            wrapped[id(t)] = AdversarialTask(t, config)
+    return {k: wrapped[id(t)] for k, t in tasks.items()}

@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from .synthetic import (
     _relation,
     _scene,
     _World,
+    cached_folder,
     default_cache_dir,
     synthetic_vocab,
 )
@@ -470,25 +469,5 @@ def finetune_synthetic(cache_dir: str | os.PathLike | None = None, config: Finet
     first use into ``<cache_dir>/finetune-<hash>/`` (atomically: temp folder + rename) and reused afterwards."""
     cfg = config or FinetuneSynthConfig()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache / f"finetune-{cfg.key()}"
-    done = root / "finetune.json"
-    if force and root.exists():
-        shutil.rmtree(root)
-    if done.is_file():
-        return FinetuneSynthData(root, cfg, json.loads(done.read_text()))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache))
-    try:
-        info = _write(tmp, cfg)
-        (tmp / "finetune.json").write_text(json.dumps(info, indent=1))
-        if root.exists() and not done.is_file():
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not done.is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return FinetuneSynthData(root, cfg, json.loads(done.read_text()))
+    root, info = cached_folder(cache, f"finetune-{cfg.key()}", "finetune.json", lambda tmp: _write(tmp, cfg), force)
+    return FinetuneSynthData(root, cfg, info)

@@ -289,38 +289,46 @@ def _corpus(root: Path, cfg: SyntheticConfig, info: dict) -> SyntheticCorpus:
                            img_db=root / "img_db", vocab_file=root / "vocab.txt", config=cfg, info=info)
 
 
+def cached_folder(cache: Path, name: str, marker: str, write, force: bool = False) -> tuple[Path, dict]:
+    """``<cache>/<name>/`` built once by ``write(tmp_folder) -> info`` and reused afterwards; returns (folder, info).
+
+    The folder appears atomically (written to a temp folder, then renamed), so concurrent callers (torchrun
+    ranks) and interrupted runs never see a half-written folder; ``<marker>`` inside (``info`` as JSON) marks it
+    complete. ``force`` rebuilds it.
+    """
+    root = cache / name
+    done = root / marker
+    if force and root.exists():
+        shutil.rmtree(root)
+    if not done.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache))
+        try:
+            info = write(tmp)
+            (tmp / marker).write_text(json.dumps(info, indent=1))
+            if root.exists() and not done.is_file():
+                shutil.rmtree(root, ignore_errors=True)  # a stale partial folder from an older, non-atomic writer
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process renamed its copy first
+                if not done.is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return root, json.loads(done.read_text())
+
+
 def synthetic_corpus(cache_dir: str | os.PathLike | None = None, config: SyntheticConfig | None = None,
                      force: bool = False) -> SyntheticCorpus:
     """The synthetic corpus for ``config`` under ``cache_dir`` (default :func:`default_cache_dir`), generated on
-    first use into ``<cache_dir>/synthetic-<hash>/`` and reused afterwards.
-
-    The folder appears atomically (written to a temp folder, then renamed), so concurrent callers (torchrun
-    ranks) and interrupted runs never see a half-written corpus; ``corpus.json`` inside marks it complete.
+    first use into ``<cache_dir>/synthetic-<hash>/`` (atomically, see :func:`cached_folder`) and reused afterwards.
     """
     cfg = config or SyntheticConfig()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache / f"synthetic-{cfg.key()}"
-    done = root / "corpus.json"
-    if force and root.exists():
-        shutil.rmtree(root)
-    if done.is_file():
-        return _corpus(root, cfg, json.loads(done.read_text()))
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache))
-    try:
-        info = _write_corpus(tmp, cfg)
-        (tmp / "corpus.json").write_text(json.dumps(info, indent=1))
-        if root.exists() and not done.is_file():
-            shutil.rmtree(root, ignore_errors=True)  # a stale partial folder from an older, non-atomic writer
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not done.is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _corpus(root, cfg, json.loads(done.read_text()))
+    root, info = cached_folder(cache, f"synthetic-{cfg.key()}", "corpus.json", lambda tmp: _write_corpus(tmp, cfg),
+                               force)
+    return _corpus(root, cfg, info)
 
 
 def write_synthetic_raw(out_dir: str | os.PathLike, config: SyntheticConfig | None = None,

@@ -16,6 +16,7 @@ import sys
 import time
 
 from ..cli import COMMANDS, command
+from ..train.commands import add_adv_arguments, adv_from_args
 
 _pretrain_eval = COMMANDS.get("eval")  # fastvl.train.commands registers it first (plugin order)
 
@@ -75,16 +76,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, e.g. variant=triplet (nlvr2), ans2label=PATH (vqa), eval_images=200 (itr)")
     p.add_argument("--no-progress", action="store_true")
-    adv = p.add_argument_group("VILLA adversarial fine-tuning (--adv turns it on; defaults from REFERENCE.md)")
-    adv.add_argument("--adv", action="store_true", help="adversarial training in the embedding space")
-    adv.add_argument("--adv-modality", default="text", choices=["text", "image", "both", "alter"])
-    adv.add_argument("--adv-norm", default="l2", choices=["l2", "linf"])
-    adv.add_argument("--adv-steps", type=int, default=3)
-    adv.add_argument("--adv-lr-txt", type=float, default=1e-3)
-    adv.add_argument("--adv-lr-img", type=float, default=1e-3)
-    adv.add_argument("--adv-init-mag", type=float, default=0.0)
-    adv.add_argument("--adv-max-norm", type=float, default=0.0)
-    adv.add_argument("--adv-kl-weight", type=float, default=1.5)
+    add_adv_arguments(p, "fine-tuning")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -101,10 +93,7 @@ def settings_from_args(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
-    if args.adv:
-        s.adv = dict(mode=args.adv_modality, norm=args.adv_norm, adv_steps=args.adv_steps,
-                     adv_lr_txt=args.adv_lr_txt, adv_lr_img=args.adv_lr_img, adv_init_mag=args.adv_init_mag,
-                     adv_max_norm=args.adv_max_norm, adv_kl_weight=args.adv_kl_weight)
+    s.adv = adv_from_args(args)
     return s
 
 

@@ -41,8 +41,13 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (tiny default: 1)")
-    adv = p.add_argument_group("VILLA adversarial training (--adv turns it on; defaults from REFERENCE.md)")
-    adv.add_argument("--adv", action="store_true", help="adversarial pre-training in the embedding space")
+    add_adv_arguments(p, "pre-training")
+
+
+def add_adv_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The VILLA options (``--adv`` and ``--adv-*``) of ``fastvl pretrain`` / ``fastvl finetune``."""
+    adv = p.add_argument_group(f"VILLA adversarial {what} (--adv turns it on; defaults from REFERENCE.md)")
+    adv.add_argument("--adv", action="store_true", help=f"adversarial {what} in the embedding space")
     adv.add_argument("--adv-modality", default="text", choices=["text", "image", "both", "alter"])
     adv.add_argument("--adv-norm", default="l2", choices=["l2", "linf"])
     adv.add_argument("--adv-steps", type=int, default=3)
@@ -54,6 +59,15 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     adv.add_argument("--adv-detach-clean", action="store_true",
                      help="opt-in approximation: the clean predictions are a constant consistency target "
                           "(stop-gradient; 3.0x instead of 3.33x a clean step at K=3)")
+
+
+def adv_from_args(args: argparse.Namespace) -> dict | None:
+    """The AdvConfig fields given by :func:`add_adv_arguments`'s options (None without ``--adv``)."""
+    if not args.adv:
+        return None
+    return dict(mode=args.adv_modality, norm=args.adv_norm, adv_steps=args.adv_steps, adv_lr_txt=args.adv_lr_txt,
+                adv_lr_img=args.adv_lr_img, adv_init_mag=args.adv_init_mag, adv_max_norm=args.adv_max_norm,
+                adv_kl_weight=args.adv_kl_weight, kl_clean_grad=not args.adv_detach_clean)
 
 
 def _settings(args: argparse.Namespace):
@@ -77,11 +91,7 @@ def _settings(args: argparse.Namespace):
     s.val_txt_db, s.val_img_db = list(args.val_txt_db), list(args.val_img_db)
     s.output, s.resume, s.skip_bad_examples = args.output, args.resume, args.skip_bad_examples
     s.progress = not args.no_progress
-    if args.adv:
-        s.adv = dict(mode=args.adv_modality, norm=args.adv_norm, adv_steps=args.adv_steps,
-                     adv_lr_txt=args.adv_lr_txt, adv_lr_img=args.adv_lr_img, adv_init_mag=args.adv_init_mag,
-                     adv_max_norm=args.adv_max_norm, adv_kl_weight=args.adv_kl_weight,
-                     kl_clean_grad=not args.adv_detach_clean)
+    s.adv = adv_from_args(args)
     for name in ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "tasks", "seed",
                  "val_every", "ckpt_every", "log_every", "precision", "device", "init_checkpoint", "threads"):
         value = getattr(args, name)

@@ -46,7 +46,6 @@ Helpers for spec authors: :func:`model_config` (the UNITER config for a run: fro
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -336,23 +335,6 @@ def _save_run(s: FinetuneSettings, data: FinetuneData) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------------
-def _wrap_adversarial(tasks: dict[str, nn.Module], adv: dict | None, log, is_main: bool) -> dict[str, nn.Module]:
-    if adv is None:
-        return tasks
-    from ..adversarial import AdvConfig, AdversarialTask
-
-    cfg = AdvConfig(**adv)
-    wrapped: dict[int, nn.Module] = {}  # one wrapper per task module (sources may share a module)
-    out = {}
-    for k, t in tasks.items():
-        if id(t) not in wrapped:
-            wrapped[id(t)] = AdversarialTask(t, cfg)
-        out[k] = wrapped[id(t)]
-    if is_main:
-        log(f"adversarial fine-tuning (VILLA): {cfg}")
-    return out
-
-
 def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> dict:
     """Run fine-tuning; returns {'history', 'validation', 'metric', 'chance', 'checkpoint', 'seconds', ...}."""
     spec = get_finetune_task(settings.task)
@@ -371,7 +353,13 @@ def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> 
             f"{data.info.get('source', 'synthetic')}, sources {data.mix}, {s.steps} steps, init "
             f"{s.init or 'random'}, {info.world_size} process(es) on {info.device}; metric {spec.metric} "
             f"(chance {chance:.4f})")
-    tasks = _wrap_adversarial(tasks, s.adv, log, info.is_main)
+    if s.adv is not None:  # VILLA: every task under the K-step adversarial loop
+        from ..adversarial import AdvConfig, adversarial_tasks
+
+        adv_cfg = AdvConfig(**s.adv)
+        tasks = adversarial_tasks(tasks, adv_cfg)
+        if info.is_main:
+            log(f"adversarial fine-tuning (VILLA): {adv_cfg}")
     heads = sorted({n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith("uniter.")})
     lr_mults = {h: s.head_lr_mult for h in heads} if s.head_lr_mult != 1.0 else {}
     cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
@@ -384,24 +372,17 @@ def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> 
     trainer = Trainer(model, tasks, data.sources, data.mix, cfg, s.output, info, validate, log)
     if info.is_main:
         _save_run(s, data)
-    if s.resume:
-        trainer.resume()
-    t0 = time.perf_counter()
-    history = trainer.fit()
-    seconds = time.perf_counter() - t0
-    tokens = sum(h["tokens"] for h in history)
-    result = {"task": spec.name, "history": history, "seconds": seconds, "metric_name": spec.metric,
-              "chance": chance, "tokens_per_s": tokens / max(seconds, 1e-9), "validation": None, "metric": None,
+    run = trainer.run(resume=s.resume)
+    last_val = run["validation"]
+    validation = {k.removeprefix("val/"): v for k, v in last_val.items() if k.startswith("val/")} if last_val \
+        else None
+    result = {**run, "task": spec.name, "metric_name": spec.metric, "chance": chance, "validation": validation,
+              "metric": validation.get(spec.metric) if validation else None,
               "bad_examples": data.bad.as_dict() if data.bad is not None else {},
               "checkpoint": str(ckpt.latest_checkpoint(Path(s.output)))}
     if info.is_main:
-        metrics = Path(s.output) / "metrics.jsonl"
-        vals = [json.loads(x) for x in metrics.read_text().splitlines() if '"val/' in x] if metrics.exists() else []
-        if vals:
-            result["validation"] = {k.removeprefix("val/"): v for k, v in vals[-1].items() if k.startswith("val/")}
-            result["metric"] = result["validation"].get(spec.metric)
-        log(f"trained {len(history)} steps in {seconds:.1f} s ({result['tokens_per_s']:.0f} tokens/s); final loss: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in _last_losses(history).items()))
+        log(f"trained {len(run['history'])} steps in {run['seconds']:.1f} s ({run['tokens_per_s']:.0f} tokens/s); "
+            "final loss: " + ", ".join(f"{k} {v:.3f}" for k, v in _last_losses(run["history"]).items()))
         if result["metric"] is not None:
             log(f"{spec.name}: {spec.metric} {result['metric']:.4f} (chance {chance:.4f})")
         if result["bad_examples"]:

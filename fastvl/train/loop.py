@@ -244,6 +244,23 @@ class Trainer:
             writer.close()
         return self.history
 
+    def run(self, resume: bool = False) -> dict:
+        """``resume()`` (when asked) then ``fit()``. Returns {'history', 'seconds', 'tokens_per_s' (all processes),
+        'validation': the last validation record of metrics.jsonl (main process; None elsewhere or if none)}."""
+        if resume:
+            self.resume()
+        t0 = time.perf_counter()
+        history = self.fit()
+        seconds = time.perf_counter() - t0
+        tokens = sum(h["tokens"] for h in history)
+        validation = None
+        metrics = self.output / "metrics.jsonl"
+        if self.dist.is_main and metrics.exists():
+            vals = [json.loads(x) for x in metrics.read_text().splitlines() if '"val/' in x]
+            validation = vals[-1] if vals else None
+        return {"history": history, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+                "validation": validation}
+
     def _run_validation(self, metrics_path: Path, writer) -> None:
         self.module.eval()
         with torch.no_grad(), self._autocast():

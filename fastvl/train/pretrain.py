@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -203,10 +202,10 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
             + (f" ({torch.get_num_threads()} thread(s) each)" if info.device.type == "cpu" else ""))
     tasks = {k: v for k, v in pretrain_tasks(model, s.ot_lambda).items() if k in train.mix}
     if s.adv is not None:  # VILLA: every task under the K-step adversarial loop (one flag on any task)
-        from ..adversarial import AdvConfig, AdversarialTask
+        from ..adversarial import AdvConfig, adversarial_tasks
 
         adv_cfg = AdvConfig(**s.adv)
-        tasks = {k: AdversarialTask(t, adv_cfg) for k, t in tasks.items()}
+        tasks = adversarial_tasks(tasks, adv_cfg)
         if info.is_main:
             log(f"adversarial pre-training (VILLA): {adv_cfg}")
     cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
@@ -219,21 +218,11 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
         Path(s.output).mkdir(parents=True, exist_ok=True)
         (Path(s.output) / "settings.json").write_text(json.dumps(asdict(s), indent=2))
         model.config.to_json_file(Path(s.output) / "model_config.json")
-    if s.resume:
-        trainer.resume()
-    t0 = time.perf_counter()
-    history = trainer.fit()
-    seconds = time.perf_counter() - t0
-    tokens = sum(h["tokens"] for h in history)
-    result = {"history": history, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
-              "validation": None, "bad_examples": train.bad.as_dict()}
+    result = {**trainer.run(resume=s.resume), "bad_examples": train.bad.as_dict()}
     if info.is_main:
-        metrics = Path(s.output) / "metrics.jsonl"
-        vals = [json.loads(x) for x in metrics.read_text().splitlines() if '"val/' in x] if metrics.exists() else []
-        result["validation"] = vals[-1] if vals else None
-        log(f"trained {len(history)} steps in {seconds:.1f} s: {result['tokens_per_s']:.0f} tokens/s "
-            f"(all processes), final loss per task: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in _last_losses(history).items()))
+        log(f"trained {len(result['history'])} steps in {result['seconds']:.1f} s: {result['tokens_per_s']:.0f} "
+            f"tokens/s (all processes), final loss per task: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in _last_losses(result["history"]).items()))
         if result["bad_examples"]:
             log(f"skipped bad examples (reason: count): {result['bad_examples']}")
     D.cleanup()
