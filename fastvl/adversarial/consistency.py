@@ -14,7 +14,9 @@ perturbed prediction equals the clean one, which the loop relies on for its step
     itm      symmetric KL on the pair scores [B, 2], batchmean (VILLA's ``kl.mean() * num_classes``)
     mrfr     mean squared difference of the regressed features [n, img_dim] (element mean, as the MRFR loss)
     wra      no term: the OT loss is part of ITM's task loss on every pass, unchanged
-    vqa/ve   symmetric KL on the answer logits [B, A], batchmean (fine-tuning; other fine-tuning tasks: not yet)
+    vqa/ve   symmetric KL on the answer logits [B, A], batchmean (fine-tuning)
+    nlvr2, itr, re, vcr: symmetric KL on the task's scores (their ``adversarial_view``, fastvl.tasks.finetune)
+    caption  symmetric KL on the masked caption tokens' vocabulary logits [n, V] (fastvl.tasks.caption)
 
 Task losses are computed from the predictions with the head loss functions of
 :mod:`fastvl.models.uniter_heads` (an identity head), so they are the task modules' official reductions.

@@ -177,29 +177,37 @@ class UniterForCaptioning(UniterPreTrainedModel):
         return image_first_layout(batch.txt_lens, batch.img_lens, batch.input_ids.device)
 
     def encode(self, batch: PackedVLBatch, layout: PackedLayout | None = None,
-               output_all_encoded_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+               output_all_encoded_layers: bool = False, txt_delta: torch.Tensor | None = None,
+               img_delta: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Encoder output [T, H] on the ``[img | txt]`` joint rows of ``layout`` under the seq2seq mask (regions =
-        bidirectional prefix, caption causal). ``batch.img_masks`` is ignored (captioning never masks regions)."""
+        bidirectional prefix, caption causal). ``batch.img_masks`` is ignored (captioning never masks regions).
+        txt_delta [T_txt, H] / img_delta [T_img, img_dim]: VILLA perturbations of the word embeddings / raw
+        features (as :meth:`UniterModel.forward_packed`)."""
         _check_batch(batch)
-        self.uniter._check_packed(batch)
+        self.uniter._check_packed(batch, txt_delta, img_delta)
         layout = layout if layout is not None else self.layout(batch)
+        self.uniter._finite(None, img_feat=batch.img_feat, img_pos=batch.img_pos, txt_delta=txt_delta,
+                            img_delta=img_delta)
         pos = batch.position_ids if batch.position_ids is not None else layout.txt_pos
         emb = self.uniter.embed_packed(layout, batch.input_ids, pos, batch.img_feat, batch.img_pos, None,
-                                       batch.txt_type_ids, batch.img_type_ids)
+                                       batch.txt_type_ids, batch.img_type_ids, txt_delta, img_delta)
         prefix = layout.cu_img[1:] - layout.cu_img[:-1]
         return self.uniter.encode_packed(emb, layout, output_all_encoded_layers, mask="seq2seq", prefix_lens=prefix)
 
-    def forward(self, batch: PackedVLBatch, compute_loss: bool = True, reduction: str = "mean") -> torch.Tensor:
+    def forward(self, batch: PackedVLBatch, compute_loss: bool = True, reduction: str = "mean",
+                layout: PackedLayout | None = None, txt_delta: torch.Tensor | None = None,
+                img_delta: torch.Tensor | None = None) -> torch.Tensor:
         """MLM-style caption loss (``reduction`` 'mean' | 'sum' | 'none' -> scalar or [n]) or, with
-        ``compute_loss=False``, the logits [n, vocab] of the n masked caption tokens (packed order)."""
+        ``compute_loss=False``, the logits [n, vocab] of the n masked caption tokens (packed order). ``layout``: a
+        precomputed :meth:`layout` of this batch; txt_delta / img_delta: VILLA perturbations (see :meth:`encode`)."""
         _check_batch(batch)
         if batch.txt_labels is None:
             raise ValueError("UniterForCaptioning: batch.txt_labels ([T_txt] long, -1 where not masked) is required")
         if tuple(batch.txt_labels.shape) != (batch.input_ids.shape[0],):
             raise ValueError(f"UniterForCaptioning: batch.txt_labels must have shape [{batch.input_ids.shape[0]}], "
                              f"got {list(batch.txt_labels.shape)}")
-        layout = self.layout(batch)
-        h = self.encode(batch, layout)
+        layout = layout if layout is not None else self.layout(batch)
+        h = self.encode(batch, layout, txt_delta=txt_delta, img_delta=img_delta)
         sel = batch.txt_labels != -1
         n = batch.n_txt_masked if batch.n_txt_masked is not None else int(sel.sum())
         idx = torch.nonzero_static(sel, size=n).squeeze(1)

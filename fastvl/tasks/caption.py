@@ -30,12 +30,13 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..batch import PackedVLBatch
@@ -121,6 +122,57 @@ class CaptionTask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, max_len={self.max_len}, beam_size={self.beam_size}"
+
+    def adversarial_view(self) -> _CaptionAdvView:
+        """VILLA (``--adv``): the text delta perturbs the word embeddings of the teacher-forced caption, the image
+        delta the raw region features; consistency = symmetric KL on the masked tokens' vocabulary logits [n, V],
+        batchmean (as pre-training MLM). See :mod:`fastvl.adversarial.consistency`."""
+        return _CaptionAdvView(self)
+
+
+@dataclass
+class _CaptionCtx:
+    batch: PackedVLBatch
+    layout: Any
+    targets: torch.Tensor
+
+
+class _CaptionAdvView:
+    """:class:`fastvl.adversarial.consistency.AdvView` of :class:`CaptionTask`: one ``[img | txt]`` layout and one
+    set of masked targets per micro-batch, shared by every pass."""
+
+    def __init__(self, task: CaptionTask):
+        self.task = task
+        self.model = task.model
+        self.hidden_size = int(self.model.uniter.config.hidden_size)
+
+    def context(self, batch: PackedVLBatch) -> _CaptionCtx:
+        if not isinstance(batch, PackedVLBatch):
+            raise TypeError(f"fastvl.tasks.CaptionTask: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
+        if batch.txt_labels is None:
+            raise ValueError("fastvl.tasks.CaptionTask: batch.txt_labels ([T_txt] long, -1 where not masked) is "
+                             "required")
+        sel = batch.txt_labels != -1
+        if batch.n_txt_masked is None:  # one device read here instead of one per pass
+            batch = replace(batch, n_txt_masked=int(sel.sum()))
+        targets = batch.txt_labels[torch.nonzero_static(sel, size=batch.n_txt_masked).squeeze(1)]
+        return _CaptionCtx(batch, self.model.layout(batch), targets)
+
+    def forward(self, ctx: _CaptionCtx, txt_delta: torch.Tensor | None, img_delta: torch.Tensor | None):
+        from ..adversarial.consistency import AdvOutput
+
+        logits = self.model(ctx.batch, compute_loss=False, layout=ctx.layout, txt_delta=txt_delta,
+                            img_delta=img_delta)  # [n, V]
+        loss = F.cross_entropy(logits.float(), ctx.targets)
+        return AdvOutput(loss, logits, {"caption_loss": loss.detach()})
+
+    def consistency(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        from ..adversarial.consistency import consistency_loss
+
+        return consistency_loss("kl", pred, clean)
+
+    def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
+        return batch.n_txt_masked if batch.n_txt_masked is not None else (batch.txt_labels != -1).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -259,3 +259,21 @@ def test_finetune_caption_end_to_end(corpus, tmp_path):
     assert again["metric"] == pytest.approx(res["metric"])
     beam = evaluate_finetune(tmp_path / "run", "caption", {"options": {"beam_size": 2}}, log=lambda *_: None)
     assert beam["metrics"]["images"] == 12
+
+
+def test_adversarial_caption_from_the_cli(corpus, tmp_path, capsys):
+    """`fastvl finetune --task caption --adv` (VILLA) runs end to end and logs the consistency term."""
+    import json
+
+    from fastvl import cli
+
+    out = tmp_path / "adv"
+    code = cli.main(["finetune", "--task", "caption", "--data", str(corpus.root), "--output", str(out), "--steps", "3",
+                     "--batch-tokens", "256", "--val-every", "0", "--ckpt-every", "0", "--log-every", "1",
+                     "--no-progress", "--opt", "max_len=4", "--opt", "eval_batch_size=6", "--adv", "--adv-steps", "2",
+                     "--adv-modality", "both"])
+    text = capsys.readouterr()
+    assert code == 0, text.out + text.err
+    assert "adversarial fine-tuning (VILLA)" in text.out
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("caption/adv_kl", 0) > 0 for r in recs)

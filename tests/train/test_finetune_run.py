@@ -22,6 +22,8 @@ from fastvl.models.uniter import (
     UniterForVisualCommonsenseReasoning,
     UniterForVisualQuestionAnswering,
 )
+from fastvl.models.uniter_caption import CaptionTokens, UniterForCaptioning
+from fastvl.tasks.caption import CaptionTask
 from fastvl.tasks.finetune import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
 from fastvl.train import checkpoint as ckpt
 from fastvl.train import finetune as FT
@@ -199,6 +201,10 @@ def _setup(name, gen):
         batch = random_pretrain_batch("none", gen, cfg, batch=4, img_range=(2, 6))
         batch.extras["targets"] = torch.tensor([int(torch.randint(n, (1,), generator=gen)) for n in batch.img_lens])
         return RETask(model), batch, lambda p: p
+    if name == "caption":
+        model = UniterForCaptioning(cfg, cfg.img_dim)
+        batch = random_pretrain_batch("mlm", gen, cfg, batch=4)
+        return CaptionTask(model, CaptionTokens(cls=1, sep=2, mask=3)), batch, lambda p: p
     model = UniterForVisualCommonsenseReasoning(cfg, cfg.img_dim)
     batch = random_pretrain_batch("none", gen, cfg, batch=8)
     t = torch.zeros(8, dtype=torch.long)
@@ -214,9 +220,11 @@ def _plain_villa(task, batch, cfg: AdvConfig, shape):
     if isinstance(task, ITRTask):
         batch = task.adv_prepare(batch)  # the same negatives (the caller seeds torch's RNG identically)
 
+    fwd = model if isinstance(task, CaptionTask) else model.forward_packed
+
     def run(txt, img):
-        loss = model.forward_packed(batch, compute_loss=True, reduction="mean", txt_delta=txt, img_delta=img)
-        pred = model.forward_packed(batch, compute_loss=False, txt_delta=txt, img_delta=img)
+        loss = fwd(batch, compute_loss=True, reduction="mean", txt_delta=txt, img_delta=img)
+        pred = fwd(batch, compute_loss=False, txt_delta=txt, img_delta=img)
         return loss.float(), shape(pred)
 
     _, clean = run(None, None)
@@ -233,7 +241,7 @@ def _plain_villa(task, batch, cfg: AdvConfig, shape):
             img = _update(img, img.grad, batch.img_lens, cfg.adv_lr_img, cfg.norm, cfg.adv_max_norm)
 
 
-@pytest.mark.parametrize("name", ["vqa", "nlvr2", "nlvr2-attn", "itr", "re", "vcr"])
+@pytest.mark.parametrize("name", ["vqa", "nlvr2", "nlvr2-attn", "itr", "re", "vcr", "caption"])
 def test_villa_matches_plain_loop(name, seed, gen):
     task, batch, shape = _setup(name, gen)
     cfg = AdvConfig(mode="both", adv_steps=3, adv_lr_txt=0.05, adv_lr_img=0.05, adv_kl_weight=1.5)
@@ -250,7 +258,10 @@ def test_villa_matches_plain_loop(name, seed, gen):
     scale = max(float(g.abs().max()) for g in want.values())  # fp32 sums in another order: absolute tolerance
     for n in want:                                              # relative to the largest gradient
         torch.testing.assert_close(got[n], want[n], rtol=2e-4, atol=2e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
-    assert out["count"] == (3 if name.startswith("nlvr2") else 4 if name != "vcr" else 8)
+    if name == "caption":  # the masked tokens
+        assert int(out["count"]) == int((batch.txt_labels != -1).sum()) > 0
+    else:
+        assert out["count"] == (3 if name.startswith("nlvr2") else 4 if name != "vcr" else 8)
 
 
 def test_load_pretrained_tied_decoder_is_not_missing():
