@@ -72,6 +72,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-batches", type=int, default=None, help="validation batches per evaluation (default all)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: 1 for hidden size <= 256; OMP_NUM_THREADS wins)")
     p.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, e.g. variant=triplet (nlvr2), ans2label=PATH (vqa), eval_images=200 (itr)")
@@ -89,7 +91,8 @@ def settings_from_args(args: argparse.Namespace):
                          skip_bad_examples=args.skip_bad_examples, progress=not args.no_progress,
                          options=parse_options(args.opt))
     for name in ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "head_lr_mult", "seed",
-                 "max_txt_len", "val_every", "ckpt_every", "log_every", "val_batches", "precision", "device"):
+                 "max_txt_len", "val_every", "ckpt_every", "log_every", "val_batches", "precision", "device",
+                 "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)

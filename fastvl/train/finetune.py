@@ -46,6 +46,7 @@ Helpers for spec authors: :func:`model_config` (the UNITER config for a run: fro
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -112,6 +113,9 @@ class FinetuneSettings:
     skip_bad_examples: bool = False
     progress: bool = True
     adv: dict | None = None  # VILLA adversarial fine-tuning: AdvConfig fields (None = off)
+    # CPU intra-op threads per process. None: 1 for models of hidden size <= 256 (too small for threading to pay),
+    # torch's default otherwise. OMP_NUM_THREADS, when set, wins.
+    threads: int | None = None
     options: dict = field(default_factory=dict)
 
     def resolved(self, spec: FinetuneTaskSpec | None = None) -> FinetuneSettings:
@@ -335,6 +339,21 @@ def _save_run(s: FinetuneSettings, data: FinetuneData) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------------
+def _cpu_threads(threads: int | None, model: nn.Module, device: torch.device) -> int | None:
+    """Apply the CPU thread setting (see :attr:`FinetuneSettings.threads`); returns the threads in use on CPU."""
+    if device.type != "cpu":
+        return None
+    if threads is not None and threads < 1:
+        raise ValueError(f"fastvl finetune: 'threads' must be >= 1, got {threads}")
+    if "OMP_NUM_THREADS" not in os.environ:
+        uniter = getattr(model, "uniter", None)
+        hidden = getattr(getattr(uniter, "config", None), "hidden_size", None)
+        n = threads or (1 if hidden is not None and hidden <= 256 else None)
+        if n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> dict:
     """Run fine-tuning; returns {'history', 'validation', 'metric', 'chance', 'checkpoint', 'seconds', ...}."""
     spec = get_finetune_task(settings.task)
@@ -347,12 +366,13 @@ def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> 
     tasks = spec.build_tasks(model, s, data)
     plain_tasks = dict(tasks)
     chance = spec.chance_level(data)
+    threads = _cpu_threads(s.threads, model, info.device)
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"fastvl finetune {spec.name}: {type(model).__name__} ({n_params / 1e6:.2f}M parameters), data "
             f"{data.info.get('source', 'synthetic')}, sources {data.mix}, {s.steps} steps, init "
-            f"{s.init or 'random'}, {info.world_size} process(es) on {info.device}; metric {spec.metric} "
-            f"(chance {chance:.4f})")
+            f"{s.init or 'random'}, {info.world_size} process(es) on {info.device}"
+            + (f" ({threads} thread(s) each)" if threads else "") + f"; metric {spec.metric} (chance {chance:.4f})")
     if s.adv is not None:  # VILLA: every task under the K-step adversarial loop
         from ..adversarial import AdvConfig, adversarial_tasks
 

@@ -277,3 +277,21 @@ def test_load_pretrained_tied_decoder_is_not_missing():
     state.pop("cls.predictions.bias")
     missing, _ = FT.load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
     assert missing == ["cls.predictions.bias"]
+
+
+def test_cpu_threads_default(monkeypatch):
+    """1 thread for a tiny model on CPU unless OMP_NUM_THREADS is set; an explicit setting wins; bad values fail."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        tiny = UniterForPretraining(tiny_config(), tiny_config().img_dim)
+        torch.set_num_threads(2)
+        assert FT._cpu_threads(None, tiny, torch.device("cpu")) == 1
+        assert FT._cpu_threads(2, tiny, torch.device("cpu")) == 2
+        assert FT._cpu_threads(None, tiny, torch.device("cuda")) is None
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert FT._cpu_threads(1, tiny, torch.device("cpu")) == 2  # the environment wins
+        with pytest.raises(ValueError, match="'threads' must be >= 1"):
+            FT._cpu_threads(0, tiny, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
