@@ -23,6 +23,7 @@ VCR each question's [n, 4]); vqa / gqa / ve use the built-in view of :mod:`fastv
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,39 +154,68 @@ class NLVR2Task(FinetuneTask):
 
 @register_task("itr")
 class ITRTask(FinetuneTask):
-    """Image-text retrieval with in-batch sampled negatives (see module doc); targets not needed.
+    """Image-text retrieval with in-batch negatives (see module doc); targets not needed.
 
     Args:
         num_neg: negatives per side (text-negatives and image-negatives); group size 1 + 2 num_neg.
         generator: torch.Generator (CPU) for the negative draw (default: torch's global RNG).
+        hard_neg: False: negatives drawn at random among the batch's other pairs. True: hard negatives -- the whole
+            b x b text x image score matrix of the batch is computed without gradient in eval mode (b^2 extra
+            forwards per micro-batch) and each pair keeps its ``num_neg`` highest-scoring other images and other
+            texts (the in-batch form of the official hard-negative training).
     """
 
     name = "itr"
 
-    def __init__(self, model: nn.Module, num_neg: int = 1, generator: torch.Generator | None = None):
+    def __init__(self, model: nn.Module, num_neg: int = 1, generator: torch.Generator | None = None,
+                 hard_neg: bool = False):
         super().__init__(model)
         if num_neg < 1:
             raise ValueError(f"fastvl.tasks.ITRTask: 'num_neg' must be >= 1, got {num_neg}")
+        if not isinstance(hard_neg, bool):
+            raise ValueError(f"fastvl.tasks.ITRTask: 'hard_neg' must be true or false, got {hard_neg!r}")
         self.num_neg = int(num_neg)
         self.generator = generator
+        self.hard_neg = hard_neg
 
-    def groups(self, b: int) -> tuple[list[int], list[int]]:
-        """(text index, image index) of every pair, group by group: positive, image negatives, text negatives."""
+    def groups(self, b: int, scores: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+        """(text index, image index) of every pair, group by group: positive, image negatives, text negatives.
+        ``scores`` [b, b] (text x image): take each pair's highest-scoring negatives instead of random ones (when
+        fewer than ``num_neg`` others exist, the hardest repeat)."""
         if b < 2:
             raise ValueError(f"fastvl.tasks.ITRTask: a batch needs >= 2 pairs to draw negatives, got {b}")
+        n = self.num_neg
+        if scores is not None:
+            s = scores.float().masked_fill(torch.eye(b, dtype=torch.bool, device=scores.device), -math.inf)
+            k = min(n, b - 1)
+            reps = torch.arange(n) % k  # [n]: the hardest first, cycling when k < n
+            img_neg = s.topk(k, dim=1).indices.cpu()[:, reps].tolist()  # per text: its hardest other images
+            txt_neg = s.t().topk(k, dim=1).indices.cpu()[:, reps].tolist()  # per image: its hardest other texts
         ti, ii = [], []
         for i in range(b):
-            others = [j for j in range(b) if j != i]
-            draw = torch.randint(len(others), (2 * self.num_neg,), generator=self.generator).tolist()
-            neg = [others[d] for d in draw]
-            ti += [i] * (1 + self.num_neg) + neg[self.num_neg:]
-            ii += [i] + neg[:self.num_neg] + [i] * self.num_neg
+            if scores is None:
+                others = [j for j in range(b) if j != i]
+                draw = torch.randint(len(others), (2 * n,), generator=self.generator).tolist()
+                neg = [others[d] for d in draw]
+            else:
+                neg = img_neg[i] + txt_neg[i]
+            ti += [i] * (1 + n) + neg[n:]
+            ii += [i] + neg[:n] + [i] * n
         return ti, ii
+
+    def _hard_scores(self, batch: PackedVLBatch) -> torch.Tensor:
+        """The batch's text x image scores [b, b] in eval mode (no gradient), for hard-negative mining."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.score_matrix(batch, range(batch.batch_size), range(batch.batch_size))
+        finally:
+            self.model.train(was)
 
     def adv_prepare(self, batch: PackedVLBatch) -> PackedVLBatch:
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.ITRTask: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
-        ti, ii = self.groups(batch.batch_size)
+        ti, ii = self.groups(batch.batch_size, self._hard_scores(batch) if self.hard_neg else None)
         grouped = pair_batch(batch, ti, ii)
         grouped.extras["sample_size"] = 1 + 2 * self.num_neg
         return grouped

@@ -21,8 +21,8 @@ Data: ``--data DIR`` (``txt_db/*.db`` + ``img_db/<name>/``, validation txt_dbs n
 ``--txt-db`` / ``--img-db`` / ``--val-txt-db`` / ``--val-img-db``; nothing: the synthetic data of the task
 (:func:`fastvl.data.finetune_synthetic.finetune_synthetic`). Task options (``--opt key=value``): ``ans2label``
 (vqa / gqa / ve: answer vocabulary file), ``variant`` (nlvr2: paired | triplet | paired-attn), ``num_neg``,
-``margin``, ``eval_images`` (itr), ``loss`` (cls | rank), ``mlp`` (re), ``special_tokens`` (vcr, official 81),
-``stages`` (vcr: the trained stages, ``qa,qar``),
+``margin``, ``eval_images``, ``hard_neg`` (itr: true = in-batch hard negatives), ``loss`` (cls | rank), ``mlp``
+(re), ``special_tokens`` (vcr, official 81), ``stages`` (vcr: the trained stages, ``qa,qar``),
 ``synthetic_images`` / ``synthetic_val_images`` (images of the synthetic data's splits).
 
 After loading pre-trained weights each model is prepared as the official scripts do: NLVR2 grows the type table
@@ -235,7 +235,7 @@ def _single(cls, **kw):
 
 
 def _itr_tasks(model, s, data):
-    return {"itr": ITRTask(model, num_neg=int(s.options.get("num_neg", 1)))}
+    return {"itr": ITRTask(model, num_neg=int(s.options.get("num_neg", 1)), hard_neg=s.options.get("hard_neg", False))}
 
 
 def _vcr_tasks(model, s, data):

@@ -173,6 +173,34 @@ def test_itr_task_groups_and_loss(gen):
         task(_batch(gen, cfg, 1))
 
 
+def test_itr_hard_negatives(gen):
+    """hard_neg: each pair's negatives are its highest-scoring other images / texts of the eval-mode score matrix
+    (hardest repeated when the batch has fewer others than num_neg); the model is left in training mode."""
+    model, cfg = _model(UniterForImageTextRetrieval)
+    scores = torch.tensor([[9.0, 1.0, 5.0], [2.0, 9.0, 7.0], [8.0, 3.0, 9.0]])  # text x image
+    task = ITRTask(model, num_neg=3, hard_neg=True)
+    ti, ii = task.groups(3, scores)
+    groups = [(ti[7 * g:7 * g + 7], ii[7 * g:7 * g + 7]) for g in range(3)]
+    assert groups[0] == ([0, 0, 0, 0, 2, 1, 2], [0, 2, 1, 2, 0, 0, 0])  # images for text 0: 2 (5) > 1 (1)
+    assert groups[1] == ([1, 1, 1, 1, 2, 0, 2], [1, 2, 0, 2, 1, 1, 1])  # texts for image 1: 2 (3) > 0 (1)
+    assert groups[2] == ([2, 2, 2, 2, 1, 0, 1], [2, 0, 1, 0, 2, 2, 2])
+    pb = _batch(gen, cfg, 5)
+    task = ITRTask(model, num_neg=2, hard_neg=True)
+    model.train()
+    out = task(pb)
+    assert model.training
+    model.eval()
+    m = task.score_matrix(pb, range(5), range(5))
+    model.train()
+    ti, ii = task.groups(5, m)
+    s = torch.sigmoid(model(pair_batch(pb, ti, ii), compute_loss=False)).reshape(5, 5)
+    torch.testing.assert_close(out["loss"], torch.clamp(0.2 + s[:, 1:] - s[:, :1], min=0).mean(), **TOL)
+    off = m.masked_fill(torch.eye(5, dtype=torch.bool), -1e9)
+    assert ii[1] == int(off[0].argmax()) and ti[3] == int(off[:, 0].argmax())  # pair 0's hardest image / text
+    with pytest.raises(ValueError, match="'hard_neg' must be true or false"):
+        ITRTask(model, hard_neg="yes")
+
+
 def test_itr_score_matrix_is_brute_force(gen):
     model, cfg = _model(UniterForImageTextRetrieval)
     pb = _batch(gen, cfg, 5)
