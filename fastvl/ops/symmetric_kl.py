@@ -51,10 +51,14 @@ def _factor(reduction: str, batch: int, numel: int) -> float:
 
 def symmetric_kl_reference(logits_a: torch.Tensor, logits_b: torch.Tensor, reduction: str = "batchmean"
                            ) -> torch.Tensor:
-    """Eager PyTorch, VILLA's formula. logits_a, logits_b: [..., C] -> loss ([..., C] for 'none')."""
+    """Eager PyTorch. logits_a, logits_b: [..., C] -> loss ([..., C] for 'none').
+
+    VILLA's ``kl_div(log p_a, p_b) + kl_div(log p_b, p_a)`` written elementwise as ``(p_a - p_b)(log p_a - log p_b)``
+    (the same value): autograd through ``kl_div`` differentiates ``p log p`` at p = 0 and returns NaN gradients
+    when both sides mask a class with a large negative logit (-1e4 underflows to p = 0); this form stays finite."""
     a, b = _upcast(logits_a), _upcast(logits_b)
-    elem = (F.kl_div(F.log_softmax(a, dim=-1), F.softmax(b, dim=-1), reduction="none")
-            + F.kl_div(F.log_softmax(b, dim=-1), F.softmax(a, dim=-1), reduction="none"))
+    la, lb = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    elem = (la.exp() - lb.exp()) * (la - lb)
     if reduction == "none":
         return elem
     return elem.sum() * _factor(reduction, a.shape[0], a.numel())

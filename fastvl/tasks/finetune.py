@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..batch import PackedVLBatch
-from ..models.uniter_finetune import NEG_FILL, rank_hinge, select_examples
+from ..models.uniter_finetune import rank_hinge, select_examples
 from . import metrics, register_task
 
 __all__ = ["FinetuneTask", "ITRTask", "NLVR2Task", "RETask", "VCRTask", "VQATask", "pair_batch", "vqa_soft_targets"]
@@ -279,13 +279,10 @@ class RETask(FinetuneTask):
                                  f"{batch.img_lens[i]} regions")
 
     def adv_loss(self, h, layout, batch):
-        """Consistency scores: the region scores with padded / masked regions (filled with -1e4, whose softmax
-        underflows to exactly 0 and makes the KL gradient NaN) set to -30 below the row's best score."""
+        """Consistency scores: the region scores [B, max regions], padded / masked regions at -1e4 (probability 0,
+        zero gradient in :func:`fastvl.ops.symmetric_kl`)."""
         loss = self.model._head(h, layout, batch.extras["targets"], True, "mean", batch.extras)
-        scores = self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
-        pad = scores <= NEG_FILL / 2
-        shifted = scores - scores.detach().max(1, keepdim=True).values
-        return loss, shifted.masked_fill(pad, -30.0)
+        return loss, self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:

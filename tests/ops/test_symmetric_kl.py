@@ -61,6 +61,29 @@ def test_matches_villa_formula(gen):
     torch.testing.assert_close(M.symmetric_kl(adv, clean), villa)
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_masked_classes_give_finite_gradients(backend, gen):
+    """Classes masked with -1e4 on both sides (probability exactly 0) carry no loss and get zero gradient; the
+    rest equals the loss over the valid classes alone (F.kl_div's autograd gives NaN here)."""
+    a, b = logit_pair((4, 9), gen)
+    valid = 6
+    full = []
+    for x in (a, b):
+        f = x.detach().clone()
+        f[:, valid:] = -1e4
+        full.append(f.requires_grad_())
+    loss = M.symmetric_kl(*full, backend=backend)
+    loss.backward()
+    va, vb = (x.detach()[:, :valid].clone().requires_grad_() for x in (a, b))
+    want = M.symmetric_kl_reference(va, vb)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for f, v in zip(full, (va, vb)):
+        assert torch.isfinite(f.grad).all()
+        torch.testing.assert_close(f.grad[:, :valid], v.grad)
+        assert f.grad[:, valid:].abs().max() == 0
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_identical_inputs_give_zero(backend, gen):
     a, _ = logit_pair((3, 50), gen)
