@@ -13,6 +13,8 @@ Providers: ``reference`` (the eager PyTorch reference, as the public function ru
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 import fastvl
@@ -87,7 +89,14 @@ def main() -> None:
             config = dict(modality=modality, layout=args.layout, norm=args.norm, max_norm=args.max_norm,
                           dtype=str(dtype).split(".")[-1], shapes=[list(d.shape) for d in deltas])
             bench.run(cases, "B", batch, config)
-    bench.finish()
+    rows = bench.finish()
+    times = {(json.loads(r["config"])["modality"], r["x_value"], r["provider"]): r["p50"] for r in rows
+             if r["metric"] == "time"}
+    print(f"\ndelta step, speed-up over the eager reference (p50; goal on GPU: >= 5x), {args.layout}, {args.norm}:")
+    for (modality, batch, provider), t in times.items():
+        ref = times.get((modality, batch, "reference"))
+        if provider != "reference" and ref:
+            print(f"  {modality:>5} B={batch:<4} {provider:>8}: {ref / t:6.1f}x  ({t:.3f} ms vs {ref:.3f} ms)")
 
 
 if __name__ == "__main__":
