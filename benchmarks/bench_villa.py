@@ -12,6 +12,9 @@ the same for every provider and left out). Providers:
   Exact (same gradients as the plain loop); its floor at K = 3 is 10/3 = 3.33x a clean step (loop.py docstring).
 - ``villa-fastvl-sg``: the same with ``AdvConfig(kl_clean_grad=False)``, the opt-in stop-gradient clean target
   (an approximation: 9 forward-equivalents, 3.0x at K = 3).
+- ``--ablation`` adds exact variants with one cost reduction switched off, to measure its effect:
+  ``villa-fastvl-sep-clean`` (``reuse_clean=False``: a separate clean forward kept with its graph, as upstream)
+  and ``villa-fastvl-eager-step`` (the delta step and init on the eager ``reference`` backend).
 
 Both VILLA providers run the same model on the same packed batch, so the ratio to ``clean`` isolates the
 adversarial loop. Goal (issue): villa-fastvl <= 3.0x clean at K = 3; the plain loop is >= 3.3x.
@@ -36,6 +39,7 @@ from fastvl.ops._testing import random_lengths
 from fastvl.tasks import build_task
 
 TASKS = ("mlm", "itm", "mrfr")
+PROVIDERS = ("villa-fastvl", "villa-fastvl-sg", "villa-fastvl-sep-clean", "villa-fastvl-eager-step", "villa-plain")
 OT_LAMBDA = 0.1
 SETUPS = {
     "tiny": dict(model=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="GPU autocast (default bf16)")
     bench.parser.add_argument("--threads", type=int, default=None)
     bench.parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    bench.parser.add_argument("--ablation", action="store_true",
+                              help="also time fastvl with one cost reduction off (separate clean pass, eager step)")
     bench.parser.add_argument("--seed", type=int, default=0)
     a = bench.parse(argv)
     if a.threads:
@@ -117,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         cases = [Case("clean", _clean(module, batch, autocast), "full", tokens=batch.num_tokens),
                  Case("villa-fastvl", _fastvl(adv, batch, autocast), "full", tokens=batch.num_tokens),
                  Case("villa-fastvl-sg", _fastvl(adv_sg, batch, autocast), "full", tokens=batch.num_tokens)]
+        if a.ablation:
+            sep = AdversarialTask(module, adv_cfg, reuse_clean=False)
+            eager = AdversarialTask(module, adv_cfg, backend="reference")
+            cases += [Case("villa-fastvl-sep-clean", _fastvl(sep, batch, autocast), "full", tokens=batch.num_tokens),
+                      Case("villa-fastvl-eager-step", _fastvl(eager, batch, autocast), "full",
+                           tokens=batch.num_tokens)]
         if not a.no_plain:
             cases.append(Case("villa-plain", _plain(model, task, batch, adv_cfg, autocast), "full",
                               tokens=batch.num_tokens))
@@ -128,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         clean = times.get((task, "clean"))
         if not clean:
             continue
-        parts = [f"{p} {times[(task, p)] / clean:.2f}x" for p in ("villa-fastvl", "villa-fastvl-sg", "villa-plain")
-                 if (task, p) in times]
+        parts = [f"{p} {times[(task, p)] / clean:.2f}x" for p in PROVIDERS if (task, p) in times]
         print(f"  {task:>5}: clean {clean:8.1f} ms  " + "  ".join(parts))
 
 
