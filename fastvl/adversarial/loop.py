@@ -53,6 +53,11 @@ Forward/backward count per micro-batch, K = 3, text/image/both: plain loop 4 for
 here 3 forward + 3 backward + 1 input-gradient pass. Counting a backward as 2 forwards and an input-gradient pass
 as 1, that is 10 forward-equivalents against a clean step's 3: 3.33x is the floor of the exact algorithm at K = 3.
 
+Measured (``python -m benchmarks.bench_villa --mode both --ablation``, CPU, 1 thread, 4 layers x 256, batch 8;
+time per micro-batch over a clean step, tasks mlm / itm / mrfr): all reductions 3.50 / 3.38 / 3.53x; without (1)
+(a separate clean pass) 4.67 / 4.01 / 4.13x; with the eager delta step instead of (4) 3.60 / 3.42 / 3.53x (the
+step is a small share of a step at these sizes on CPU); the plain loop 6.08 / 5.44 / 5.85x.
+
 Opt-in approximation, ``AdvConfig(kl_clean_grad=False)``: the clean predictions are a constant target of the
 consistency term (stop-gradient, as in several later adversarial fine-tuning methods). Step 0 (the clean pass) then
 gets one ordinary backward right away (parameter and delta gradients together) and nothing flows back through the
