@@ -43,7 +43,7 @@ run_bench attention 120
 run_bench losses 90
 run_bench adv_perturb 40
 run_bench e2e_uniter 90 --config base
-run_bench villa 60
+run_bench villa 90 --reps 15 --warmup 3
 run_bench retrieval 120 --amp --budget-s 60
 status total "$(( $(date +%s) - start )) s"
 
