@@ -16,7 +16,7 @@ import sys
 import time
 
 from ..cli import COMMANDS, command
-from ..train.commands import add_adv_arguments, adv_from_args
+from ..train.commands import RUN_OPTIONS, add_adv_arguments, add_run_arguments, adv_from_args, set_given
 
 _pretrain_eval = COMMANDS.get("eval")  # fastvl.train.commands registers it first (plugin order)
 
@@ -56,28 +56,12 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-img-db", nargs="*", default=[])
     p.add_argument("--output", default=None, help="run folder (default runs/finetune-<task>): checkpoints, "
                                                   "metrics.jsonl, settings.json")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per process and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--grad-clip", type=float, default=None)
     p.add_argument("--head-lr-mult", type=float, default=None, help="learning-rate multiplier of the task head")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-txt-len", type=int, default=None)
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--val-batches", type=int, default=None, help="validation batches per evaluation (default all)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (default: 1 for hidden size <= 256; OMP_NUM_THREADS wins)")
-    p.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, e.g. variant=triplet (nlvr2), ans2label=PATH (vqa), eval_images=200 (itr)")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p, "default: 1 for hidden size <= 256")
     add_adv_arguments(p, "fine-tuning")
 
 
@@ -90,12 +74,7 @@ def settings_from_args(args: argparse.Namespace):
                          val_img_db=list(args.val_img_db), output=args.output, resume=args.resume,
                          skip_bad_examples=args.skip_bad_examples, progress=not args.no_progress,
                          options=parse_options(args.opt))
-    for name in ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "head_lr_mult", "seed",
-                 "max_txt_len", "val_every", "ckpt_every", "log_every", "val_batches", "precision", "device",
-                 "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(s, name, value)
+    set_given(s, args, (*RUN_OPTIONS, "head_lr_mult", "max_txt_len", "val_batches"))
     s.adv = adv_from_args(args)
     return s
 

@@ -23,6 +23,20 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-txt-db", nargs="*", default=[])
     p.add_argument("--val-img-db", nargs="*", default=[])
     p.add_argument("--output", default="runs/pretrain", help="checkpoints, metrics.jsonl, settings.json")
+    p.add_argument("--tasks", default=None, help="task mix, e.g. itm:3,mlm:4,mrfr:2,mrc-kl:2")
+    p.add_argument("--init-checkpoint", default=None, help="weights to start from (e.g. an official .pt)")
+    add_run_arguments(p, "tiny default: 1")
+    add_adv_arguments(p, "pre-training")
+
+
+#: The run options of :func:`add_run_arguments` copied onto the settings when given (None = the settings' default).
+RUN_OPTIONS = ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "seed", "val_every",
+               "ckpt_every", "log_every", "precision", "device", "threads")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, threads_default: str) -> None:
+    """The training-run options shared by ``fastvl pretrain`` and ``fastvl finetune`` (schedule, batch, cadence,
+    device, resume, bad examples, progress)."""
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -30,18 +44,24 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=None, help="token budget per process and micro-batch")
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--tasks", default=None, help="task mix, e.g. itm:3,mlm:4,mrfr:2,mrc-kl:2")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
-    p.add_argument("--init-checkpoint", default=None, help="weights to start from (e.g. an official .pt)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads per process ({threads_default}; OMP_NUM_THREADS wins)")
     p.add_argument("--skip-bad-examples", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (tiny default: 1)")
-    add_adv_arguments(p, "pre-training")
+
+
+def set_given(settings, args: argparse.Namespace, names) -> None:
+    """Copy the options in ``names`` that were given (not None) from ``args`` onto ``settings``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
 
 
 def add_adv_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -92,11 +112,7 @@ def _settings(args: argparse.Namespace):
     s.output, s.resume, s.skip_bad_examples = args.output, args.resume, args.skip_bad_examples
     s.progress = not args.no_progress
     s.adv = adv_from_args(args)
-    for name in ("steps", "lr", "warmup_steps", "batch_tokens", "grad_accum", "grad_clip", "tasks", "seed",
-                 "val_every", "ckpt_every", "log_every", "precision", "device", "init_checkpoint", "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(s, name, value)
+    set_given(s, args, (*RUN_OPTIONS, "tasks", "init_checkpoint"))
     return s
 
 
