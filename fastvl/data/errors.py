@@ -43,6 +43,12 @@ class BadExampleCounter:
         if warn:
             log.warning("skipping bad example (%s): %s", err.reason, err)
 
+    def skip_or_raise(self, err: DataError, skip: bool) -> None:
+        """The bad-example policy: raise ``err`` unless ``skip`` (``--skip-bad-examples``), else count it."""
+        if not skip:
+            raise err
+        self.skip(err)
+
     def merge(self, counts: dict[str, int]) -> None:
         """Add counts gathered elsewhere (e.g. in a DataLoader worker process)."""
         with self._lock:

@@ -167,7 +167,7 @@ class FinetuneDataset:
                 try:
                     n = self._open(p, txt, img, id_)
                 except DataError as e:
-                    self._bad(e)
+                    self.bad.skip_or_raise(e, self.skip)
                     continue
                 self.items.append((p, id_))
                 self.lens.append(int(n))
@@ -202,11 +202,6 @@ class FinetuneDataset:
         raise NotImplementedError
 
     # common ---------------------------------------------------------------------------------------------------
-    def _bad(self, err: DataError) -> None:
-        if not self.skip:
-            raise err
-        self.bad.skip(err)
-
     def __len__(self) -> int:
         return len(self.items)
 
@@ -271,7 +266,7 @@ class FinetuneDataset:
             try:
                 examples.append(self.example(i))
             except DataError as e:
-                self._bad(e)
+                self.bad.skip_or_raise(e, self.skip)
         return self.collate(examples) if examples else None
 
 

@@ -120,11 +120,6 @@ def make_data(npz_dir: str | os.PathLike, captions: str | os.PathLike | list[str
         raise FileNotFoundError(f"make_data: no .npz files in {str(npz_dir)!r}")
     bad = BadExampleCounter()
 
-    def fail(err: DataError) -> None:
-        if not skip_bad_examples:
-            raise err
-        bad.skip(err)
-
     if vocab_file is None:
         vocab_file = write_vocab(synthetic_vocab(), output / "vocab.txt")
         log.warning("make_data: no vocab_file given; using the synthetic corpus's small vocab %s", vocab_file)
@@ -147,7 +142,7 @@ def make_data(npz_dir: str | os.PathLike, captions: str | os.PathLike | list[str
                 dump = _load_npz(path)
                 _check_npz(path, dump, need_conf=not keep_all and conf_th != -1, dims=dims)
             except DataError as e:
-                fail(e)
+                bad.skip_or_raise(e, skip_bad_examples)
                 continue
             img_w.put(path.name, dump)
     images = set(img_w.name2nbb)
@@ -178,7 +173,7 @@ def make_data(npz_dir: str | os.PathLike, captions: str | os.PathLike | list[str
                     if not ids:
                         raise DataError(str(src), key, f"empty caption {text!r}", "empty_caption")
                 except DataError as e:
-                    fail(e)
+                    bad.skip_or_raise(e, skip_bad_examples)
                     continue
                 txt_w.put(key, {**rec, "id": key, "img_fname": img, "sent": text, "input_ids": ids})
                 n += 1

@@ -103,7 +103,7 @@ class VLExamples:
                         raise DataError(img.name, name, f"image referenced by text {id_!r} of {txt.name} is not in "
                                         "the img_db", "missing_image")
                 except DataError as e:
-                    self._bad(e)
+                    self.bad.skip_or_raise(e, self.skip)
                     continue
                 self.items.append((p, id_, name))
                 self.lens.append(txt.id2len[id_] + 2 + img.name2nbb[name])
@@ -111,11 +111,6 @@ class VLExamples:
             self.img_pool.append(sorted(pool))
         if not self.items:
             raise DataError(", ".join(t.name for t, _ in self.pairs), None, "no usable examples", "no_examples")
-
-    def _bad(self, err: DataError) -> None:
-        if not self.skip:
-            raise err
-        self.bad.skip(err)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -326,9 +321,7 @@ class PretrainData:
             try:
                 e = self.make_example(task, i, rng)
             except DataError as err:
-                if not self.examples.skip:
-                    raise
-                self.bad.skip(err)
+                self.bad.skip_or_raise(err, self.examples.skip)
                 continue
             if e is not None:
                 examples.append(e)

@@ -226,9 +226,7 @@ class CaptionEvalData:
                                         "missing_image")
                     refs = [txt.input_ids(i) for i in ids]
                 except DataError as e:
-                    if not skip_bad_examples:
-                        raise
-                    self.bad.skip(e)
+                    self.bad.skip_or_raise(e, skip_bad_examples)
                     continue
                 if refs:
                     self.images.append(CaptionImage(p, name, refs))
