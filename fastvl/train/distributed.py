@@ -38,6 +38,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
+def set_cpu_threads(threads: int | None, device: torch.device) -> int | None:
+    """Intra-op CPU threads per process: ``threads`` (None: torch's default) unless ``OMP_NUM_THREADS`` is set, which
+    wins. Returns the threads in use on CPU, None on other devices."""
+    if device.type != "cpu":
+        return None
+    if threads is not None and threads < 1:
+        raise ValueError(f"fastvl: 'threads' must be >= 1, got {threads}")
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -46,7 +46,6 @@ Helpers for spec authors: :func:`model_config` (the UNITER config for a run: fro
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -341,17 +340,10 @@ def _save_run(s: FinetuneSettings, data: FinetuneData) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def _cpu_threads(threads: int | None, model: nn.Module, device: torch.device) -> int | None:
     """Apply the CPU thread setting (see :attr:`FinetuneSettings.threads`); returns the threads in use on CPU."""
-    if device.type != "cpu":
-        return None
-    if threads is not None and threads < 1:
-        raise ValueError(f"fastvl finetune: 'threads' must be >= 1, got {threads}")
-    if "OMP_NUM_THREADS" not in os.environ:
-        uniter = getattr(model, "uniter", None)
-        hidden = getattr(getattr(uniter, "config", None), "hidden_size", None)
-        n = threads or (1 if hidden is not None and hidden <= 256 else None)
-        if n:
-            torch.set_num_threads(n)
-    return torch.get_num_threads()
+    if threads is None:
+        hidden = getattr(getattr(getattr(model, "uniter", None), "config", None), "hidden_size", None)
+        threads = 1 if hidden is not None and hidden <= 256 else None
+    return D.set_cpu_threads(threads, device)
 
 
 def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> dict:

@@ -10,7 +10,6 @@ its data paths are replaced by ``--txt-db`` / ``--img-db``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -189,8 +188,7 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
     """Run pre-training; returns {'history', 'validation', 'checkpoint', 'tokens_per_s', 'seconds'}."""
     s = settings.resolved()
     info = D.init_distributed(s.device)
-    if info.device.type == "cpu" and s.threads and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(s.threads)
+    threads = D.set_cpu_threads(s.threads, info.device)
     torch.manual_seed(s.seed)
     train, val, _ = _data(s, info.rank, info.world_size)
     model = build_model(s, train.dims)
@@ -199,7 +197,7 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
         log(f"fastvl pretrain: model {s.config} ({n_params / 1e6:.2f}M parameters), data "
             f"{'synthetic corpus' if not s.txt_db else s.txt_db}, tasks {train.mix}, {s.steps} steps, "
             f"{info.world_size} process(es) on {info.device}"
-            + (f" ({torch.get_num_threads()} thread(s) each)" if info.device.type == "cpu" else ""))
+            + (f" ({threads} thread(s) each)" if threads else ""))
     tasks = {k: v for k, v in pretrain_tasks(model, s.ot_lambda).items() if k in train.mix}
     if s.adv is not None:  # VILLA: every task under the K-step adversarial loop (one flag on any task)
         from ..adversarial import AdvConfig, adversarial_tasks
