@@ -36,7 +36,8 @@ from ..models import uniter_heads as H
 from ..models.uniter_pretrain import canonical_task
 from ..ops.symmetric_kl import symmetric_kl
 
-__all__ = ["AdvOutput", "AdvView", "PretrainView", "VQAView", "adversarial_view", "consistency_loss"]
+__all__ = ["AdvOutput", "AdvView", "PretrainView", "VQAView", "adversarial_view", "consistency_loss",
+           "masked_text_targets"]
 
 
 @dataclass
@@ -80,6 +81,15 @@ def consistency_loss(kind: str, pred: torch.Tensor, clean: torch.Tensor) -> torc
     raise ValueError(f"fastvl.adversarial.consistency_loss: argument 'kind' must be 'kl' or 'mse', got {kind!r}")
 
 
+def masked_text_targets(batch: PackedVLBatch) -> tuple[PackedVLBatch, torch.Tensor]:
+    """(the batch with ``n_txt_masked`` set, the labels [n] of its n masked tokens in packed order): the count is
+    read from the device once here, not once per pass."""
+    sel = batch.txt_labels != -1
+    if batch.n_txt_masked is None:
+        batch = replace(batch, n_txt_masked=int(sel.sum()))
+    return batch, batch.txt_labels[torch.nonzero_static(sel, size=batch.n_txt_masked).squeeze(1)]
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -111,10 +121,7 @@ class PretrainView:
             raise TypeError(f"fastvl.adversarial: task {self.name!r} needs a PackedVLBatch, got {type(batch).__name__}")
         targets = None
         if self.name == "mlm":
-            sel = batch.txt_labels != -1
-            if batch.n_txt_masked is None:  # one device read here instead of one per pass
-                batch = replace(batch, n_txt_masked=int(sel.sum()))
-            targets = batch.txt_labels[torch.nonzero_static(sel, size=batch.n_txt_masked).squeeze(1)]
+            batch, targets = masked_text_targets(batch)
         elif self.name == "mrfr":
             targets = batch.feat_targets
         elif self.name in ("mrc", "mrc-kl"):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,12 @@ class CaptionTask(nn.Module):
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.CaptionTask: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
         loss = self.model(batch, compute_loss=True, reduction="mean")
-        count = batch.n_txt_masked if batch.n_txt_masked is not None else (batch.txt_labels != -1).sum()
-        return dict(loss=loss, logs={"caption_loss": loss.detach()}, count=count)
+        return dict(loss=loss, logs={"caption_loss": loss.detach()}, count=self.count(batch))
+
+    @staticmethod
+    def count(batch: PackedVLBatch) -> int | torch.Tensor:
+        """Elements the loss averages: the masked caption tokens."""
+        return batch.n_txt_masked if batch.n_txt_masked is not None else (batch.txt_labels != -1).sum()
 
     def generate(self, batch: PackedVLBatch, **overrides: Any) -> CaptionGeneration:
         """Captions of the batch's images; ``overrides``: max_len, beam_size, length_penalty, use_cache."""
@@ -147,15 +151,14 @@ class _CaptionAdvView:
         self.hidden_size = int(self.model.uniter.config.hidden_size)
 
     def context(self, batch: PackedVLBatch) -> _CaptionCtx:
+        from ..adversarial.consistency import masked_text_targets
+
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.CaptionTask: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
         if batch.txt_labels is None:
             raise ValueError("fastvl.tasks.CaptionTask: batch.txt_labels ([T_txt] long, -1 where not masked) is "
                              "required")
-        sel = batch.txt_labels != -1
-        if batch.n_txt_masked is None:  # one device read here instead of one per pass
-            batch = replace(batch, n_txt_masked=int(sel.sum()))
-        targets = batch.txt_labels[torch.nonzero_static(sel, size=batch.n_txt_masked).squeeze(1)]
+        batch, targets = masked_text_targets(batch)
         return _CaptionCtx(batch, self.model.layout(batch), targets)
 
     def forward(self, ctx: _CaptionCtx, txt_delta: torch.Tensor | None, img_delta: torch.Tensor | None):
@@ -172,7 +175,7 @@ class _CaptionAdvView:
         return consistency_loss("kl", pred, clean)
 
     def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
-        return batch.n_txt_masked if batch.n_txt_masked is not None else (batch.txt_labels != -1).sum()
+        return self.task.count(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
