@@ -26,7 +26,6 @@ Layout of the cache folder ``<cache>/finetune-<hash>/`` (atomic, like the pre-tr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -48,6 +47,7 @@ from .synthetic import (
     _scene,
     _World,
     cached_folder,
+    config_key,
     default_cache_dir,
     synthetic_vocab,
 )
@@ -96,8 +96,7 @@ class FinetuneSynthConfig:
         return replace(self.world, min_objects=self.min_objects, max_objects=self.max_objects)
 
     def key(self) -> str:
-        blob = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+        return config_key(self, VERSION)
 
 
 @dataclass

@@ -85,8 +85,7 @@ class SyntheticConfig:
         return {"conf_th": self.conf_th, "max_bb": self.max_objects, "min_bb": self.min_objects}
 
     def key(self) -> str:
-        blob = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+        return config_key(self, VERSION)
 
 
 @dataclass
@@ -287,6 +286,12 @@ def _write_corpus(root: Path, cfg: SyntheticConfig) -> dict:
 def _corpus(root: Path, cfg: SyntheticConfig, info: dict) -> SyntheticCorpus:
     return SyntheticCorpus(root=root, txt_train=root / "txt_db" / "train.db", txt_val=root / "txt_db" / "val.db",
                            img_db=root / "img_db", vocab_file=root / "vocab.txt", config=cfg, info=info)
+
+
+def config_key(cfg, version: int) -> str:
+    """Cache key of a synthetic-data config (a dataclass): its fields and the generator's ``version``, hashed."""
+    blob = json.dumps({"version": version, **asdict(cfg)}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 def cached_folder(cache: Path, name: str, marker: str, write, force: bool = False) -> tuple[Path, dict]:

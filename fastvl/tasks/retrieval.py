@@ -174,22 +174,21 @@ def split_batch(batch: PackedVLBatch, img_keys: Sequence[Hashable] | None = None
     return texts, images, torch.tensor(txt2img)
 
 
+def _coerce(value, cls, name: str, items: str):
+    """``value`` as a ``cls`` (RetrievalTexts / RetrievalImages): itself, or built with ``cls.from_list``."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, torch.Tensor):
+        return cls.from_list(value)
+    raise TypeError(f"{_FN}: '{name}' must be a {cls.__name__} or a list of {items}, got {type(value).__name__}")
+
+
 def _as_texts(texts) -> RetrievalTexts:
-    if isinstance(texts, RetrievalTexts):
-        return texts
-    if isinstance(texts, Sequence) and not isinstance(texts, torch.Tensor):
-        return RetrievalTexts.from_list(texts)
-    raise TypeError(f"{_FN}: 'texts' must be a RetrievalTexts or a list of 1-d token-id tensors, got "
-                    f"{type(texts).__name__}")
+    return _coerce(texts, RetrievalTexts, "texts", "1-d token-id tensors")
 
 
 def _as_images(images) -> RetrievalImages:
-    if isinstance(images, RetrievalImages):
-        return images
-    if isinstance(images, Sequence) and not isinstance(images, torch.Tensor):
-        return RetrievalImages.from_list(images)
-    raise TypeError(f"{_FN}: 'images' must be a RetrievalImages or a list of (feat, pos) tensor pairs, got "
-                    f"{type(images).__name__}")
+    return _coerce(images, RetrievalImages, "images", "(feat, pos) tensor pairs")
 
 
 # ----------------------------------------------------------------------------------------------------------
