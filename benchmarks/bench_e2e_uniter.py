@@ -4,7 +4,7 @@ One step = forward + backward of one task's loss with the official reduction (th
 for both and left out). Tasks: mlm, mrfr, mrc-kl, itm (+ WRA, weight 0.1); the ``all`` row runs the four in
 sequence. Providers:
 
-- ``reference``: :class:`fastvl.models.uniter_reference.UniterReferenceForPretraining` -- text and regions padded,
+- ``reference``: :class:`fastvl.models.uniter.reference.UniterReferenceForPretraining` -- text and regions padded,
   joined by ``gather_index``, every layer on [B, L, H], WRA with the PyTorch IPOT loop; fed the official dict.
 - ``fastvl``: :class:`fastvl.models.uniter.UniterForPretraining` on the native :class:`~fastvl.batch.PackedVLBatch`
   (no padding FLOPs, heads on masked rows, fused backends chosen by ``fastvl.ops``).
@@ -22,10 +22,10 @@ import contextlib
 import torch
 
 from benchmarks._harness import Bench, Case, env_summary
-from fastvl.models._testing import random_pretrain_batch, to_official_batch
+from fastvl.models.uniter.testing import random_pretrain_batch, to_official_batch
 from fastvl.models.uniter import UniterForPretraining
-from fastvl.models.uniter_config import UniterConfig, resolve_config
-from fastvl.models.uniter_reference import UniterReferenceForPretraining
+from fastvl.models.uniter.config import UniterConfig, resolve_config
+from fastvl.models.uniter.reference import UniterReferenceForPretraining
 from fastvl.ops._testing import random_lengths
 
 TASKS = ("mlm", "mrfr", "mrc-kl", "itm")

@@ -39,7 +39,7 @@ import torch
 from benchmarks._harness import RESULTS, Bench, device_name, env_summary, git_sha
 from fastvl.batch import PackedVLBatch
 from fastvl.models.uniter import UniterForImageTextRetrieval
-from fastvl.models.uniter_config import resolve_config
+from fastvl.models.uniter.config import resolve_config
 from fastvl.tasks.finetune import ITRTask
 from fastvl.tasks.retrieval import RetrievalImages, RetrievalTexts, brute_force_scores, score_matrix
 

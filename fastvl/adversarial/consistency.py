@@ -19,7 +19,7 @@ perturbed prediction equals the clean one, which the loop relies on for its step
     caption  symmetric KL on the masked caption tokens' vocabulary logits [n, V] (fastvl.tasks.caption)
 
 Task losses are computed from the predictions with the head loss functions of
-:mod:`fastvl.models.uniter_heads` (an identity head), so they are the task modules' official reductions.
+:mod:`fastvl.models.uniter.heads` (an identity head), so they are the task modules' official reductions.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batch import PackedVLBatch
-from ..models import uniter_heads as H
-from ..models.uniter_pretrain import canonical_task
+from ..models.uniter import heads as H
+from ..models.uniter.pretrain import canonical_task
 from ..ops.symmetric_kl import symmetric_kl
 
 __all__ = ["AdvOutput", "AdvView", "PretrainView", "VQAView", "adversarial_view", "consistency_loss",

@@ -48,8 +48,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 @register_model("uniter")
 def _uniter(config: Any = "base", img_dim: int | None = None, **overrides: Any) -> nn.Module:
-    from .uniter import UniterModel
-    from .uniter_config import resolve_config
+    from .uniter import UniterModel, resolve_config
 
     return UniterModel(resolve_config(config, **overrides), img_dim)
 
@@ -57,8 +56,7 @@ def _uniter(config: Any = "base", img_dim: int | None = None, **overrides: Any) 
 @register_model("uniter-pretrain")
 def _uniter_pretrain(config: Any = "base", img_dim: int | None = None, img_label_dim: int | None = None,
                      **overrides: Any) -> nn.Module:
-    from .uniter import UniterForPretraining
-    from .uniter_config import resolve_config
+    from .uniter import UniterForPretraining, resolve_config
 
     return UniterForPretraining(resolve_config(config, **overrides), img_dim, img_label_dim)
 

@@ -1,7 +1,7 @@
 """Image captioning: the task module, caption masking, caption data (official txt_db / img_db) and evaluation.
 
 Recipe (unified VLP, Zhou et al. 2020, on the UNITER encoder; the model is
-:class:`~fastvl.models.uniter_caption.UniterForCaptioning`):
+:class:`~fastvl.models.uniter.caption.UniterForCaptioning`):
 
 - sequence ``[regions | [CLS] w_1 .. w_n [SEP]]`` under the ``seq2seq`` mask: regions bidirectional among
   themselves, caption token t sees every region and caption tokens 0..t;
@@ -45,7 +45,7 @@ from ..data.errors import BadExampleCounter, DataError
 from ..data.lmdb_db import ImageDB, TxtDB
 from ..data.pretrain_data import PretrainData, VLExamples
 from ..data.tokenizer import WordPieceTokenizer
-from ..models.uniter_caption import CaptionGeneration, CaptionTokens, UniterForCaptioning
+from ..models.uniter.caption import CaptionGeneration, CaptionTokens, UniterForCaptioning
 from . import register_task
 from .caption_metrics import caption_words, cider_d, corpus_bleu
 

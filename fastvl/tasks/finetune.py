@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..batch import PackedVLBatch
-from ..models.uniter_finetune import rank_hinge, select_examples
+from ..models.uniter.finetune import rank_hinge, select_examples
 from . import metrics, register_task
 
 __all__ = ["FinetuneTask", "ITRTask", "NLVR2Task", "RETask", "VCRTask", "VQATask", "pair_batch", "vqa_soft_targets"]

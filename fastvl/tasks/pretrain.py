@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..batch import PackedVLBatch
-from ..models.uniter_heads import wra_loss
+from ..models.uniter.heads import wra_loss
 from . import register_task
 
 __all__ = ["ITMTask", "MLMTask", "MRCKLTask", "MRCTask", "MRFRTask", "PretrainTask", "pretrain_tasks"]

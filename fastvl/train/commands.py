@@ -141,7 +141,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from ..data import build_pretrain_data, synthetic_corpus
     from ..models.uniter import UniterForPretraining
-    from ..models.uniter_config import UniterConfig
+    from ..models.uniter.config import UniterConfig
     from . import checkpoint as ckpt
     from .pretrain import evaluate
 

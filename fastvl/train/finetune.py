@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.uniter_config import UniterConfig, resolve_config
+from ..models.uniter.config import UniterConfig, resolve_config
 from . import checkpoint as ckpt
 from . import distributed as D
 from .loop import BatchSource, TrainConfig, Trainer

@@ -17,7 +17,7 @@ import torch
 
 from ..data import PretrainData, build_pretrain_data, synthetic_corpus
 from ..models.uniter import UniterForPretraining
-from ..models.uniter_config import resolve_config
+from ..models.uniter.config import resolve_config
 from ..tasks.pretrain import pretrain_tasks
 from . import distributed as D
 from .loop import TrainConfig, Trainer

@@ -13,7 +13,7 @@ from fastvl import cli
 from fastvl.data import TxtDB, TxtDBWriter
 from fastvl.data.finetune_synthetic import FinetuneSynthConfig, finetune_synthetic
 from fastvl.data.synthetic import SyntheticConfig, synthetic_corpus
-from fastvl.models._testing import tiny_config
+from fastvl.models.uniter.testing import tiny_config
 from fastvl.models.uniter import UniterForPretraining
 from fastvl.train import checkpoint as ckpt
 

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models._testing import random_pretrain_batch, tiny_config, to_official_batch
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config, to_official_batch
 from fastvl.models.uniter import (
     UniterForImageTextRetrieval,
     UniterForImageTextRetrievalHardNeg,
@@ -22,7 +22,7 @@ from fastvl.models.uniter import (
     UniterForVisualEntailment,
     UniterForVisualQuestionAnswering,
 )
-from fastvl.models.uniter_reference import UniterReferenceModel
+from fastvl.models.uniter.reference import UniterReferenceModel
 
 N_ANS = 11
 TOL = dict(rtol=1e-4, atol=1e-5)

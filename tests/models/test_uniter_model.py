@@ -10,7 +10,7 @@ import torch
 
 from fastvl.batch import PackedVLBatch
 from fastvl.models import create_model, list_models
-from fastvl.models._testing import (
+from fastvl.models.uniter.testing import (
     assert_same_grads,
     model_pair,
     random_pretrain_batch,
@@ -19,7 +19,7 @@ from fastvl.models._testing import (
     weighted_sum,
 )
 from fastvl.models.uniter import UniterConfig, UniterForPretraining, UniterModel
-from fastvl.models.uniter_config import resolve_config
+from fastvl.models.uniter.config import resolve_config
 from fastvl.ops._testing import assert_rel_close
 
 OFFICIAL_BASE = {  # the official uniter-base.json, verbatim

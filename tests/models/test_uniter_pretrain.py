@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastvl.models._testing import (
+from fastvl.models.uniter.testing import (
     assert_nested_close,
     assert_same_grads,
     model_pair,

@@ -15,8 +15,8 @@ from fastvl.batch import PackedVLBatch
 from fastvl.data import SyntheticConfig, synthetic_corpus
 from fastvl.data.errors import DataError
 from fastvl.data.lmdb_db import ImageDB, TxtDB
-from fastvl.models._testing import tiny_config
-from fastvl.models.uniter_caption import CaptionGeneration, CaptionTokens, UniterForCaptioning
+from fastvl.models.uniter.testing import tiny_config
+from fastvl.models.uniter.caption import CaptionGeneration, CaptionTokens, UniterForCaptioning
 from fastvl.tasks import build_task
 from fastvl.tasks.caption import (
     CaptionDecoder,

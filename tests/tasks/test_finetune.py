@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models._testing import random_pretrain_batch, tiny_config
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.models.uniter import (
     UniterForImageTextRetrieval,
     UniterForNlvr2Paired,

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastvl.models._testing import assert_same_grads, model_pair, random_pretrain_batch, to_official_batch
+from fastvl.models.uniter.testing import assert_same_grads, model_pair, random_pretrain_batch, to_official_batch
 from fastvl.tasks import build_task, list_tasks
 from fastvl.tasks.pretrain import ITMTask, pretrain_tasks
 

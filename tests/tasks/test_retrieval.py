@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models._testing import tiny_config, to_official_batch
+from fastvl.models.uniter.testing import tiny_config, to_official_batch
 from fastvl.models.uniter import UniterForImageTextRetrieval, UniterForPretraining
 from fastvl.tasks import metrics as M
 from fastvl.tasks.retrieval import (

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastvl.adversarial import AdvConfig, AdversarialTask
 from fastvl.adversarial.reference import _update
-from fastvl.models._testing import random_pretrain_batch, tiny_config
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.models.uniter import (
     UniterForImageTextRetrieval,
     UniterForNlvr2Paired,
@@ -22,7 +22,7 @@ from fastvl.models.uniter import (
     UniterForVisualCommonsenseReasoning,
     UniterForVisualQuestionAnswering,
 )
-from fastvl.models.uniter_caption import CaptionTokens, UniterForCaptioning
+from fastvl.models.uniter.caption import CaptionTokens, UniterForCaptioning
 from fastvl.tasks.caption import CaptionTask
 from fastvl.tasks.finetune import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
 from fastvl.train import checkpoint as ckpt
@@ -267,7 +267,7 @@ def test_villa_matches_plain_loop(name, seed, gen):
 def test_load_pretrained_tied_decoder_is_not_missing():
     """A checkpoint storing a tied weight once (the decoder shares the word embeddings) loads with nothing missing;
     a genuinely absent head is still reported."""
-    from fastvl.models.uniter_caption import UniterForCaptioning
+    from fastvl.models.uniter.caption import UniterForCaptioning
 
     src = UniterForCaptioning(tiny_config(), 16)
     state = {k: v for k, v in src.state_dict().items() if k != "cls.predictions.decoder.weight"}

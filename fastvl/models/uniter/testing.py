@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..batch import PackedVLBatch
-from ..ops._testing import assert_rel_close, max_abs_err, random_lengths
-from .uniter import UniterForPretraining, UniterModel
-from .uniter_config import UniterConfig
-from .uniter_reference import UniterReferenceForPretraining, UniterReferenceModel
+from ...batch import PackedVLBatch
+from ...ops._testing import assert_rel_close, max_abs_err, random_lengths
+from .model import UniterForPretraining, UniterModel
+from .config import UniterConfig
+from .reference import UniterReferenceForPretraining, UniterReferenceModel
 
 __all__ = ["assert_nested_close", "assert_same_grads", "grads", "model_pair", "random_pretrain_batch", "tiny_config",
            "to_official_batch", "weighted_sum"]

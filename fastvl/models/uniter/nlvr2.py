@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import cross_modal_attention
-from ..ops.pack import unpack
-from .uniter_config import UniterConfig
-from .uniter_finetune import UniterFinetuneBase
-from .uniter_layout import PackedLayout
+from ...ops import cross_modal_attention
+from ...ops.pack import unpack
+from .config import UniterConfig
+from .finetune import UniterFinetuneBase
+from .layout import PackedLayout
 
 __all__ = ["AttentionPool", "UniterForNlvr2Paired", "UniterForNlvr2PairedAttn", "UniterForNlvr2Triplet"]
 

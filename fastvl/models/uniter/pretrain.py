@@ -21,13 +21,17 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
+from torch import nn
 
-from ..batch import PackedVLBatch
-from ..ops import optimal_transport_dist
-from . import uniter_heads as H
-from .uniter_layout import PackedLayout
+from ...batch import PackedVLBatch
+from ...nn.bert import BertOnlyMLMHead
+from ...ops import optimal_transport_dist
+from . import heads as H
+from .config import UniterConfig
+from .layout import PackedLayout
+from .model import UniterModel, UniterPreTrainedModel
 
-__all__ = ["TASKS", "PretrainMixin", "canonical_task"]
+__all__ = ["TASKS", "PretrainMixin", "UniterForPretraining", "canonical_task"]
 
 TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
 _MRM = ("mrfr", "mrc", "mrc-kl")
@@ -270,3 +274,44 @@ def assert_count(sel: torch.Tensor, n: int, task: str, name: str) -> None:
     got = int(sel.sum())
     if got != n:
         raise ValueError(f"UniterForPretraining({task}): img_masks marks {got} regions but '{name}' has {n} rows")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UniterForPretraining
+# ----------------------------------------------------------------------------------------------------------
+
+
+class UniterForPretraining(PretrainMixin, UniterPreTrainedModel):
+    """UNITER with the MLM, MRFR, MRC(-kl) and ITM(+WRA) heads. ``UniterForPretraining(config, img_dim,
+    img_label_dim)`` as the official class; ``forward(batch, task, compute_loss=True)`` accepts the official batch
+    dict or a :class:`~fastvl.batch.PackedVLBatch` (see :class:`~PretrainMixin`)."""
+
+    def __init__(self, config: UniterConfig, img_dim: int | None = None, img_label_dim: int | None = None):
+        super().__init__(config)
+        img_dim = config.img_dim if img_dim is None else int(img_dim)
+        self.img_label_dim = config.img_label_dim if img_label_dim is None else int(img_label_dim)
+        self.uniter = UniterModel(config, img_dim)
+        self.cls = BertOnlyMLMHead(config.hidden_size, config.hidden_act,
+                                   self.uniter.embeddings.word_embeddings.weight)
+        self.feat_regress = H.RegionFeatureRegression(config.hidden_size, img_dim,
+                                                      self.uniter.img_embeddings.img_linear.weight)
+        self.region_classifier = H.RegionClassification(config.hidden_size, self.img_label_dim)
+        self.itm_output = nn.Linear(config.hidden_size, 2)
+        self.apply(self.init_weights)
+
+    def grow_word_embeddings(self, num_special_tokens: int) -> nn.Embedding:
+        """Grow the word table (see :meth:`UniterModel.grow_word_embeddings`), re-tie the MLM decoder and extend its
+        output bias with zeros."""
+        new = self.uniter.grow_word_embeddings(num_special_tokens)
+        pred = self.cls.predictions
+        pred.decoder.weight = new.weight
+        pred.decoder.out_features = new.num_embeddings
+        old_bias = pred.bias.data
+        pred.bias = nn.Parameter(torch.cat([old_bias, old_bias.new_zeros(num_special_tokens)]))
+        self.config = self.uniter.config
+        return new
+
+    def init_type_embedding(self, task: str) -> None:
+        """Grow the type table as the official fine-tuning models do (see :meth:`UniterModel.init_type_embedding`)."""
+        self.uniter.init_type_embedding(task)
+        self.config = self.uniter.config

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["CONFIG_DIR", "UniterConfig", "resolve_config"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _ACTS = ("gelu", "gelu_new", "relu", "swish")
 
 

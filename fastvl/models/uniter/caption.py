@@ -34,13 +34,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.nn import functional as F
 
-from ..batch import PackedVLBatch
-from ..nn.bert import BertLayer, BertOnlyMLMHead
-from ..ops import cross_modal_attention
-from . import uniter_heads as H
-from .uniter import UniterModel, UniterPreTrainedModel
-from .uniter_config import UniterConfig
-from .uniter_layout import PackedLayout, layout_from_lengths
+from ...batch import PackedVLBatch
+from ...nn.bert import BertLayer, BertOnlyMLMHead
+from ...ops import cross_modal_attention
+from . import heads as H
+from .model import UniterModel, UniterPreTrainedModel
+from .config import UniterConfig
+from .layout import PackedLayout, layout_from_lengths
 
 __all__ = ["CaptionGeneration", "CaptionTokens", "KVCache", "UniterForCaptioning", "image_first_layout"]
 

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..nn.bert import LAYER_NORM_EPS, BertOnlyMLMHead
-from ..ops import optimal_transport_dist_packed
-from ..ops.linear_cross_entropy import fused_linear_cross_entropy
-from ..ops.linear_kl import fused_linear_kl
-from ..ops.masked_regression import fused_masked_regression
+from ...nn.bert import LAYER_NORM_EPS, BertOnlyMLMHead
+from ...ops import optimal_transport_dist_packed
+from ...ops.linear_cross_entropy import fused_linear_cross_entropy
+from ...ops.linear_kl import fused_linear_kl
+from ...ops.masked_regression import fused_masked_regression
 
 __all__ = [
     "RegionClassification",

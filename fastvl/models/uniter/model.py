@@ -28,15 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..batch import PackedVLBatch
-from ..nn.bert import LAYER_NORM_EPS, BertLayer, BertOnlyMLMHead, BertPooler
-from ..ops import unpack
-from . import uniter_heads as H
-from .uniter_config import UniterConfig, resolve_config
-from .uniter_layout import PackedLayout, layout_from_lengths, layout_from_official
-from .uniter_pretrain import PretrainMixin
+from ...batch import PackedVLBatch
+from ...nn.bert import LAYER_NORM_EPS, BertLayer, BertPooler
+from ...ops import unpack
+from .config import UniterConfig, resolve_config
+from .layout import PackedLayout, layout_from_lengths, layout_from_official
 
-__all__ = ["UniterConfig", "UniterForPretraining", "UniterModel", "UniterPreTrainedModel", "assert_finite"]
+__all__ = ["UniterConfig", "UniterModel", "UniterPreTrainedModel", "assert_finite"]
 
 logger = logging.getLogger(__name__)
 POS_DIM = 7  # box feature: normalised x1, y1, x2, y2, w, h, and area
@@ -470,53 +468,3 @@ class UniterModel(UniterPreTrainedModel):
         self.embeddings.word_embeddings = new
         self.config = self.config.replace(vocab_size=new.num_embeddings)
         return new
-
-
-# ----------------------------------------------------------------------------------------------------------
-# UniterForPretraining
-# ----------------------------------------------------------------------------------------------------------
-
-
-class UniterForPretraining(PretrainMixin, UniterPreTrainedModel):
-    """UNITER with the MLM, MRFR, MRC(-kl) and ITM(+WRA) heads. ``UniterForPretraining(config, img_dim,
-    img_label_dim)`` as the official class; ``forward(batch, task, compute_loss=True)`` accepts the official batch
-    dict or a :class:`~fastvl.batch.PackedVLBatch` (see :class:`~fastvl.models.uniter_pretrain.PretrainMixin`)."""
-
-    def __init__(self, config: UniterConfig, img_dim: int | None = None, img_label_dim: int | None = None):
-        super().__init__(config)
-        img_dim = config.img_dim if img_dim is None else int(img_dim)
-        self.img_label_dim = config.img_label_dim if img_label_dim is None else int(img_label_dim)
-        self.uniter = UniterModel(config, img_dim)
-        self.cls = BertOnlyMLMHead(config.hidden_size, config.hidden_act,
-                                   self.uniter.embeddings.word_embeddings.weight)
-        self.feat_regress = H.RegionFeatureRegression(config.hidden_size, img_dim,
-                                                      self.uniter.img_embeddings.img_linear.weight)
-        self.region_classifier = H.RegionClassification(config.hidden_size, self.img_label_dim)
-        self.itm_output = nn.Linear(config.hidden_size, 2)
-        self.apply(self.init_weights)
-
-    def grow_word_embeddings(self, num_special_tokens: int) -> nn.Embedding:
-        """Grow the word table (see :meth:`UniterModel.grow_word_embeddings`), re-tie the MLM decoder and extend its
-        output bias with zeros."""
-        new = self.uniter.grow_word_embeddings(num_special_tokens)
-        pred = self.cls.predictions
-        pred.decoder.weight = new.weight
-        pred.decoder.out_features = new.num_embeddings
-        old_bias = pred.bias.data
-        pred.bias = nn.Parameter(torch.cat([old_bias, old_bias.new_zeros(num_special_tokens)]))
-        self.config = self.uniter.config
-        return new
-
-    def init_type_embedding(self, task: str) -> None:
-        """Grow the type table as the official fine-tuning models do (see :meth:`UniterModel.init_type_embedding`)."""
-        self.uniter.init_type_embedding(task)
-        self.config = self.uniter.config
-
-
-# Fine-tuning classes (defined in uniter_finetune / uniter_nlvr2), importable from here as officially.
-from . import uniter_finetune as _ft  # noqa: E402
-from . import uniter_nlvr2 as _nlvr2  # noqa: E402
-from .uniter_finetune import *  # noqa: E402, F401, F403
-from .uniter_nlvr2 import *  # noqa: E402, F401, F403
-
-__all__ += [n for n in _ft.__all__ + _nlvr2.__all__ if n.startswith("Uniter")]

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..batch import PackedVLBatch
-from ..nn.bert import LAYER_NORM_EPS
-from ..ops.bce_soft import fused_bce_soft
-from ..ops.pack import unpack
-from .uniter import UniterModel, UniterPreTrainedModel
-from .uniter_config import UniterConfig
-from .uniter_layout import PackedLayout
+from ...batch import PackedVLBatch
+from ...nn.bert import LAYER_NORM_EPS
+from ...ops.bce_soft import fused_bce_soft
+from ...ops.pack import unpack
+from .model import UniterModel, UniterPreTrainedModel
+from .config import UniterConfig
+from .layout import PackedLayout
 
 __all__ = [
     "UniterFinetuneBase",

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.ot import optimal_transport_dist_reference
-from .uniter_config import UniterConfig
+from ...ops.ot import optimal_transport_dist_reference
+from .config import UniterConfig
 
 __all__ = ["UniterReferenceForPretraining", "UniterReferenceModel"]
 
