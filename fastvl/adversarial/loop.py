@@ -72,8 +72,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..tasks.base import AdvView
 from .config import AdvConfig
-from .consistency import AdvView, adversarial_view
 from .perturbation import Perturbation
 
 __all__ = ["AdversarialTask", "adversarial_tasks"]
@@ -259,3 +259,13 @@ def adversarial_tasks(tasks: dict[str, nn.Module], config: AdvConfig) -> dict[st
         if id(t) not in wrapped:
             wrapped[id(t)] = AdversarialTask(t, config)
     return {k: wrapped[id(t)] for k, t in tasks.items()}
+
+
+def adversarial_view(task: nn.Module) -> AdvView:
+    """The :class:`~fastvl.tasks.base.AdvView` of ``task`` (its ``adversarial_view()`` method)."""
+    own = getattr(task, "adversarial_view", None)
+    if not callable(own):
+        raise TypeError(f"fastvl.adversarial: task {type(task).__name__} has no adversarial interface: give it an "
+                        "'adversarial_view()' method returning an AdvView (context, forward, consistency, count, "
+                        "hidden_size), as fastvl.tasks.base describes")
+    return own()

@@ -1,49 +1,45 @@
 """Task modules: ``task(batch) -> dict(loss=scalar tensor, logs=dict, count=loss elements)``; the trainer knows
-nothing else.
+nothing else. One module per task: the task, its metrics per batch and its VILLA view (:mod:`fastvl.tasks.base`
+defines the view protocol).
 
-Tasks hold the model they train as a submodule (every task of a run shares one model), so the trainer can wrap
-all tasks in one module (DDP) and checkpoint the model alone. Registry: ``build_task(name, model=..., **kw)``,
-``list_tasks()``, ``@register_task(name, *aliases)``.
+Tasks hold the model they train as a submodule (every task of a run shares one model), so the trainer can wrap all
+tasks in one module (DDP) and checkpoint the model alone. ``build_task(name, model=..., **kw)`` builds one by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["build_task", "list_tasks", "register_task"]
+from .base import AdvOutput, AdvView, FinetuneTask
+from .caption import CaptionTask
+from .itr import ITRTask
+from .nlvr2 import NLVR2Task
+from .pretrain import ITMTask, MLMTask, MRCKLTask, MRCTask, MRFRTask, PretrainTask
+from .re import RETask
+from .vcr import VCRTask
+from .vqa import VQATask
 
-_TASKS: dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["TASKS", "AdvOutput", "AdvView", "CaptionTask", "FinetuneTask", "ITMTask", "ITRTask", "MLMTask",
+           "MRCKLTask", "MRCTask", "MRFRTask", "NLVR2Task", "PretrainTask", "RETask", "VCRTask", "VQATask",
+           "build_task", "list_tasks"]
 
-
-def register_task(name: str, *aliases: str) -> Callable[[type], type]:
-    """Class decorator registering a task under ``name`` (and aliases)."""
-
-    def deco(cls: type) -> type:
-        for n in (name, *aliases):
-            if n in _TASKS:
-                raise ValueError(f"fastvl.tasks: task {n!r} is already registered")
-            _TASKS[n] = cls
-        return cls
-
-    return deco
+#: Task classes by name (aliases included).
+TASKS: dict[str, type[nn.Module]] = {
+    "mlm": MLMTask, "mrfr": MRFRTask, "mrc": MRCTask, "mrc-kl": MRCKLTask, "mrckl": MRCKLTask, "itm": ITMTask,
+    "vqa": VQATask, "gqa": VQATask, "ve": VQATask, "nlvr2": NLVR2Task, "itr": ITRTask, "re": RETask, "vcr": VCRTask,
+    "caption": CaptionTask,
+}
 
 
 def list_tasks() -> list[str]:
-    """Registered task names (aliases included), sorted."""
-    _load()
-    return sorted(_TASKS)
+    """Task names (aliases included), sorted."""
+    return sorted(TASKS)
 
 
 def build_task(name: str, **kwargs: Any) -> nn.Module:
-    """Instantiate the task registered as ``name`` with its keyword arguments."""
-    _load()
-    if name not in _TASKS:
-        raise ValueError(f"fastvl.tasks.build_task: unknown task {name!r}; registered: {sorted(_TASKS)}")
-    return _TASKS[name](**kwargs)
-
-
-def _load() -> None:
-    from . import caption, finetune, pretrain  # noqa: F401  (register the fine-tuning and pre-training tasks)
+    """Instantiate the task ``name`` with its keyword arguments."""
+    if name not in TASKS:
+        raise ValueError(f"fastvl.tasks.build_task: unknown task {name!r}; known: {list_tasks()}")
+    return TASKS[name](**kwargs)

@@ -15,6 +15,10 @@ loop does:
 masked regions for mrc, x classes for mrc-kl; pairs for itm), so that a trainer can weight micro-batches or
 ranks into the global mean. An empty selection (no masked token) gives loss 0, not NaN. Logs are detached 0-d
 tensors (no host sync); ``ot_pos`` / ``ot_neg`` (mean distances) are NaN when the batch has no pair of that kind.
+
+VILLA (:class:`PretrainView`): consistency = symmetric KL (batchmean) on the masked tokens' vocabulary logits (mlm),
+the masked regions' class logits (mrc, mrc-kl), the pair scores [B, 2] (itm; the OT loss is part of ITM's task loss on
+every pass, no term of its own); mean squared difference of the regressed features (mrfr).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import torch
 from torch import nn
 
 from ..batch import PackedVLBatch
-from ..models.uniter.heads import wra_loss
-from . import register_task
+from ..models.uniter import canonical_task
+from ..models.uniter import heads as H
+from .base import AdvOutput, ViewCtx, consistency_loss, masked_text_targets
 
-__all__ = ["ITMTask", "MLMTask", "MRCKLTask", "MRCTask", "MRFRTask", "PretrainTask", "pretrain_tasks"]
+__all__ = ["ITMTask", "MLMTask", "MRCKLTask", "MRCTask", "MRFRTask", "PretrainTask", "PretrainView", "pretrain_tasks"]
 
 
 class PretrainTask(nn.Module):
@@ -61,8 +66,11 @@ class PretrainTask(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
 
+    def adversarial_view(self) -> PretrainView:
+        """VILLA's pre-training view of this task (see :class:`PretrainView`)."""
+        return PretrainView(self)
 
-@register_task("mlm")
+
 class MLMTask(PretrainTask):
     """Masked language modelling (batch fields: txt_labels, optionally n_txt_masked)."""
 
@@ -72,7 +80,6 @@ class MLMTask(PretrainTask):
         return batch.n_txt_masked if batch.n_txt_masked is not None else (batch.txt_labels != -1).sum()
 
 
-@register_task("mrfr")
 class MRFRTask(PretrainTask):
     """Masked region feature regression (batch fields: img_masks, feat_targets)."""
 
@@ -82,7 +89,6 @@ class MRFRTask(PretrainTask):
         return batch.feat_targets.numel()
 
 
-@register_task("mrc")
 class MRCTask(PretrainTask):
     """Masked region classification, hard labels (batch fields: img_masks, soft_labels)."""
 
@@ -92,7 +98,6 @@ class MRCTask(PretrainTask):
         return batch.soft_labels.shape[0]
 
 
-@register_task("mrc-kl", "mrckl")
 class MRCKLTask(PretrainTask):
     """Masked region classification, KL to the detector distribution (batch fields: img_masks, soft_labels)."""
 
@@ -102,7 +107,6 @@ class MRCKLTask(PretrainTask):
         return batch.soft_labels.numel()
 
 
-@register_task("itm")
 class ITMTask(PretrainTask):
     """Image-text matching with word-region alignment (batch field: itm_targets).
 
@@ -127,7 +131,7 @@ class ITMTask(PretrainTask):
         if dist is None:
             return dict(loss=itm, logs=logs, count=self.count(batch))
         targets = batch.itm_targets
-        ot = wra_loss(dist, targets)
+        ot = H.wra_loss(dist, targets)
         pos = targets.to(dist.dtype)
         d = dist.detach()
         logs.update(ot_loss=ot.detach(), ot_pos=(d * pos).sum() / pos.sum(),
@@ -141,3 +145,62 @@ def pretrain_tasks(model: nn.Module, ot_lambda: float = 0.1, check_finite: bool 
     return {"mlm": MLMTask(model, check_finite), "mrfr": MRFRTask(model, check_finite),
             "mrc": MRCTask(model, check_finite), "mrc-kl": MRCKLTask(model, check_finite),
             "itm": ITMTask(model, ot_lambda, check_finite)}
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class PretrainView:
+    """:class:`AdvView` of a :class:`PretrainTask` (mlm, mrfr, mrc, mrc-kl, itm + WRA).
+
+    Passes call ``model.forward_packed(batch, task, compute_loss=False, layout=..., txt_delta=, img_delta=)``: one
+    packed layout per micro-batch for all of them, heads on the masked rows only.
+    """
+
+    def __init__(self, task: nn.Module):
+        self.task = task
+        self.model = task.model
+        self.name = canonical_task(task.name)
+        self.hidden_size = int(self.model.uniter.config.hidden_size)
+        self.ot_lambda = float(getattr(task, "ot_lambda", 0.0)) if self.name == "itm" else 0.0
+        self.kind = "mse" if self.name == "mrfr" else "kl"
+
+    def context(self, batch: PackedVLBatch) -> ViewCtx:
+        if not isinstance(batch, PackedVLBatch):
+            raise TypeError(f"fastvl.adversarial: task {self.name!r} needs a PackedVLBatch, got {type(batch).__name__}")
+        targets = None
+        if self.name == "mlm":
+            batch, targets = masked_text_targets(batch)
+        elif self.name == "mrfr":
+            targets = batch.feat_targets
+        elif self.name in ("mrc", "mrc-kl"):
+            targets = batch.soft_labels
+        else:
+            targets = batch.itm_targets
+        return ViewCtx(batch, self.model.uniter.layout(batch), targets)
+
+    def forward(self, ctx: ViewCtx, txt_delta: torch.Tensor | None, img_delta: torch.Tensor | None) -> AdvOutput:
+        name = self.name
+        out = self.model.forward_packed(ctx.batch, name, compute_loss=False, with_ot=self.ot_lambda > 0,
+                                        layout=ctx.layout, check_finite=self.task.check_finite,
+                                        txt_delta=txt_delta, img_delta=img_delta)
+        if name == "itm":
+            scores, dist = out
+            itm = H.itm_loss(_identity, scores, ctx.targets, "mean")
+            logs = {"itm_loss": itm.detach()}
+            loss = itm
+            if dist is not None:
+                ot = H.wra_loss(dist, ctx.targets)
+                logs["ot_loss"] = ot.detach()
+                loss = itm + self.ot_lambda * ot
+            return AdvOutput(loss, scores, logs)
+        fn = {"mlm": H.mlm_loss, "mrfr": H.mrfr_loss, "mrc": H.mrc_loss, "mrc-kl": H.mrc_kl_loss}[name]
+        loss = fn(_identity, out, ctx.targets, "mean")
+        return AdvOutput(loss, out, {f"{name}_loss": loss.detach()})
+
+    def consistency(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return consistency_loss(self.kind, pred, clean)
+
+    def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
+        return self.task.count(batch)

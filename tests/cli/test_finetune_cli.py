@@ -132,7 +132,7 @@ def test_bad_input_error_and_skip(tmp_path, capsys):
 
 
 def test_option_parsing():
-    from fastvl.tasks.commands import parse_options
+    from fastvl.cli.options import parse_options
 
     assert parse_options(["a=1", "b=0.5", "c=triplet", "d=true", "e=[1, 2]"]) == \
         {"a": 1, "b": 0.5, "c": "triplet", "d": True, "e": [1, 2]}

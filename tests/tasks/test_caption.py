@@ -18,15 +18,9 @@ from fastvl.data.lmdb_db import ImageDB, TxtDB
 from fastvl.models.uniter.testing import tiny_config
 from fastvl.models.uniter.caption import CaptionGeneration, CaptionTokens, UniterForCaptioning
 from fastvl.tasks import build_task
-from fastvl.tasks.caption import (
-    CaptionDecoder,
-    CaptionEvalData,
-    CaptionTask,
-    caption_spec,
-    evaluate_captions,
-    mask_caption,
-    most_frequent_caption,
-)
+from fastvl.data.caption_data import CaptionEvalData, mask_caption
+from fastvl.recipes.caption import RECIPE as CAPTION_RECIPE
+from fastvl.tasks.caption import CaptionDecoder, CaptionTask, evaluate_captions, most_frequent_caption
 from fastvl.tasks.caption_metrics import caption_words, cider_d, corpus_bleu
 
 
@@ -243,10 +237,10 @@ def test_eval_data_bad_input(corpus, tmp_path):
 
 
 def test_finetune_caption_end_to_end(corpus, tmp_path):
-    from fastvl.train.finetune import FinetuneSettings, evaluate_finetune, finetune, list_finetune_tasks
+    from fastvl.recipes import FinetuneSettings, evaluate_finetune, finetune, list_recipes
 
-    assert "caption" in list_finetune_tasks()
-    assert caption_spec().metric == "cider"
+    assert "caption" in list_recipes()
+    assert CAPTION_RECIPE.metric == "cider"
     s = FinetuneSettings(task="caption", data=str(corpus.root), output=str(tmp_path / "run"), steps=6,
                          batch_tokens=256, val_every=0, ckpt_every=0, log_every=2, progress=False, device="cpu",
                          options={"max_len": 6, "eval_batch_size": 6})

@@ -42,10 +42,12 @@ from .nlvr2 import AttentionPool, UniterForNlvr2Paired, UniterForNlvr2PairedAttn
 from .pretrain import PretrainMixin, UniterForPretraining, canonical_task
 
 __all__ = [
-    "POS_DIM", "AttentionPool", "CaptionGeneration", "CaptionTokens", "PackedLayout", "PretrainMixin", "UniterConfig", "UniterEncoder", "UniterFinetuneBase",
+    "POS_DIM", "AttentionPool", "CaptionGeneration", "CaptionTokens", "PackedLayout", "PretrainMixin", "UniterConfig",
+    "UniterEncoder", "UniterFinetuneBase",
     "UniterForCaptioning", "UniterForImageTextRetrieval", "UniterForImageTextRetrievalHardNeg",
     "UniterForNlvr2Paired", "UniterForNlvr2PairedAttn", "UniterForNlvr2Triplet", "UniterForPretraining",
     "UniterForReferringExpressionComprehension", "UniterForVisualCommonsenseReasoning", "UniterForVisualEntailment",
-    "UniterForVisualQuestionAnswering", "UniterImageEmbeddings", "UniterModel", "UniterPreTrainedModel", "UniterTextEmbeddings", "assert_finite", "canonical_task",
+    "UniterForVisualQuestionAnswering", "UniterImageEmbeddings", "UniterModel", "UniterPreTrainedModel",
+    "UniterTextEmbeddings", "assert_finite", "canonical_task",
     "layout_from_lengths", "layout_from_official", "rank_hinge", "resolve_config", "select_examples",
 ]

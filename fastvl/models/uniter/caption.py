@@ -38,9 +38,9 @@ from ...batch import PackedVLBatch
 from ...nn.bert import BertLayer, BertOnlyMLMHead
 from ...ops import cross_modal_attention
 from . import heads as H
-from .model import UniterModel, UniterPreTrainedModel
 from .config import UniterConfig
 from .layout import PackedLayout, layout_from_lengths
+from .model import UniterModel, UniterPreTrainedModel
 
 __all__ = ["CaptionGeneration", "CaptionTokens", "KVCache", "UniterForCaptioning", "image_first_layout"]
 

@@ -30,9 +30,9 @@ from ...batch import PackedVLBatch
 from ...nn.bert import LAYER_NORM_EPS
 from ...ops.bce_soft import fused_bce_soft
 from ...ops.pack import unpack
-from .model import UniterModel, UniterPreTrainedModel
 from .config import UniterConfig
 from .layout import PackedLayout
+from .model import UniterModel, UniterPreTrainedModel
 
 __all__ = [
     "UniterFinetuneBase",

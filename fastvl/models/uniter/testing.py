@@ -15,8 +15,9 @@ import torch
 
 from ...batch import PackedVLBatch
 from ...ops._testing import assert_rel_close, max_abs_err, random_lengths
-from .model import UniterForPretraining, UniterModel
 from .config import UniterConfig
+from .model import UniterModel
+from .pretrain import UniterForPretraining
 from .reference import UniterReferenceForPretraining, UniterReferenceModel
 
 __all__ = ["assert_nested_close", "assert_same_grads", "grads", "model_pair", "random_pretrain_batch", "tiny_config",

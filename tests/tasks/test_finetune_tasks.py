@@ -17,7 +17,8 @@ from fastvl.models.uniter import (
 )
 from fastvl.tasks import build_task, list_tasks
 from fastvl.tasks import metrics as M
-from fastvl.tasks.finetune import ITRTask, pair_batch, vqa_soft_targets
+from fastvl.tasks.itr import ITRTask, pair_batch
+from fastvl.tasks.vqa import vqa_soft_targets
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 

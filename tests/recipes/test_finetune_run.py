@@ -24,18 +24,19 @@ from fastvl.models.uniter import (
 )
 from fastvl.models.uniter.caption import CaptionTokens, UniterForCaptioning
 from fastvl.tasks.caption import CaptionTask
-from fastvl.tasks.finetune import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
+from fastvl.tasks import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
 from fastvl.train import checkpoint as ckpt
-from fastvl.train import finetune as FT
-from fastvl.train.finetune import (
+from fastvl.recipes.base import load_init_state, load_pretrained
+from fastvl.recipes.runner import finetune_cpu_threads
+from fastvl.recipes import (
     FinetuneSettings,
-    FinetuneTaskSpec,
+    Recipe,
     evaluate_finetune,
     finetune,
-    get_finetune_task,
-    list_finetune_tasks,
-    load_init_state,
-    register_finetune_task,
+    get_recipe,
+    list_recipes,
+    register_recipe,
+    unregister_recipe,
 )
 
 TINY = dict(synthetic_images=24, synthetic_val_images=6)
@@ -57,26 +58,26 @@ def _settings(task, tmp_path, **kw):
 # registry
 # ----------------------------------------------------------------------------------------------------------------
 def test_registry():
-    assert set(BUILTIN) <= set(list_finetune_tasks())
-    vqa = get_finetune_task("vqa")
-    toy = register_finetune_task(replace(vqa, name="toy-qa", defaults={"steps": 7}))
+    assert set(BUILTIN) <= set(list_recipes())
+    vqa = get_recipe("vqa")
+    toy = register_recipe(replace(vqa, name="toy-qa", defaults={"steps": 7}))
     try:
-        assert "toy-qa" in list_finetune_tasks() and get_finetune_task("toy-qa") is toy
+        assert "toy-qa" in list_recipes() and get_recipe("toy-qa") is toy
         assert FinetuneSettings(task="toy-qa").resolved().steps == 7
         assert FinetuneSettings(task="toy-qa").resolved().output == "runs/finetune-toy-qa"
         with pytest.raises(ValueError, match="'toy-qa' is already registered"):
-            register_finetune_task(replace(vqa, name="toy-qa"))
-        register_finetune_task(replace(vqa, name="toy-qa", metric="x"), replace_existing=True)
-        assert get_finetune_task("toy-qa").metric == "x"
+            register_recipe(replace(vqa, name="toy-qa"))
+        register_recipe(replace(vqa, name="toy-qa", metric="x"), replace_existing=True)
+        assert get_recipe("toy-qa").metric == "x"
     finally:
-        FT._SPECS.pop("toy-qa", None)
+        unregister_recipe("toy-qa", None)
     with pytest.raises(ValueError, match=r"defaults \['stepz'\] are not FinetuneSettings fields"):
-        register_finetune_task(replace(vqa, name="bad", defaults={"stepz": 1}))
-    with pytest.raises(TypeError, match="must be a FinetuneTaskSpec"):
-        register_finetune_task({"name": "x"})
+        register_recipe(replace(vqa, name="bad", defaults={"stepz": 1}))
+    with pytest.raises(TypeError, match="must be a fastvl.recipes.Recipe"):
+        register_recipe({"name": "x"})
     with pytest.raises(ValueError, match=r"unknown task 'nope'; registered: \[.*'vqa'"):
-        get_finetune_task("nope")
-    assert isinstance(vqa, FinetuneTaskSpec) and vqa.metric == "accuracy"
+        get_recipe("nope")
+    assert isinstance(vqa, Recipe) and vqa.metric == "accuracy"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def pretrain_run(tmp_path_factory):
 def test_models_from_a_pretrain_checkpoint(task, pretrain_run, tmp_path):
     run, pre = pretrain_run
     s = _settings(task, tmp_path, init=str(run)).resolved()
-    spec = get_finetune_task(task)
+    spec = get_recipe(task)
     data = spec.build_data(s, 0, 1)
     state, found = load_init_state(run)
     assert found == run
@@ -272,10 +273,10 @@ def test_load_pretrained_tied_decoder_is_not_missing():
     src = UniterForCaptioning(tiny_config(), 16)
     state = {k: v for k, v in src.state_dict().items() if k != "cls.predictions.decoder.weight"}
     logs: list[str] = []
-    missing, unexpected = FT.load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
+    missing, unexpected = load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
     assert missing == [] and unexpected == [] and "1 tied to loaded weights" in logs[0]
     state.pop("cls.predictions.bias")
-    missing, _ = FT.load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
+    missing, _ = load_pretrained(UniterForCaptioning(tiny_config(), 16), state, logs.append)
     assert missing == ["cls.predictions.bias"]
 
 
@@ -286,12 +287,12 @@ def test_cpu_threads_default(monkeypatch):
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         tiny = UniterForPretraining(tiny_config(), tiny_config().img_dim)
         torch.set_num_threads(2)
-        assert FT._cpu_threads(None, tiny, torch.device("cpu")) == 1
-        assert FT._cpu_threads(2, tiny, torch.device("cpu")) == 2
-        assert FT._cpu_threads(None, tiny, torch.device("cuda")) is None
+        assert finetune_cpu_threads(None, tiny, torch.device("cpu")) == 1
+        assert finetune_cpu_threads(2, tiny, torch.device("cpu")) == 2
+        assert finetune_cpu_threads(None, tiny, torch.device("cuda")) is None
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert FT._cpu_threads(1, tiny, torch.device("cpu")) == 2  # the environment wins
+        assert finetune_cpu_threads(1, tiny, torch.device("cpu")) == 2  # the environment wins
         with pytest.raises(ValueError, match="'threads' must be >= 1"):
-            FT._cpu_threads(0, tiny, torch.device("cpu"))
+            finetune_cpu_threads(0, tiny, torch.device("cpu"))
     finally:
         torch.set_num_threads(before)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastvl.train import checkpoint as ckpt
-from fastvl.train.pretrain import settings_from_official
+from fastvl.recipes.pretrain import settings_from_official
 
 REFERENCE_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "reference-configs"
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from ..adversarial import AdvConfig, adversarial_tasks
 from ..data import PretrainData, build_pretrain_data, synthetic_corpus
-from ..models.uniter import UniterForPretraining
-from ..models.uniter.config import resolve_config
+from ..models.uniter import UniterConfig, UniterForPretraining, resolve_config
 from ..tasks.pretrain import pretrain_tasks
-from . import distributed as D
-from .loop import TrainConfig, Trainer
+from ..train import checkpoint as ckpt
+from ..train import distributed as D
+from ..train.loop import TrainConfig, Trainer
+from .base import last_losses
 
 #: Defaults per model size (CPU-friendly for tiny; the official recipe for base / large).
 PRESETS = {
@@ -200,8 +202,6 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
             + (f" ({threads} thread(s) each)" if threads else ""))
     tasks = {k: v for k, v in pretrain_tasks(model, s.ot_lambda).items() if k in train.mix}
     if s.adv is not None:  # VILLA: every task under the K-step adversarial loop (one flag on any task)
-        from ..adversarial import AdvConfig, adversarial_tasks
-
         adv_cfg = AdvConfig(**s.adv)
         tasks = adversarial_tasks(tasks, adv_cfg)
         if info.is_main:
@@ -220,15 +220,36 @@ def pretrain(settings: PretrainSettings, log=print) -> dict:
     if info.is_main:
         log(f"trained {len(result['history'])} steps in {result['seconds']:.1f} s: {result['tokens_per_s']:.0f} "
             f"tokens/s (all processes), final loss per task: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in _last_losses(result["history"]).items()))
+            + ", ".join(f"{k} {v:.3f}" for k, v in last_losses(result["history"]).items()))
         if result["bad_examples"]:
             log(f"skipped bad examples (reason: count): {result['bad_examples']}")
     D.cleanup()
     return result
 
 
-def _last_losses(history: list[dict]) -> dict[str, float]:
-    last = {}
-    for h in history:
-        last[h["task"]] = h["loss"]
-    return dict(sorted(last.items()))
+def evaluate_checkpoint(checkpoint: str | Path, txt_db: list[str] | None = None, img_db: list[str] | None = None,
+                        batches: int = 50, device: str = "auto") -> dict:
+    """The validation metrics of a ``fastvl pretrain`` run folder or one of its ``checkpoints/step_*`` folders, on
+    ``txt_db`` / ``img_db`` (default: the synthetic validation split). Returns {'checkpoint', metric: value}."""
+    folder = Path(checkpoint)
+    run = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
+    if (folder / "checkpoints").is_dir():
+        folder = ckpt.latest_checkpoint(folder)
+        if folder is None:
+            raise SystemExit(f"fastvl eval: no complete checkpoint under {checkpoint}")
+    cfg = UniterConfig.from_json_file(run / "model_config.json")
+    model = UniterForPretraining(cfg, cfg.img_dim, cfg.img_label_dim)
+    ckpt.load_checkpoint(folder, model)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model.to(dev).eval()
+    settings = json.loads((run / "settings.json").read_text()) if (run / "settings.json").exists() else {}
+    common = dict(max_tokens=settings.get("batch_tokens", 2048), seed=0, train=False,
+                  max_txt_len=settings.get("max_txt_len", 60))
+    if txt_db:
+        val = build_pretrain_data(txt_db, img_db, {"itm": 1, "mlm": 1, "mrc": 1}, **common)
+    else:
+        corpus = synthetic_corpus()
+        val = build_pretrain_data(corpus.txt_val, corpus.img_db, {"itm": 1, "mrc": 1, "mlm-words": 1},
+                                  eval_word_ids=corpus.content_token_ids, **common)
+    return {"checkpoint": str(folder), **evaluate(model, val, dev, batches)}

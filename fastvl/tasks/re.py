@@ -1,0 +1,56 @@
+"""Referring expressions: pick the region a phrase names (region cross-entropy or ranking; accuracy at IoU >= 0.5).
+
+``batch.extras['targets']`` [B] long region index (< the example's region count). The VILLA view compares the region
+scores [B, max regions] (padded / masked regions at -1e4: probability 0, zero gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..batch import PackedVLBatch
+from . import metrics
+from .base import FinetuneTask
+
+__all__ = ["RETask"]
+
+
+class RETask(FinetuneTask):
+    """Referring expressions with UniterForReferringExpressionComprehension (loss 'cls' or 'rank')."""
+
+    name = "re"
+
+    def _check(self, batch: PackedVLBatch) -> None:
+        super()._check(batch)
+        t = batch.extras["targets"]
+        if t.dim() != 1 or t.shape[0] != batch.batch_size:
+            raise ValueError(f"fastvl.tasks.RETask: extras['targets'] must have shape [{batch.batch_size}], got "
+                             f"{list(t.shape)}")
+        if t.device.type == "cpu":
+            nbb = torch.tensor(batch.img_lens)
+            bad = (t < 0) | (t >= nbb)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"fastvl.tasks.RETask: example {i} targets region {int(t[i])} but has "
+                                 f"{batch.img_lens[i]} regions")
+
+    def adv_loss(self, h, layout, batch):
+        """Consistency scores: the region scores [B, max regions], padded / masked regions at -1e4 (probability 0,
+        zero gradient in :func:`fastvl.ops.symmetric_kl`)."""
+        loss = self.model._head(h, layout, batch.extras["targets"], True, "mean", batch.extras)
+        return loss, self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
+
+    @torch.no_grad()
+    def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
+        """-> ``{'accuracy': [B]}``: IoU >= 0.5 between the top-scored region's box and the ground-truth box when
+        ``extras['boxes']`` (packed [T_img, 4] region boxes) and ``extras['gt_boxes']`` [B, 4] are given (with
+        optional ``extras['image_sizes']`` [B, 2]); else whether the top region is the target."""
+        self._check(batch)
+        scores = self.model(batch, compute_loss=False)
+        pred = scores.argmax(1)
+        if batch.extras.get("boxes") is None or batch.extras.get("gt_boxes") is None:
+            return {"accuracy": (pred == batch.extras["targets"]).float(), "pred": pred}
+        cu = batch.cu_seqlens("img").long()
+        pred_boxes = batch.extras["boxes"][cu[:-1] + pred]
+        acc = metrics.re_accuracy(pred_boxes, batch.extras["gt_boxes"], batch.extras.get("image_sizes"))
+        return {"accuracy": acc, "pred": pred}

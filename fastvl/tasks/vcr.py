@@ -1,0 +1,52 @@
+"""VCR (Q->A or QA->R stage): groups of 4 consecutive (question, choice) rows, ``batch.extras['targets']`` [4n]
+long (1 = correct choice), optional ``extras['num_choices']``; mean cross-entropy over rows; accuracy per question.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..batch import PackedVLBatch
+from . import metrics
+from .base import FinetuneTask
+
+__all__ = ["VCRTask"]
+
+
+class VCRTask(FinetuneTask):
+    """VCR (Q->A or QA->R stage) with UniterForVisualCommonsenseReasoning: 4 rows per question."""
+
+    name = "vcr"
+    num_choices = 4
+
+    def _check(self, batch: PackedVLBatch) -> None:
+        super()._check(batch)
+        given = batch.extras.get("num_choices")
+        if given is not None:
+            bad = [i for i, n in enumerate(given) if int(n) != self.num_choices]
+            if bad:
+                raise ValueError(f"fastvl.tasks.VCRTask: question(s) {bad} have {[int(given[i]) for i in bad]} "
+                                 f"choices; VCR needs exactly {self.num_choices} per question")
+            if sum(int(n) for n in given) != batch.batch_size:
+                raise ValueError(f"fastvl.tasks.VCRTask: extras['num_choices'] sums to {sum(given)} but the batch has "
+                                 f"{batch.batch_size} rows")
+        if batch.batch_size % self.num_choices:
+            raise ValueError(f"fastvl.tasks.VCRTask: the batch has {batch.batch_size} rows, not a multiple of "
+                             f"{self.num_choices} (one row per (question, choice), 4 choices per question)")
+
+    def count(self, batch: PackedVLBatch) -> int:
+        return batch.batch_size
+
+    def adv_loss(self, h, layout, batch):
+        scores = self.model.vcr_output(self.model.pooled(h, layout))  # [B, 2]
+        loss = F.cross_entropy(scores.float(), batch.extras["targets"])
+        return loss, scores[:, 1].reshape(-1, self.num_choices)
+
+    @torch.no_grad()
+    def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
+        """-> ``{'accuracy': [n_questions]}``: the highest-scored choice is the correct one."""
+        self._check(batch)
+        scores = self.model(batch, compute_loss=False).reshape(-1, self.num_choices)
+        right = batch.extras["targets"].reshape(-1, self.num_choices).argmax(1)
+        return {"accuracy": metrics.accuracy(scores, right), "scores": scores}
