@@ -10,6 +10,13 @@ Distributed: tasks run inside one DDP-wrapped router (find_unused_parameters, si
 different heads); gradients are all-reduced on the last micro-batch of a cycle only (``no_sync``).
 With ``count`` given, every rank's loss is weighted by its share of the global element count, so N
 processes with a split batch follow the same loss curve as one process with the whole batch.
+
+Several optimizers (a GAN): ``Trainer(..., optimizers={"discriminator": OptimizerSpec(("discriminator",), lr=4e-4),
+"generator": OptimizerSpec(("generator",), lr=1e-4)})``. A step then runs one phase per optimizer, in that order:
+``grad_accum`` micro-batches of ``task(batch, phase=<name>)`` (the step's micro-batches are drawn once and every
+phase sees the same ones), then clipping and a step of that optimizer only, then every gradient is cleared. Each
+optimizer has its own schedule, clipping and checkpointed state. Evaluation only: :meth:`Trainer.evaluate` or
+:func:`fastvl.train.evaluation.evaluate` (no optimizer at all).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +36,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .optim import build_optimizer, set_lr
+from .evaluation import evaluate
+from .optim import OptimizerSpec, build_optimizer, build_optimizers, set_lr
 
 
 class BatchSource(Protocol):
@@ -68,20 +76,24 @@ class TaskRouter(nn.Module):
         super().__init__()
         self.tasks = nn.ModuleDict(tasks)
 
-    def forward(self, task: str, batch) -> dict:
-        return self.tasks[task](batch)
+    def forward(self, task: str, batch, phase: str | None = None) -> dict:
+        if phase is None:
+            return self.tasks[task](batch)
+        return self.tasks[task](batch, phase=phase)
 
 
 class Trainer:
     """Runs ``cfg.steps`` optimizer steps. See the module docstring for the contracts.
 
     ``model`` holds every trained parameter (the tasks share it); checkpoints store its state_dict, so a
-    pre-training checkpoint loads straight into the model class (official key names).
+    pre-training checkpoint loads straight into the model class (official key names). ``optimizers``: named
+    optimizer specs for multi-phase steps (None: one AdamW over every parameter, configured by ``cfg``).
     """
 
     def __init__(self, model: nn.Module, tasks: dict[str, nn.Module], sources: dict[str, BatchSource],
                  mix: dict[str, float], cfg: TrainConfig, output_dir: str | Path, dist_info: D.DistInfo | None = None,
-                 validate: Callable[[], dict[str, float]] | None = None, log_fn: Callable[[str], None] = print):
+                 validate: Callable[[], dict[str, float]] | None = None, log_fn: Callable[[str], None] = print, *,
+                 optimizers: dict[str, OptimizerSpec] | None = None):
         unknown = set(mix) - set(tasks)
         if unknown:
             raise ValueError(f"Trainer: 'mix' names tasks {sorted(unknown)} that are not in 'tasks' {sorted(tasks)}")
@@ -105,7 +117,13 @@ class Trainer:
         if D.active():
             ddp_kw = {"device_ids": [self.dist.device.index]} if self.dist.device.type == "cuda" else {}
             self.module = nn.parallel.DistributedDataParallel(self.router, find_unused_parameters=True, **ddp_kw)
-        self.optimizer = build_optimizer(self.router, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.lr_mults)
+        self.specs = {k: s.resolved(cfg) for k, s in (optimizers or {}).items()}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        if optimizers is not None:
+            self.optimizers = build_optimizers(self.model, self.specs)
+        else:
+            self.optimizer = build_optimizer(self.router, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.lr_mults)
         self.step = 0
         self.task_rng = random.Random(cfg.seed)
         self.history: list[dict] = []
@@ -130,18 +148,35 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        """Everything but the weights that a resumed run needs (several optimizers: ``optimizers`` by name and
+        ``optimizer_specs`` instead of ``optimizer``)."""
+        if self.optimizers:
+            opt = {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+        else:
+            opt = {"optimizer": self.optimizer.state_dict()}
+        state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            **opt,
             "task_rng": self.task_rng.getstate(),
             "sources": {k: s.state_dict() for k, s in self.sources.items()},
             "rng": ckpt.rng_state(),
             "config": asdict(self.cfg),
         }
+        if self.optimizers:
+            state["optimizer_specs"] = {k: asdict(s) for k, s in self.specs.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = sorted(state.get("optimizers", {})) or ["<one optimizer>"]
+        mine = sorted(self.optimizers) or ["<one optimizer>"]
+        if saved != mine:
+            raise ValueError(f"Trainer: the checkpoint holds optimizers {saved}, this run has {mine}")
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizers:
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.task_rng.setstate(state["task_rng"])
         for k, s in state["sources"].items():
             if k in self.sources:
@@ -168,33 +203,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimizer step (``grad_accum`` micro-batches of one task). Returns the step's logs."""
+        """One optimizer step (``grad_accum`` micro-batches of one task; with several optimizers one phase per
+        optimizer, see the module docstring). Returns the step's logs."""
+        if self.optimizers:
+            return self._phased_step()
         cfg = self.cfg
         task = self.choose_task()
         lr = set_lr(self.optimizer, cfg.lr, self.step, cfg.warmup_steps, cfg.steps)
         self.module.train()
-        sum_loss, sum_count, tokens = 0.0, 0.0, 0
-        logs: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = self.sources[task].next_batch()
-            batch = batch.to(self.dist.device) if hasattr(batch, "to") else batch
-            tokens += getattr(batch, "num_tokens", 0)
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not D.active()) else self.module.no_sync()
-            with sync:
-                with self._autocast():
-                    out = self.module(task, batch)
-                loss = out["loss"].float()
-                count = torch.as_tensor(out.get("count", 1.0), dtype=torch.float32, device=loss.device)
-                global_count = D.all_reduce_sum(count.detach().clone())
-                # each rank's share of the global mean; DDP averages gradients over ranks
-                scale = count * _world_size() / global_count.clamp_min(1e-12)
-                (loss * scale / cfg.grad_accum).backward()
-            weighted = D.all_reduce_sum((loss.detach() * count).reshape(1))
-            sum_loss += float(weighted) / max(float(global_count), 1e-12) / cfg.grad_accum
-            sum_count += float(global_count)
-            for k, v in out.get("logs", {}).items():
-                logs[f"{task}/{k}"] = float(v) if not isinstance(v, float) else v
+        sum_loss, tokens, logs = self._accumulate(task)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if cfg.check_finite and not torch.isfinite(grad_norm):
@@ -205,6 +222,82 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "task": task, "loss": sum_loss, f"{task}/loss": sum_loss, "lr": lr,
                 "grad_norm": float(grad_norm), "tokens": tokens * self.dist.world_size, **logs}
+
+    def _accumulate(self, task: str, phase: str | None = None, cache: list | None = None
+                    ) -> tuple[float, int, dict[str, float]]:
+        """Forward/backward ``grad_accum`` micro-batches of ``task`` (gradients accumulate, no optimizer step).
+
+        Micro-batch i is ``cache[i]`` when the cache holds it, else drawn from the task's source (and appended to
+        ``cache`` when one is given). Returns (the step's mean loss over all processes, tokens drawn, logs).
+        """
+        cfg = self.cfg
+        sum_loss, sum_count, tokens = 0.0, 0.0, 0
+        logs: dict[str, float] = {}
+        prefix = task if phase is None else f"{task}/{phase}"
+        for micro in range(cfg.grad_accum):
+            if cache is not None and micro < len(cache):
+                batch = cache[micro]
+            else:
+                batch = self.sources[task].next_batch()
+                batch = batch.to(self.dist.device) if hasattr(batch, "to") else batch
+                tokens += getattr(batch, "num_tokens", 0)
+                if cache is not None:
+                    cache.append(batch)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not D.active()) else self.module.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.module(task, batch) if phase is None else self.module(task, batch, phase=phase)
+                loss = out["loss"].float()
+                count = torch.as_tensor(out.get("count", 1.0), dtype=torch.float32, device=loss.device)
+                global_count = D.all_reduce_sum(count.detach().clone())
+                # each rank's share of the global mean; DDP averages gradients over ranks
+                scale = count * _world_size() / global_count.clamp_min(1e-12)
+                (loss * scale / cfg.grad_accum).backward()
+            weighted = D.all_reduce_sum((loss.detach() * count).reshape(1))
+            sum_loss += float(weighted) / max(float(global_count), 1e-12) / cfg.grad_accum
+            sum_count += float(global_count)
+            for k, v in out.get("logs", {}).items():
+                logs[f"{prefix}/{k}"] = float(v) if not isinstance(v, float) else v
+        return sum_loss, tokens, logs
+
+    def _phased_step(self) -> dict:
+        """One step with several optimizers: per optimizer (in order, those whose ``every`` divides the step) the
+        task's phase of that name over the step's micro-batches, clipping and a step of that optimizer alone."""
+        cfg = self.cfg
+        task = self.choose_task()
+        self.module.train()
+        cache: list = []
+        rec: dict = {"step": self.step + 1, "task": task}
+        total, tokens, logs = 0.0, 0, {}
+        for name, spec in self.specs.items():
+            if self.step % spec.every:
+                continue
+            opt = self.optimizers[name]
+            lr = set_lr(opt, spec.lr, self.step, spec.warmup_steps, cfg.steps)
+            loss, drawn, phase_logs = self._accumulate(task, name, cache)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip if spec.grad_clip > 0 else math.inf)
+            if cfg.check_finite and not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm of optimizer {name!r} at step {self.step} "
+                                         f"(task {task}, loss {loss}); check inputs or lower its learning rate")
+            opt.step()
+            self.model.zero_grad(set_to_none=True)  # this phase's gradients on other optimizers' parameters too
+            total += loss
+            tokens += drawn
+            logs.update(phase_logs)
+            rec.update({f"loss/{name}": loss, f"{task}/{name}/loss": loss, f"lr/{name}": lr,
+                        f"grad_norm/{name}": float(grad_norm)})
+        self.step += 1
+        return {**rec, "loss": total, f"{task}/loss": total, "tokens": tokens * self.dist.world_size, **logs}
+
+    def evaluate(self, sources: dict[str, BatchSource | Iterable], batches: int | None = None, tag: str = "eval",
+                 consume: Callable[[str, object, dict], None] | None = None) -> dict[str, float]:
+        """Evaluation only (no gradients, no optimizer state touched): the tasks over ``sources`` (give evaluation
+        sources, not the training ones, whose positions would advance), averaged by ``count``; a record tagged
+        ``tag`` at the current step goes to metrics.jsonl. See :func:`fastvl.train.evaluation.evaluate`."""
+        return evaluate(dict(self.router.tasks.items()), sources, batches=batches, device=self.dist.device,
+                        precision=self.precision, output_dir=self.output, step=self.step, tag=tag, consume=consume)
 
     def fit(self) -> list[dict]:
         """Train to ``cfg.steps``; validate, log and checkpoint on the configured cadence."""
