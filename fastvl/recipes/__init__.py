@@ -7,8 +7,7 @@ one fails the import, never silently disappears. A recipe written elsewhere regi
 """
 
 from . import caption, gqa, itr, nlvr2, re, vcr, ve, vqa
-from .base import FinetuneData, FinetuneSettings, Recipe
-from .registry import get_recipe, list_recipes, register_recipe, unregister_recipe
+from .base import FinetuneData, FinetuneSettings, Recipe, get_recipe, list_recipes, register_recipe, unregister_recipe
 from .runner import evaluate_finetune, finetune
 
 __all__ = ["FinetuneData", "FinetuneSettings", "Recipe", "evaluate_finetune", "finetune", "get_recipe", "list_recipes",

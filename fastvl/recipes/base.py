@@ -31,9 +31,9 @@ from ..train import checkpoint as ckpt
 from ..train.loop import BatchSource
 
 __all__ = ["COMMON_DEFAULTS", "GENERIC_DEFAULTS", "FinetuneData", "FinetuneSettings", "Recipe", "accuracy_eval",
-           "build_uniter", "bundle", "data_paths", "last_losses", "load_init_state", "load_pretrained",
-           "majority_chance", "mean_of", "model_config", "open_split", "run_folder", "save_run", "single_task",
-           "val_batches"]
+           "build_uniter", "bundle", "data_paths", "get_recipe", "last_losses", "list_recipes", "load_init_state",
+           "load_pretrained", "majority_chance", "mean_of", "model_config", "open_split", "register_recipe", "run_folder",
+           "save_run", "single_task", "unregister_recipe", "val_batches"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,10 +87,7 @@ class FinetuneSettings:
 
     def resolved(self, spec: Recipe | None = None) -> FinetuneSettings:
         """A copy with unset fields filled from the task's defaults, then :data:`GENERIC_DEFAULTS`."""
-        if spec is None:
-            from .registry import get_recipe
-
-            spec = get_recipe(self.task)
+        spec = spec or get_recipe(self.task)
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -149,6 +146,52 @@ class Recipe:
 
     def chance_level(self, data: FinetuneData) -> float:
         return float(self.chance(data)) if callable(self.chance) else float(self.chance)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registry: ``fastvl finetune --task NAME`` runs the recipe registered as NAME
+# ----------------------------------------------------------------------------------------------------------------
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe, *, replace_existing: bool = False) -> Recipe:
+    """Register ``recipe`` under ``recipe.name`` (ValueError if the name is taken, unless ``replace_existing``).
+
+    Unknown keys in ``recipe.defaults`` (not FinetuneSettings fields) are an error. Returns ``recipe``.
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"register_recipe: argument 'recipe' must be a fastvl.recipes.Recipe, got "
+                        f"{type(recipe).__name__}")
+    if not recipe.name or not isinstance(recipe.name, str):
+        raise ValueError(f"register_recipe: recipe.name must be a non-empty string, got {recipe.name!r}")
+    known = {f.name for f in fields(FinetuneSettings)}
+    unknown = sorted(set(recipe.defaults) - known)
+    if unknown:
+        raise ValueError(f"register_recipe({recipe.name!r}): defaults {unknown} are not FinetuneSettings fields")
+    for name in ("build_data", "build_model", "build_tasks", "evaluate"):
+        if not callable(getattr(recipe, name)):
+            raise TypeError(f"register_recipe({recipe.name!r}): recipe.{name} must be callable")
+    if recipe.name in _RECIPES and not replace_existing:
+        raise ValueError(f"register_recipe: recipe {recipe.name!r} is already registered")
+    _RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def list_recipes() -> list[str]:
+    """Registered recipe names, sorted."""
+    return sorted(_RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe registered as ``name`` (ValueError naming the registered ones otherwise)."""
+    if name not in _RECIPES:
+        raise ValueError(f"fastvl finetune: unknown task {name!r}; registered: {list_recipes()}")
+    return _RECIPES[name]
+
+
+def unregister_recipe(name: str) -> None:
+    """Remove the recipe registered as ``name`` (nothing if there is none)."""
+    _RECIPES.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ from ..adversarial import AdvConfig, adversarial_tasks
 from ..train import checkpoint as ckpt
 from ..train import distributed as D
 from ..train.loop import TrainConfig, Trainer
-from .base import FinetuneSettings, last_losses, load_init_state, save_run
-from .registry import get_recipe
+from .base import FinetuneSettings, get_recipe, last_losses, load_init_state, save_run
 
 __all__ = ["evaluate_finetune", "finetune", "finetune_cpu_threads"]
 

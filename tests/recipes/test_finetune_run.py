@@ -70,7 +70,7 @@ def test_registry():
         register_recipe(replace(vqa, name="toy-qa", metric="x"), replace_existing=True)
         assert get_recipe("toy-qa").metric == "x"
     finally:
-        unregister_recipe("toy-qa", None)
+        unregister_recipe("toy-qa")
     with pytest.raises(ValueError, match=r"defaults \['stepz'\] are not FinetuneSettings fields"):
         register_recipe(replace(vqa, name="bad", defaults={"stepz": 1}))
     with pytest.raises(TypeError, match="must be a fastvl.recipes.Recipe"):
