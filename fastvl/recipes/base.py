@@ -32,8 +32,8 @@ from ..train.loop import BatchSource
 
 __all__ = ["COMMON_DEFAULTS", "GENERIC_DEFAULTS", "FinetuneData", "FinetuneSettings", "Recipe", "accuracy_eval",
            "build_uniter", "bundle", "data_paths", "get_recipe", "last_losses", "list_recipes", "load_init_state",
-           "load_pretrained", "majority_chance", "mean_of", "model_config", "open_split", "register_recipe", "run_folder",
-           "save_run", "single_task", "unregister_recipe", "val_batches"]
+           "load_pretrained", "majority_chance", "mean_of", "model_config", "open_split", "register_recipe",
+           "run_folder", "save_run", "single_task", "unregister_recipe", "val_batches"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
