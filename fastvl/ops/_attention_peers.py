@@ -23,6 +23,7 @@ import importlib.util
 import torch
 
 from . import _dispatch as D
+from .pack import packed_positions, padded_index, visibility
 
 NAMES = ("flash_attn", "sdpa_varlen", "xformers", "flex", "sdpa_padded")
 HALF = (torch.float16, torch.bfloat16)
@@ -175,8 +176,6 @@ def flex_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from .attention import packed_positions
-
     seq_q, pos_q = packed_positions(cu_q, total_q)
     seq_k, pos_k = packed_positions(cu_k, total_k)
     if mask == "seq2seq":
@@ -211,8 +210,6 @@ def run_flex(q, k, v, cu_q, cu_k, max_q, max_k, mask, prefix_lens, dropout_p, sc
 
 
 def run_sdpa_padded(q, k, v, cu_q, cu_k, max_q, max_k, mask, prefix_lens, dropout_p, scale, deterministic):
-    from .attention import packed_positions, visibility
-    from .pack import padded_index
 
     if k.shape[0] == 0:  # no key anywhere: every row outputs 0
         return q * 0

@@ -31,7 +31,7 @@ import torch
 
 from . import _attention_peers as P
 from . import _dispatch as D
-from .pack import check_cu_seqlens, padded_index
+from .pack import check_cu_seqlens, packed_positions, padded_index, visibility
 
 __all__ = ["MASKS", "cross_modal_attention", "cross_modal_attention_reference", "draw_dropout_seed",
            "dropout_keep_mask", "packed_positions", "visibility"]
@@ -42,27 +42,6 @@ MASKS = ("bidirectional", "seq2seq", "cross")
 # ----------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------
-
-
-def packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every packed row t in [0, total): its sequence index b [total] and position within it [total]."""
-    rows = torch.arange(total, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
-    return seq, rows - cu_seqlens.long()[seq]
-
-
-def visibility(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-               mask: str, prefix_lens: torch.Tensor | None) -> torch.Tensor:
-    """[B, Lq, Lk] bool: key j visible to query i of sequence b (False at padding)."""
-    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    i = torch.arange(max_seqlen_q, device=cu_seqlens_q.device)[None, :, None]
-    j = torch.arange(max_seqlen_k, device=cu_seqlens_q.device)[None, None, :]
-    vis = (i < lens_q[:, None, None]) & (j < lens_k[:, None, None])
-    if mask == "seq2seq":
-        prefix = prefix_lens.long()[:, None, None]
-        vis = vis & ((j < prefix) | (j <= i))
-    return vis
 
 
 def cross_modal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

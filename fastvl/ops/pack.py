@@ -1,4 +1,5 @@
-"""Conversions between the packed layout ([total, ...] + cu_seqlens) and the padded layout ([B, max, ...]).
+"""Conversions between the packed layout ([total, ...] + cu_seqlens) and the padded layout ([B, max, ...]), and the
+padded attention visibility mask (shared by ``attention`` and its peers).
 
 Pure index arithmetic on the device: no host synchronisation (``max_seqlen`` is a Python int from collate).
 """
@@ -35,6 +36,27 @@ def padded_index(cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tenso
     pad = pos[None, :] >= lens[:, None]  # [B, max]
     index = torch.where(pad, torch.zeros_like(pos)[None, :], starts[:, None] + pos[None, :])
     return index, pad
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every packed row t in [0, total): its sequence index b [total] and position within it [total]."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+    return seq, rows - cu_seqlens.long()[seq]
+
+
+def visibility(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+               mask: str, prefix_lens: torch.Tensor | None) -> torch.Tensor:
+    """[B, Lq, Lk] bool: key j visible to query i of sequence b (False at padding)."""
+    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    i = torch.arange(max_seqlen_q, device=cu_seqlens_q.device)[None, :, None]
+    j = torch.arange(max_seqlen_k, device=cu_seqlens_q.device)[None, None, :]
+    vis = (i < lens_q[:, None, None]) & (j < lens_k[:, None, None])
+    if mask == "seq2seq":
+        prefix = prefix_lens.long()[:, None, None]
+        vis = vis & ((j < prefix) | (j <= i))
+    return vis
 
 
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, fill: float = 0.0
