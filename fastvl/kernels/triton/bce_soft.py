@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._chunked import as_rows, row_block, scale_stride
+from ._chunked import as_rows, element_scale, row_block, row_scale, scale_stride
 
 
 @triton.jit
@@ -19,12 +19,7 @@ def _bce_rows_kernel(z_ptr, z_stride, y_ptr, y_stride, loss_ptr, scale_ptr, g_st
     z_row = z_ptr + row * z_stride
     y_row = y_ptr + row * y_stride
     cols = tl.arange(0, BLOCK)
-    if SCALE_MODE == 0:
-        s = tl.load(scale_ptr)
-    elif SCALE_MODE == 1:
-        s = tl.load(scale_ptr + row)
-    else:
-        s = 1.0
+    s = row_scale(scale_ptr, row, SCALE_MODE)
     total = 0.0
     for start in range(0, A, BLOCK):
         c = start + cols
@@ -39,10 +34,7 @@ def _bce_rows_kernel(z_ptr, z_stride, y_ptr, y_stride, loss_ptr, scale_ptr, g_st
             tl.store(loss_ptr + row * A + c, elem, mask=inside)
         if COMPUTE_GRAD:
             sig = tl.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
-            if SCALE_MODE == 2:
-                g = (sig - y) * tl.load(scale_ptr + row * g_stride + c, mask=inside, other=0.0)
-            else:
-                g = (sig - y) * s
+            g = (sig - y) * element_scale(scale_ptr, row, g_stride, c, inside, s, SCALE_MODE)
             tl.store(z_row + c, g.to(z_ptr.dtype.element_ty), mask=inside)
     if not ELEMENTWISE:
         tl.store(loss_ptr + row, total)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._chunked import as_rows, row_block
+from ._chunked import as_rows, row_block, row_scale
 
 
 @triton.jit
@@ -30,11 +30,7 @@ def _cross_entropy_rows_kernel(x_ptr, x_stride, t_ptr, loss_ptr, scale_ptr, V, i
     valid = t != ignore_index
     tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
     if COMPUTE_GRAD:
-        if SCALE_MODE == 0:
-            s = tl.load(scale_ptr)
-        else:
-            s = tl.load(scale_ptr + row)
-        s = tl.where(valid, s, 0.0)
+        s = tl.where(valid, row_scale(scale_ptr, row, SCALE_MODE), 0.0)
         for start in range(0, V, BLOCK):
             c = start + cols
             x = tl.load(x_row + c, mask=c < V, other=0.0).to(tl.float32)
@@ -45,7 +41,7 @@ def _cross_entropy_rows_kernel(x_ptr, x_stride, t_ptr, loss_ptr, scale_ptr, V, i
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor,
                        mode: int, compute_grad: bool, ignore_index: int) -> None:
     """logits [n, V] (overwritten by the scaled gradient when ``compute_grad``), targets [n] int,
-    loss [n] float32 out, scale float32 0-d (mode 0) or [n] (mode 1)."""
+    loss [n] float32 out, scale float32 0-d (``mode`` SCALE_SCALAR) or [n] (SCALE_PER_ROW)."""
     n, V = logits.shape
     if n == 0:
         return

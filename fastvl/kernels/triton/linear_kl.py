@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._chunked import as_rows, row_block, scale_stride
+from ._chunked import SCALE_PER_ELEMENT, as_rows, element_scale, row_block, row_scale, scale_stride
 
 
 @triton.jit
@@ -35,8 +35,8 @@ def _kl_rows_kernel(x_ptr, x_stride, p_ptr, p_stride, loss_ptr, scale_ptr, g_str
         sum_p += tl.sum(p, axis=0)
         sum_px += tl.sum(p * tl.where(inside, x, 0.0), axis=0)
         sum_plogp += tl.sum(p * tl.log(tl.where(p > 0.0, p, 1.0)), axis=0)  # 0 log 0 = 0
-        if SCALE_MODE == 2:
-            gs = tl.load(scale_ptr + row * g_stride + c, mask=inside, other=0.0)
+        if SCALE_MODE == SCALE_PER_ELEMENT:
+            gs = element_scale(scale_ptr, row, g_stride, c, inside, 1.0, SCALE_MODE)
             sum_gp += tl.sum(gs * p, axis=0)
     lse = m + tl.log(d)
     if ELEMENTWISE:
@@ -50,20 +50,15 @@ def _kl_rows_kernel(x_ptr, x_stride, p_ptr, p_stride, loss_ptr, scale_ptr, g_str
     else:
         tl.store(loss_ptr + row, sum_plogp - sum_px + lse * sum_p)
     if COMPUTE_GRAD:
-        if SCALE_MODE == 0:
-            s = tl.load(scale_ptr)
-        elif SCALE_MODE == 1:
-            s = tl.load(scale_ptr + row)
-        else:
-            s = 1.0
+        s = row_scale(scale_ptr, row, SCALE_MODE)
         for start in range(0, V, BLOCK):
             c = start + cols
             inside = c < V
             x = tl.load(x_row + c, mask=inside, other=0.0).to(tl.float32)
             p = tl.load(p_row + c, mask=inside, other=0.0).to(tl.float32)
             q = tl.exp(x - lse)
-            if SCALE_MODE == 2:
-                gs = tl.load(scale_ptr + row * g_stride + c, mask=inside, other=0.0)
+            if SCALE_MODE == SCALE_PER_ELEMENT:
+                gs = element_scale(scale_ptr, row, g_stride, c, inside, s, SCALE_MODE)
                 g = q * sum_gp - gs * p
             else:
                 g = (q * sum_p - p) * s

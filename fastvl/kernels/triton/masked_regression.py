@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._chunked import as_rows, row_block, scale_stride
+from ._chunked import as_rows, element_scale, row_block, row_scale, scale_stride
 
 
 @triton.jit
@@ -18,12 +18,7 @@ def _regression_rows_kernel(x_ptr, x_stride, y_ptr, y_stride, loss_ptr, scale_pt
     x_row = x_ptr + row * x_stride
     y_row = y_ptr + row * y_stride
     cols = tl.arange(0, BLOCK)
-    if SCALE_MODE == 0:
-        s = tl.load(scale_ptr)
-    elif SCALE_MODE == 1:
-        s = tl.load(scale_ptr + row)
-    else:
-        s = 1.0
+    s = row_scale(scale_ptr, row, SCALE_MODE)
     ss = 0.0
     for start in range(0, D, BLOCK):
         c = start + cols
@@ -34,10 +29,7 @@ def _regression_rows_kernel(x_ptr, x_stride, y_ptr, y_stride, loss_ptr, scale_pt
         if ELEMENTWISE:
             tl.store(loss_ptr + row * D + c, diff * diff, mask=inside)
         if COMPUTE_GRAD and not L2:
-            if SCALE_MODE == 2:
-                g = 2.0 * diff * tl.load(scale_ptr + row * g_stride + c, mask=inside, other=0.0)
-            else:
-                g = 2.0 * diff * s
+            g = 2.0 * diff * element_scale(scale_ptr, row, g_stride, c, inside, s, SCALE_MODE)
             tl.store(x_row + c, g.to(x_ptr.dtype.element_ty), mask=inside)
     if L2:
         dist = tl.sqrt(ss)

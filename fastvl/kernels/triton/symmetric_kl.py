@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._chunked import as_rows, row_block, scale_stride
+from ._chunked import as_rows, element_scale, row_block, row_scale, scale_stride
 
 
 @triton.jit
@@ -35,12 +35,7 @@ def _symmetric_kl_kernel(a_ptr, a_stride, b_ptr, b_stride, loss_ptr, ga_ptr, gb_
         mb = mb_new
     lse_a = ma + tl.log(da)
     lse_b = mb + tl.log(db)
-    if SCALE_MODE == 0:
-        s = tl.load(scale_ptr)
-    elif SCALE_MODE == 1:
-        s = tl.load(scale_ptr + row)
-    else:
-        s = 1.0
+    s = row_scale(scale_ptr, row, SCALE_MODE)
     total = 0.0
     a1 = 0.0
     b1 = 0.0
@@ -58,10 +53,7 @@ def _symmetric_kl_kernel(a_ptr, a_stride, b_ptr, b_stride, loss_ptr, ga_ptr, gb_
         if ELEMENTWISE:
             tl.store(loss_ptr + row * C + c, elem, mask=inside)
         if GRAD_A or GRAD_B:
-            if SCALE_MODE == 2:
-                g = tl.load(scale_ptr + row * s_stride + c, mask=inside, other=0.0)
-            else:
-                g = s
+            g = element_scale(scale_ptr, row, s_stride, c, inside, s, SCALE_MODE)
             a1 += tl.sum(pa * g * d, axis=0)
             b1 += tl.sum(pb * g * d, axis=0)
             sdp += tl.sum(g * (pa - pb), axis=0)
@@ -75,10 +67,7 @@ def _symmetric_kl_kernel(a_ptr, a_stride, b_ptr, b_stride, loss_ptr, ga_ptr, gb_
             lb = tl.load(b_row + c, mask=inside, other=0.0).to(tl.float32) - lse_b
             pa = tl.exp(la)
             pb = tl.exp(lb)
-            if SCALE_MODE == 2:
-                g = tl.load(scale_ptr + row * s_stride + c, mask=inside, other=0.0)
-            else:
-                g = s
+            g = element_scale(scale_ptr, row, s_stride, c, inside, s, SCALE_MODE)
             gd = g * (la - lb)
             gdp = g * (pa - pb)
             if GRAD_A:
