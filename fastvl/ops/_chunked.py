@@ -24,8 +24,9 @@ Peak memory is one ``[chunk, V]`` buffer plus the gradients themselves. ``grad_w
 weight's dtype (``addmm_`` with beta = 1, as Liger does); chunks are large (a ``chunk_bytes`` budget) so that
 low-precision weights see few accumulation roundings.
 
-Scale modes of a row step: :data:`SCALAR` (one 0-d float32 tensor for all rows, e.g. ``1/N`` of a mean),
-:data:`ROW` (``[N]`` float32, one per row), :data:`ELEMENT` (``[N, V]`` float32, one per logit).
+Scale modes of a row step (:mod:`fastvl.kernels.scale_modes`): ``SCALE_SCALAR`` (one 0-d float32 tensor for all
+rows, e.g. ``1/N`` of a mean), ``SCALE_PER_ROW`` (``[N]`` float32, one per row), ``SCALE_PER_ELEMENT`` (``[N, V]``
+float32, one per logit). :mod:`fastvl.ops._register` turns these pieces into the ops' ``torch.library`` ops.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..kernels.scale_modes import SCALE_SCALAR
 from . import _dispatch as D
 
-SCALAR, ROW, ELEMENT = 0, 1, 2
 GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS, DEFER = 1, 2, 4, 8
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -208,7 +209,7 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         step: ``step(logits [n, V], data_chunk, loss_chunk, scale_chunk, scale_mode, compute_grad)``; writes the
             loss rows and, when ``compute_grad``, replaces ``logits`` in place by the scaled ``dloss/dlogits``.
         loss: preallocated float32 output, first dim N.
-        scale: float32 scale: 0-d (SCALAR), [N] (ROW) or [N, V] (ELEMENT).
+        scale: float32 scale: 0-d (SCALE_SCALAR), [N] (SCALE_PER_ROW) or [N, V] (SCALE_PER_ELEMENT).
         mask: which gradients to compute (GRAD_HIDDEN | GRAD_WEIGHT | GRAD_BIAS); 0 = loss only. With DEFER
             all rows form one chunk and no product is taken: the first output is the scaled ``dloss/dlogits``
             [N, V] and the backward takes the products (see :func:`defer_mode`).
@@ -231,7 +232,7 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         e = min(n, s + chunk_rows)
         hc = hidden[s:e] if indices is None else hidden.index_select(0, indices[s:e])
         logits = torch.addmm(bias, hc, w_hv) if bias is not None else torch.mm(hc, w_hv)  # [n, V] contiguous
-        sc = scale if scale_mode == SCALAR else scale[s:e]
+        sc = scale if scale_mode == SCALE_SCALAR else scale[s:e]
         step(logits, [d[s:e] for d in data], loss[s:e], sc, scale_mode, compute)
         if mask & DEFER:
             return logits, None, None
@@ -301,16 +302,17 @@ def select_backend(op, args: tuple, rows: int, width: int, backend: str | None) 
     return name
 
 
-def _deferred_grads(dl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor | None,
-                    need: Sequence[bool], has_bias: bool, transposed: bool) -> tuple:
-    """The products of a DEFER forward: dl [N, V] (already scaled by grad_output) -> (grad rows, weight, bias)."""
+def deferred_grads(dl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor | None,
+                    need: Sequence[bool], transposed: bool) -> tuple:
+    """The products of a DEFER forward: dl [N, V] (already scaled by grad_output) -> (grad rows, weight, bias), each
+    None unless ``need``-ed (bias: ``need[2]`` only when there is a bias)."""
     gh = gw = gb = None
     if need[0]:
         gh = torch.mm(dl, weight.t() if transposed else weight)
     if need[1]:
         hc = hidden if indices is None else hidden.index_select(0, indices)
         gw = torch.mm(hc.t(), dl) if transposed else torch.mm(dl.t(), hc)
-    if has_bias and need[2]:
+    if need[2]:
         gb = dl.sum(0, dtype=torch.float32).to(dl.dtype)
     return gh, gw, gb
 
@@ -323,48 +325,3 @@ def defer_mode(mask: int, reduction: str, n: int, width: int, hidden_size: int, 
     if mask and reduction != "none" and n <= chunk_rows and n * width <= (n + width) * hidden_size:
         return DEFER
     return 0
-
-
-def register_linear_loss_autograd(op, transposed: bool = False) -> None:
-    """Autograd of a linear-loss custom op with the shared schema
-
-    ``op(hidden, weight, bias, target, indices, grad_scale, reduction, grad_mask, *rest) -> (loss, gh, gw, gb)``.
-
-    Scalar reductions: the forward already returned the gradients; backward scales them by ``grad_output`` (or,
-    with DEFER in ``grad_mask``, the forward returned ``dloss/dlogits`` and backward scales it and takes the
-    products). ``reduction='none'``: backward reruns the op with ``grad_scale = grad_output`` (per row or per
-    element). ``transposed``: the op's weight is [H, V] (the regression op's ``weight_t``).
-    """
-
-    def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, indices, _scale, reduction, mask, *rest = inputs
-        ctx.reduction, ctx.rest, ctx.has_bias, ctx.n_all = reduction, rest, bias is not None, hidden.shape[0]
-        ctx.defer = reduction != "none" and bool(mask & DEFER)
-        ctx.set_materialize_grads(False)  # the gradient outputs are never used: no zero-filled grads for them
-        if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, target, indices)
-        elif ctx.defer:
-            ctx.save_for_backward(output[1], hidden, weight, indices)
-        else:
-            ctx.save_for_backward(*output[1:], indices)
-
-    def backward(ctx, g_loss, *_unused):
-        need = ctx.needs_input_grad
-        if ctx.reduction == "none":
-            hidden, weight, bias, target, indices = ctx.saved_tensors
-            mask = (GRAD_HIDDEN if need[0] else 0) | (GRAD_WEIGHT if need[1] else 0)
-            mask |= GRAD_BIAS if ctx.has_bias and need[2] else 0
-            _, gh, gw, gb = op(hidden, weight, bias, target, indices, g_loss.float().contiguous(), "none", mask,
-                               *ctx.rest)
-        elif ctx.defer:
-            dlogits, hidden, weight, indices = ctx.saved_tensors
-            gh, gw, gb = _deferred_grads(dlogits * g_loss, hidden, weight, indices, need, ctx.has_bias, transposed)
-        else:
-            gh, gw, gb, indices = ctx.saved_tensors
-            gh, gw, gb = (t * g_loss if t.numel() else t for t in (gh, gw, gb))
-        if need[0] and indices is not None:
-            gh = scatter_rows(gh, indices, ctx.n_all)
-        grads = [gh if need[0] else None, gw if need[1] else None, gb if ctx.has_bias and need[2] else None]
-        return (*grads, *([None] * (len(need) - 3)))
-
-    op.register_autograd(backward, setup_context=setup_context)

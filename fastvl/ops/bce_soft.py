@@ -16,13 +16,12 @@ The loss is float32 whatever the input dtype; an empty batch gives 0 (never NaN)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from ..kernels.scale_modes import SCALE_PER_ROW
 from . import _chunked as C
-from . import _dispatch as D
+from ._register import linear_loss, register_fused_loss
 
 __all__ = ["bce_soft_reference", "fused_bce_soft"]
 
@@ -78,7 +77,7 @@ def _torch_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) 
     loss.copy_(elem if elementwise else elem.sum(1))
     if not compute:
         return
-    s = scale.unsqueeze(1) if mode == C.ROW else scale
+    s = scale.unsqueeze(1) if mode == SCALE_PER_ROW else scale
     if z is logits:
         logits.sigmoid_().sub_(y).mul_(s)
     else:
@@ -97,58 +96,9 @@ _STEPS = {"torch_chunked": _torch_step, "triton": _triton_step}
 # Backends and the custom op
 # ----------------------------------------------------------------------------------------------------------
 
-BCE_SOFT = D.register_op("bce_soft", ["triton", "torch_chunked", "reference"],
-                         doc="fused linear + BCE with logits on soft scores (VQA, SNLI-VE)")
-
-
-@BCE_SOFT.backend("reference", doc="eager PyTorch: all logits materialised")
-def _reference_supports(hidden, weight, bias, soft_scores, indices=None) -> D.Reasons:
-    return []
-
-
-@BCE_SOFT.backend("torch_chunked", kind="reference", doc="row-chunked PyTorch, gradients in the forward pass")
-def _chunked_supports(hidden, weight, bias, soft_scores, indices=None) -> D.Reasons:
-    return []
-
-
-@BCE_SOFT.backend("triton", doc="row-chunked: cuBLAS products + one Triton loss/gradient kernel per chunk")
-def _triton_supports(hidden, weight, bias, soft_scores, indices=None) -> D.Reasons:
-    allowed = C.TRITON_DTYPES if hidden.device.type == "cuda" else (torch.float32,)
-    return D.triton_reasons(hidden) + D.needs_dtype(hidden, allowed)
-
-
-@torch.library.custom_op("fastvl::bce_soft", mutates_args=())
-def _bce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, soft_scores: torch.Tensor,
-            indices: torch.Tensor | None, grad_scale: torch.Tensor | None, reduction: str, grad_mask: int,
-            chunk_rows: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, A = soft_scores.shape
-    elementwise = reduction == "none" and grad_scale is None
-    step = functools.partial(_STEPS[backend], elementwise=elementwise)
-    loss = torch.empty((n, A) if elementwise else (n,), dtype=torch.float32, device=hidden.device)
-    if grad_scale is not None:
-        scale, mode, mask = grad_scale, C.ELEMENT, grad_mask
-    else:
-        factor = _factor(reduction, n, A)
-        scale, mode = C.scale_tensor(factor, hidden.device), C.SCALAR
-        mask = grad_mask if reduction != "none" else 0
-    gh, gw, gb = C.chunked_linear_loss(hidden, weight, bias, indices, [soft_scores], step, loss=loss, scale=scale,
-                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows)
-    if reduction != "none" and grad_scale is None:
-        loss = loss.sum() * factor
-    return (loss, *C.empty_grads(hidden, weight, bias, gh, gw, gb))
-
-
-@_bce_op.register_fake
-def _(hidden, weight, bias, soft_scores, indices, grad_scale, reduction, grad_mask, chunk_rows, backend):
-    n, A = soft_scores.shape
-    if grad_scale is not None:
-        shape, mask = (n,), grad_mask
-    else:
-        shape, mask = ((n, A), 0) if reduction == "none" else ((), grad_mask)
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask, n))
-
-
-C.register_linear_loss_autograd(_bce_op)
+BCE_SOFT, _bce_op = register_fused_loss(linear_loss(
+    "bce_soft", "fused linear + BCE with logits on soft scores (VQA, SNLI-VE)", "soft_scores", _STEPS,
+    lambda reduction, soft_scores, answers: _factor(reduction, soft_scores.shape[0], answers)))
 
 # ----------------------------------------------------------------------------------------------------------
 # Public function

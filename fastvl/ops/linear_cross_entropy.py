@@ -21,13 +21,11 @@ cuBLAS), ``torch_chunked`` (the same chunked pass in PyTorch: CPU default, any d
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from . import _chunked as C
-from . import _dispatch as D
+from ._register import linear_loss, register_fused_loss
 
 __all__ = ["fused_linear_cross_entropy", "linear_cross_entropy_reference"]
 
@@ -70,7 +68,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, b
 
 
 def _torch_step(logits: torch.Tensor, data, loss: torch.Tensor, scale: torch.Tensor, mode: int, compute: bool, *,
-                ignore_index: int) -> None:
+                elementwise: bool, ignore_index: int) -> None:
     (targets,) = data
     logq = torch.log_softmax(_upcast(logits), dim=1)
     valid = targets != ignore_index
@@ -85,7 +83,7 @@ def _torch_step(logits: torch.Tensor, data, loss: torch.Tensor, scale: torch.Ten
         logits.copy_(g)
 
 
-def _triton_step(logits, data, loss, scale, mode, compute, *, ignore_index: int) -> None:
+def _triton_step(logits, data, loss, scale, mode, compute, *, elementwise: bool, ignore_index: int) -> None:
     from ..kernels.triton.linear_cross_entropy import cross_entropy_rows
 
     cross_entropy_rows(logits, data[0], loss, scale, mode, compute, ignore_index)
@@ -97,60 +95,15 @@ _STEPS = {"torch_chunked": _torch_step, "triton": _triton_step}
 # Backends and the custom op
 # ----------------------------------------------------------------------------------------------------------
 
-LINEAR_CE = D.register_op("linear_cross_entropy", ["triton", "torch_chunked", "reference"],
-                          doc="fused linear + cross-entropy (MLM, MRC, ITM)")
+
+def _scale(reduction: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> float | torch.Tensor:
+    """'mean' divides by the number of non-ignored rows (a device tensor: no host read; 1 when there is none)."""
+    return 1.0 / (targets != ignore_index).sum().clamp(min=1).float() if reduction == "mean" else 1.0
 
 
-@LINEAR_CE.backend("reference", doc="eager PyTorch: all logits materialised")
-def _reference_supports(hidden, weight, bias, targets, indices=None) -> D.Reasons:
-    return []
-
-
-@LINEAR_CE.backend("torch_chunked", kind="reference", doc="row-chunked PyTorch, gradients in the forward pass")
-def _chunked_supports(hidden, weight, bias, targets, indices=None) -> D.Reasons:
-    return []
-
-
-@LINEAR_CE.backend("triton", doc="row-chunked: cuBLAS products + one Triton loss/gradient kernel per chunk")
-def _triton_supports(hidden, weight, bias, targets, indices=None) -> D.Reasons:
-    why = D.triton_reasons(hidden)
-    allowed = C.TRITON_DTYPES if hidden.device.type == "cuda" else (torch.float32,)
-    return why + D.needs_dtype(hidden, allowed)
-
-
-@torch.library.custom_op("fastvl::linear_cross_entropy", mutates_args=())
-def _linear_ce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                  indices: torch.Tensor | None, grad_scale: torch.Tensor | None, reduction: str, grad_mask: int,
-                  chunk_rows: int, backend: str, ignore_index: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = targets.shape[0]
-    step = functools.partial(_STEPS[backend], ignore_index=ignore_index)
-    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    if grad_scale is not None:  # backward of reduction='none': per-row scales
-        scale, mode, mask = grad_scale, C.ROW, grad_mask
-    else:
-        mask = grad_mask if reduction != "none" else 0
-        if reduction == "mean":
-            scale = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()
-        else:
-            scale = C.scale_tensor(1.0, hidden.device)
-        mode = C.SCALAR
-    gh, gw, gb = C.chunked_linear_loss(hidden, weight, bias, indices, [targets], step, loss=loss, scale=scale,
-                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows)
-    if reduction != "none" and grad_scale is None:
-        loss = loss.sum() * scale if reduction == "mean" else loss.sum()
-    return (loss, *C.empty_grads(hidden, weight, bias, gh, gw, gb))
-
-
-@_linear_ce_op.register_fake
-def _(hidden, weight, bias, targets, indices, grad_scale, reduction, grad_mask, chunk_rows, backend, ignore_index):
-    n = targets.shape[0]
-    shape = (n,) if reduction == "none" or grad_scale is not None else ()
-    mask = grad_mask if (grad_scale is not None or reduction != "none") else 0
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask, n))
-
-
-C.register_linear_loss_autograd(_linear_ce_op)
+LINEAR_CE, _linear_ce_op = register_fused_loss(linear_loss(
+    "linear_cross_entropy", "fused linear + cross-entropy (MLM, MRC, ITM)", "targets", _STEPS, _scale,
+    options="SymInt ignore_index", per_element=lambda ignore_index: False))
 
 # ----------------------------------------------------------------------------------------------------------
 # Public function

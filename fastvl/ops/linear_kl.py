@@ -18,14 +18,14 @@ Backends: ``triton`` (GPU), ``torch_chunked`` (CPU default), ``reference`` (eage
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.scale_modes import SCALE_PER_ELEMENT
 from . import _chunked as C
-from . import _dispatch as D
+from ._register import linear_loss, register_fused_loss
 
 __all__ = ["fused_linear_kl", "linear_kl_reference"]
 
@@ -85,7 +85,7 @@ def _torch_step(logits, data, loss, scale, mode, compute, *, elementwise: bool) 
     if not compute:
         return
     q = torch.exp(logq, out=logq)
-    if mode == C.ELEMENT:
+    if mode == SCALE_PER_ELEMENT:
         gp = p * scale
         q.mul_(gp.sum(1, keepdim=True)).sub_(gp)
     else:
@@ -105,58 +105,9 @@ _STEPS = {"torch_chunked": _torch_step, "triton": _triton_step}
 # Backends and the custom op
 # ----------------------------------------------------------------------------------------------------------
 
-LINEAR_KL = D.register_op("linear_kl", ["triton", "torch_chunked", "reference"],
-                          doc="fused linear + KL to soft targets (MRC-kl)")
-
-
-@LINEAR_KL.backend("reference", doc="eager PyTorch: all logits materialised")
-def _reference_supports(hidden, weight, bias, soft_targets, indices=None) -> D.Reasons:
-    return []
-
-
-@LINEAR_KL.backend("torch_chunked", kind="reference", doc="row-chunked PyTorch, gradients in the forward pass")
-def _chunked_supports(hidden, weight, bias, soft_targets, indices=None) -> D.Reasons:
-    return []
-
-
-@LINEAR_KL.backend("triton", doc="row-chunked: cuBLAS products + one Triton loss/gradient kernel per chunk")
-def _triton_supports(hidden, weight, bias, soft_targets, indices=None) -> D.Reasons:
-    allowed = C.TRITON_DTYPES if hidden.device.type == "cuda" else (torch.float32,)
-    return D.triton_reasons(hidden) + D.needs_dtype(hidden, allowed)
-
-
-@torch.library.custom_op("fastvl::linear_kl", mutates_args=())
-def _linear_kl_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, soft_targets: torch.Tensor,
-                  indices: torch.Tensor | None, grad_scale: torch.Tensor | None, reduction: str, grad_mask: int,
-                  chunk_rows: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, V = soft_targets.shape
-    elementwise = reduction == "none" and grad_scale is None
-    step = functools.partial(_STEPS[backend], elementwise=elementwise)
-    loss = torch.empty((n, V) if elementwise else (n,), dtype=torch.float32, device=hidden.device)
-    if grad_scale is not None:
-        scale, mode, mask = grad_scale, C.ELEMENT, grad_mask
-    else:
-        factor = _factor(reduction, n, V)
-        scale, mode = C.scale_tensor(factor, hidden.device), C.SCALAR
-        mask = grad_mask if reduction != "none" else 0
-    gh, gw, gb = C.chunked_linear_loss(hidden, weight, bias, indices, [soft_targets], step, loss=loss, scale=scale,
-                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows)
-    if reduction != "none" and grad_scale is None:
-        loss = loss.sum() * factor
-    return (loss, *C.empty_grads(hidden, weight, bias, gh, gw, gb))
-
-
-@_linear_kl_op.register_fake
-def _(hidden, weight, bias, soft_targets, indices, grad_scale, reduction, grad_mask, chunk_rows, backend):
-    n, V = soft_targets.shape
-    if grad_scale is not None:
-        shape, mask = (n,), grad_mask
-    else:
-        shape, mask = ((n, V), 0) if reduction == "none" else ((), grad_mask)
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight, bias, mask, n))
-
-
-C.register_linear_loss_autograd(_linear_kl_op)
+LINEAR_KL, _linear_kl_op = register_fused_loss(linear_loss(
+    "linear_kl", "fused linear + KL to soft targets (MRC-kl)", "soft_targets", _STEPS,
+    lambda reduction, soft_targets, classes: _factor(reduction, soft_targets.shape[0], classes)))
 
 # ----------------------------------------------------------------------------------------------------------
 # Public function

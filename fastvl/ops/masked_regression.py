@@ -20,13 +20,12 @@ batch gives 0, never NaN. Backends: ``triton`` (GPU), ``torch_chunked`` (CPU def
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from ..kernels.scale_modes import SCALE_PER_ROW
 from . import _chunked as C
-from . import _dispatch as D
+from ._register import LINEAR_DOCS, linear_loss, register_fused_loss
 
 __all__ = ["fused_masked_regression", "masked_regression_reference"]
 
@@ -73,7 +72,8 @@ def masked_regression_reference(hidden: torch.Tensor, weight_t: torch.Tensor, bi
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _torch_step(pred, data, loss, scale, mode, compute, *, l2: bool, elementwise: bool) -> None:
+def _torch_step(pred, data, loss, scale, mode, compute, *, elementwise: bool, loss_kind: str) -> None:
+    l2 = loss_kind == "l2"
     x = _upcast(pred)
     diff = x - data[0].to(x.dtype)
     sq = diff * diff
@@ -88,14 +88,14 @@ def _torch_step(pred, data, loss, scale, mode, compute, *, l2: bool, elementwise
         inv = torch.where(dist > 0, 1.0 / dist, 0.0)
         g = diff.mul_((inv * scale).unsqueeze(1))
     else:
-        g = diff.mul_(2.0 * (scale.unsqueeze(1) if mode == C.ROW else scale))
+        g = diff.mul_(2.0 * (scale.unsqueeze(1) if mode == SCALE_PER_ROW else scale))
     pred.copy_(g)
 
 
-def _triton_step(pred, data, loss, scale, mode, compute, *, l2: bool, elementwise: bool) -> None:
+def _triton_step(pred, data, loss, scale, mode, compute, *, elementwise: bool, loss_kind: str) -> None:
     from ..kernels.triton.masked_regression import regression_rows
 
-    regression_rows(pred, data[0], loss, scale, mode, compute, l2, elementwise)
+    regression_rows(pred, data[0], loss, scale, mode, compute, loss_kind == "l2", elementwise)
 
 
 _STEPS = {"torch_chunked": _torch_step, "triton": _triton_step}
@@ -104,62 +104,18 @@ _STEPS = {"torch_chunked": _torch_step, "triton": _triton_step}
 # Backends and the custom op
 # ----------------------------------------------------------------------------------------------------------
 
-MASKED_REGRESSION = D.register_op("masked_regression", ["triton", "torch_chunked", "reference"],
-                                  doc="fused linear + feature regression (MRFR mse, MFFR l2)")
+
+def _factor(reduction: str, targets: torch.Tensor, features: int, loss_kind: str) -> float:
+    """'mean' averages over rows (l2) or elements (mse)."""
+    n = targets.shape[0]
+    return 1.0 / max(n if loss_kind == "l2" else n * features, 1) if reduction == "mean" else 1.0
 
 
-@MASKED_REGRESSION.backend("reference", doc="eager PyTorch: all predictions materialised")
-def _reference_supports(hidden, weight_t, bias, targets, indices=None) -> D.Reasons:
-    return []
-
-
-@MASKED_REGRESSION.backend("torch_chunked", kind="reference", doc="row-chunked PyTorch, gradients in the forward")
-def _chunked_supports(hidden, weight_t, bias, targets, indices=None) -> D.Reasons:
-    return []
-
-
-@MASKED_REGRESSION.backend("triton", doc="row-chunked: cuBLAS products + one Triton loss/gradient kernel per chunk")
-def _triton_supports(hidden, weight_t, bias, targets, indices=None) -> D.Reasons:
-    allowed = C.TRITON_DTYPES if hidden.device.type == "cuda" else (torch.float32,)
-    return D.triton_reasons(hidden) + D.needs_dtype(hidden, allowed)
-
-
-@torch.library.custom_op("fastvl::masked_regression", mutates_args=())
-def _regression_op(hidden: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                   indices: torch.Tensor | None, grad_scale: torch.Tensor | None, reduction: str, grad_mask: int,
-                   chunk_rows: int, backend: str, loss_kind: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, D_out = targets.shape
-    l2 = loss_kind == "l2"
-    elementwise = reduction == "none" and grad_scale is None and not l2
-    step = functools.partial(_STEPS[backend], l2=l2, elementwise=elementwise)
-    loss = torch.empty((n, D_out) if elementwise else (n,), dtype=torch.float32, device=hidden.device)
-    if grad_scale is not None:
-        scale, mode, mask = grad_scale, (C.ROW if l2 else C.ELEMENT), grad_mask
-    else:
-        factor = 1.0 / max(n if l2 else n * D_out, 1) if reduction == "mean" else 1.0
-        scale, mode = C.scale_tensor(factor, hidden.device), C.SCALAR
-        mask = grad_mask if reduction != "none" else 0
-    gh, gw, gb = C.chunked_linear_loss(hidden, weight_t, bias, indices, [targets], step, loss=loss, scale=scale,
-                                       scale_mode=mode, mask=mask, chunk_rows=chunk_rows, transposed=True)
-    if reduction != "none" and grad_scale is None:
-        loss = loss.sum() * factor
-    return (loss, *C.empty_grads(hidden, weight_t, bias, gh, gw, gb))
-
-
-@_regression_op.register_fake
-def _(hidden, weight_t, bias, targets, indices, grad_scale, reduction, grad_mask, chunk_rows, backend, loss_kind):
-    n, D_out = targets.shape
-    if grad_scale is not None:
-        shape, mask = (n,), grad_mask
-    elif reduction == "none":
-        shape, mask = ((n,) if loss_kind == "l2" else (n, D_out)), 0
-    else:
-        shape, mask = (), grad_mask
-    return (hidden.new_empty(shape, dtype=torch.float32), *C.fake_grads(hidden, weight_t, bias, mask, n, True))
-
-
-C.register_linear_loss_autograd(_regression_op, transposed=True)
+MASKED_REGRESSION, _regression_op = register_fused_loss(linear_loss(
+    "masked_regression", "fused linear + feature regression (MRFR mse, MFFR l2)", "targets", _STEPS, _factor,
+    options="str loss_kind", per_element=lambda loss_kind: loss_kind != "l2", weight="weight_t", transposed=True,
+    backend_docs=("eager PyTorch: all predictions materialised", "row-chunked PyTorch, gradients in the forward",
+                  LINEAR_DOCS[2])))
 
 # ----------------------------------------------------------------------------------------------------------
 # Public function

@@ -22,8 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..kernels.scale_modes import SCALE_PER_ROW, SCALE_SCALAR
 from . import _chunked as C
-from . import _dispatch as D
+from ._register import FusedLoss, register_fused_loss
 
 __all__ = ["symmetric_kl", "symmetric_kl_reference"]
 
@@ -65,7 +66,7 @@ def symmetric_kl_reference(logits_a: torch.Tensor, logits_b: torch.Tensor, reduc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backends
+# Row steps and the custom op
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -81,7 +82,7 @@ def _torch_rows(a: torch.Tensor, b: torch.Tensor, loss: torch.Tensor, ga: torch.
     loss.copy_(elem if elementwise else elem.sum(1))
     if ga is None and gb is None:
         return
-    g = scale.unsqueeze(1) if mode == C.ROW else scale
+    g = scale.unsqueeze(1) if mode == SCALE_PER_ROW else scale
     gd = d.mul_(g)
     gdp = dp.mul_(g)
     s = gdp.sum(1, keepdim=True)
@@ -101,81 +102,32 @@ def _run(backend: str, a, b, loss, ga, gb, scale, mode, elementwise, chunk_rows)
         return
     for s in range(0, a.shape[0], chunk_rows):
         e = min(a.shape[0], s + chunk_rows)
-        sc = scale if mode == C.SCALAR else scale[s:e]
+        sc = scale if mode == SCALE_SCALAR else scale[s:e]
         _torch_rows(a[s:e], b[s:e], loss[s:e], ga[s:e] if ga is not None else None,
                     gb[s:e] if gb is not None else None, sc, mode, elementwise)
 
 
-SYMMETRIC_KL = D.register_op("symmetric_kl", ["triton", "torch_chunked", "reference"],
-                             doc="symmetric KL between two logit sets (VILLA)")
-
-
-@SYMMETRIC_KL.backend("reference", doc="eager PyTorch autograd")
-def _reference_supports(logits_a, logits_b) -> D.Reasons:
-    return []
-
-
-@SYMMETRIC_KL.backend("torch_chunked", kind="reference", doc="closed-form gradient in the forward, row chunks")
-def _chunked_supports(logits_a, logits_b) -> D.Reasons:
-    return []
-
-
-@SYMMETRIC_KL.backend("triton", doc="one program per row: loss and both gradients in three passes")
-def _triton_supports(logits_a, logits_b) -> D.Reasons:
-    allowed = C.TRITON_DTYPES if logits_a.device.type == "cuda" else (torch.float32,)
-    return D.triton_reasons(logits_a) + D.needs_dtype(logits_a, allowed)
-
-
-@torch.library.custom_op("fastvl::symmetric_kl", mutates_args=())
-def _skl_op(a: torch.Tensor, b: torch.Tensor, grad_scale: torch.Tensor | None, reduction: str, grad_mask: int,
-            factor: float, chunk_rows: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, c = a.shape
-    elementwise = reduction == "none" and grad_scale is None
-    loss = torch.empty((n, c) if elementwise else (n,), dtype=torch.float32, device=a.device)
-    if grad_scale is not None:
-        scale, mode, mask = grad_scale, C.ELEMENT, grad_mask
-    else:
-        scale, mode = C.scale_tensor(factor, a.device), C.SCALAR
-        mask = grad_mask if reduction != "none" else 0
+def _run_op(inputs, options, loss, scale, mode, mask, elementwise) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = inputs
+    _factor_value, chunk_rows, backend = options
     ga = torch.empty_like(a) if mask & GRAD_A else None
     gb = torch.empty_like(b) if mask & GRAD_B else None
     _run(backend, a, b, loss, ga, gb, scale, mode, elementwise, chunk_rows)
-    if reduction != "none" and grad_scale is None:
-        loss = loss.sum() * factor
-    return loss, (ga if ga is not None else a.new_empty(0)), (gb if gb is not None else b.new_empty(0))
+    return (ga if ga is not None else a.new_empty(0)), (gb if gb is not None else b.new_empty(0))
 
 
-@_skl_op.register_fake
-def _(a, b, grad_scale, reduction, grad_mask, factor, chunk_rows, backend):
-    n, c = a.shape
-    if grad_scale is not None:
-        shape, mask = (n,), grad_mask
-    else:
-        shape, mask = ((n, c), 0) if reduction == "none" else ((), grad_mask)
-    ga = torch.empty_like(a) if mask & GRAD_A else a.new_empty(0)
-    gb = torch.empty_like(b) if mask & GRAD_B else b.new_empty(0)
-    return a.new_empty(shape, dtype=torch.float32), ga, gb
+def _fake_grads(inputs, options, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = inputs
+    return (torch.empty_like(a) if mask & GRAD_A else a.new_empty(0)), \
+        (torch.empty_like(b) if mask & GRAD_B else b.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    a, b, _scale, reduction, _mask, factor, chunk_rows, backend = inputs
-    ctx.reduction, ctx.rest = reduction, (factor, chunk_rows, backend)
-    ctx.set_materialize_grads(False)  # the gradient outputs are never used: no zero-filled grads for them
-    ctx.save_for_backward(*((a, b) if reduction == "none" else output[1:]))
-
-
-def _backward(ctx, g_loss, *_unused):
-    need = ctx.needs_input_grad
-    if ctx.reduction == "none":
-        a, b = ctx.saved_tensors
-        mask = (GRAD_A if need[0] else 0) | (GRAD_B if need[1] else 0)
-        _, ga, gb = _skl_op(a, b, g_loss.float().contiguous(), "none", mask, *ctx.rest)
-    else:
-        ga, gb = (t * g_loss if t.numel() else t for t in ctx.saved_tensors)
-    return (ga if need[0] else None, gb if need[1] else None, None, None, None, None, None, None)
-
-
-_skl_op.register_autograd(_backward, setup_context=_setup_context)
+SYMMETRIC_KL, _skl_op = register_fused_loss(FusedLoss(
+    "symmetric_kl", "symmetric KL between two logit sets (VILLA)", "Tensor a, Tensor b",
+    "float factor, SymInt chunk_rows, str backend", (GRAD_A, GRAD_B), lambda a, b: a.shape,
+    lambda reduction, inputs, options: options[0], _run_op, _fake_grads,
+    backend_docs=("eager PyTorch autograd", "closed-form gradient in the forward, row chunks",
+                  "one program per row: loss and both gradients in three passes")))
 
 # ----------------------------------------------------------------------------------------------------------
 # Public function
