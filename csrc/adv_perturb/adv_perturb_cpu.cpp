@@ -4,8 +4,6 @@
 #include "adv_perturb/adv_perturb.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,6 +13,7 @@
 
 #include "fastvl/adv_math.h"
 #include "fastvl/check.h"
+#include "fastvl/dispatch.h"
 
 namespace fastvl {
 namespace {
@@ -24,10 +23,6 @@ int parse_norm(c10::string_view norm, const char* op) {
   if (norm == "linf") return adv::kLinf;
   FASTVL_CHECK_ARG(false, op, "norm", "must be 'l2' or 'linf', got '", std::string(norm), "'");
   return -1;
-}
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
 }  // namespace
@@ -76,7 +71,7 @@ int check_adv_step_args(at::TensorList deltas, at::TensorList grads, at::TensorL
     const std::string ks = "[" + std::to_string(k) + "]";
     const std::string dn = "deltas" + ks, gn = "grads" + ks, mn = "masks" + ks, sn = "max_seqlens" + ks;
     layouts->push_back(check_layout(d, masks[k], max_seqlens[k], op, dn, mn, sn));
-    FASTVL_CHECK_ARG(supported_dtype(d.scalar_type()), op, dn, "must be float32, bfloat16 or float16, got ",
+    FASTVL_CHECK_ARG(is_float_type(d.scalar_type()), op, dn, "must be float32, bfloat16 or float16, got ",
                      d.scalar_type());
     FASTVL_CHECK_ARG(d.is_contiguous(), op, dn, "must be contiguous (it is updated in place)");
     FASTVL_CHECK_ARG(g.sizes() == d.sizes(), op, gn, "must have the shape of ", dn, " ", d.sizes(), ", got ",
@@ -97,7 +92,7 @@ int check_adv_init_args(const at::Tensor& noise, const at::Tensor& mask, double 
   const char* op = "adv_perturb_init";
   const int code = parse_norm(norm, op);
   *layout = check_layout(noise, mask, max_seqlen, op, "noise", "mask", "max_seqlen");
-  FASTVL_CHECK_ARG(supported_dtype(noise.scalar_type()), op, "noise", "must be float32, bfloat16 or float16, got ",
+  FASTVL_CHECK_ARG(is_float_type(noise.scalar_type()), op, "noise", "must be float32, bfloat16 or float16, got ",
                    noise.scalar_type());
   FASTVL_CHECK_ARG(noise.is_contiguous(), op, "noise", "must be contiguous (it is scaled in place)");
   FASTVL_CHECK_ARG(init_mag >= 0.0, op, "init_mag", "must be >= 0, got ", init_mag);
@@ -169,23 +164,6 @@ void init_example(scalar_t* x, const bool* m, int64_t L, int64_t D, float init_m
   }
 }
 
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat:
-      fn(float{});
-      break;
-    case at::kBFloat16:
-      fn(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      fn(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "fastvl adv_perturb: unsupported dtype ", t);
-  }
-}
-
 }  // namespace
 
 namespace {
@@ -245,8 +223,7 @@ void adv_perturb_step_cpu(at::TensorList deltas, at::TensorList grads, at::Tenso
       const int64_t D = lay[k].dim;
       const ExampleRows ex = example_rows(lay[k], m[k], e - first[k]);
       if (ex.n == 0) continue;
-      dispatch_dtype(d.scalar_type(), [&](auto tag) {
-        using scalar_t = decltype(tag);
+      FASTVL_DISPATCH_FLOAT_TYPES(d.scalar_type(), "adv_perturb", [&] {
         step_example(d.data_ptr<scalar_t>() + ex.row0 * D, g[k].data_ptr<scalar_t>() + ex.row0 * D, ex.mask, ex.n,
                      D, lrs[k], code, max_norms[k], buf.data());
       });
@@ -264,8 +241,7 @@ void adv_perturb_init_cpu(const at::Tensor& noise, const at::Tensor& mask, doubl
   const auto m = mask.contiguous();
   if (lay.packed) check_cu_values(m, noise.size(0), "adv_perturb_init", "mask");
   const int64_t D = lay.dim;
-  dispatch_dtype(noise.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
+  FASTVL_DISPATCH_FLOAT_TYPES(noise.scalar_type(), "adv_perturb", [&] {
     scalar_t* x = noise.data_ptr<scalar_t>();
     at::parallel_for(0, lay.batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(2 * static_cast<size_t>(D));

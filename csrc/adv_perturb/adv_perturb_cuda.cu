@@ -11,8 +11,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -23,6 +21,7 @@
 #include "adv_perturb/adv_perturb.h"
 #include "fastvl/adv_math.h"
 #include "fastvl/check.h"
+#include "fastvl/dispatch.h"
 
 namespace fastvl {
 namespace {
@@ -258,23 +257,6 @@ void launch_group(const std::vector<int>& idx, at::TensorList deltas, const std:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat:
-      fn(float{});
-      break;
-    case at::kBFloat16:
-      fn(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      fn(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, "fastvl adv_perturb: unsupported dtype ", t);
-  }
-}
-
 }  // namespace
 
 void adv_perturb_step_cuda(at::TensorList deltas, at::TensorList grads, at::TensorList masks,
@@ -293,14 +275,14 @@ void adv_perturb_step_cuda(at::TensorList deltas, at::TensorList grads, at::Tens
     m[k] = masks[k].contiguous();
   }
   // Slots of one dtype share a launch (up to kMaxSlots); empty slots have nothing to write.
-  for (at::ScalarType t : {at::kFloat, at::kBFloat16, at::kHalf}) {
+  for (at::ScalarType t : kFloatTypes) {
     std::vector<int> idx;
     for (size_t k = 0; k < n; ++k)
       if (deltas[k].scalar_type() == t && deltas[k].numel() > 0) idx.push_back(static_cast<int>(k));
     for (size_t start = 0; start < idx.size(); start += kMaxSlots) {
       const std::vector<int> group(idx.begin() + start, idx.begin() + std::min(idx.size(), start + kMaxSlots));
-      dispatch_dtype(t, [&](auto tag) {
-        launch_group<decltype(tag)>(group, deltas, g, m, lay, lrs, max_norms, code, deltas[0]);
+      FASTVL_DISPATCH_FLOAT_TYPES(t, "adv_perturb", [&] {
+        launch_group<scalar_t>(group, deltas, g, m, lay, lrs, max_norms, code, deltas[0]);
       });
     }
   }
@@ -315,8 +297,7 @@ void adv_perturb_init_cuda(const at::Tensor& noise, const at::Tensor& mask, doub
   const c10::cuda::CUDAGuard guard(noise.device());
   if (noise.numel() == 0) return;
   const auto m = mask.contiguous();
-  dispatch_dtype(noise.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
+  FASTVL_DISPATCH_FLOAT_TYPES(noise.scalar_type(), "adv_perturb", [&] {
     const Slot s = make_slot<scalar_t>(noise.data_ptr(), noise.data_ptr(), m, lay);
     const int64_t total = lay.batch * s.chunks;
     if (total == 0) return;
