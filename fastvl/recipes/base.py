@@ -132,7 +132,12 @@ class FinetuneData:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One fine-tuning task (see the module docstring for every callable's contract)."""
+    """One fine-tuning job (see the module docstring for every callable's contract).
+
+    ``model_config`` (optional): (settings, dims) -> the model's config (an object with ``to_json_file(path)``),
+    written to the run folder as ``model_config.json`` and handed back to ``build_model`` as ``settings.config``
+    when ``fastvl eval`` rebuilds the model; None: the job's ``build_model`` rebuilds it from settings and dims.
+    """
 
     name: str
     build_data: Callable[[FinetuneSettings, int, int], FinetuneData]
@@ -143,6 +148,7 @@ class Recipe:
     chance: float | Callable[[FinetuneData], float] = 0.0
     defaults: dict[str, Any] = field(default_factory=dict)
     help: str = ""
+    model_config: Callable[[FinetuneSettings, dict[str, Any]], Any] | None = None
 
     def chance_level(self, data: FinetuneData) -> float:
         return float(self.chance(data)) if callable(self.chance) else float(self.chance)
@@ -283,14 +289,16 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor] | None, log
     return list(missing), list(unexpected)
 
 
-def save_run(s: FinetuneSettings, data: FinetuneData) -> None:
-    """settings.json, finetune.json (task, data sizes) and model_config.json (the config before task growth)."""
+def save_run(s: FinetuneSettings, data: FinetuneData, recipe: Recipe) -> None:
+    """settings.json, finetune.json (task, data sizes) and, when the recipe has one, model_config.json (for UNITER:
+    the config before task growth)."""
     out = Path(s.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
     (out / "finetune.json").write_text(json.dumps({"task": s.task, "dims": data.dims, "info": data.info}, indent=2,
                                                   default=str))
-    model_config(s, data.dims).to_json_file(out / "model_config.json")
+    if recipe.model_config is not None:
+        recipe.model_config(s, data.dims).to_json_file(out / "model_config.json")
 
 
 def last_losses(history: list[dict]) -> dict[str, float]:

@@ -116,6 +116,7 @@ def _chance(data) -> float:
     return float(data.info.get("baseline", {}).get("cider", 0.0))
 
 
-RECIPE = Recipe(name="caption", build_data=_build_data, build_model=_build_model, build_tasks=_build_tasks,
+RECIPE = Recipe(model_config=model_config,
+                name="caption", build_data=_build_data, build_model=_build_model, build_tasks=_build_tasks,
                 evaluate=_evaluate, metric="cider", chance=_chance, defaults=DEFAULTS,
                 help="image captioning (seq2seq UNITER, MLM-style; BLEU-4, CIDEr-D)")

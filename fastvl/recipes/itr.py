@@ -9,7 +9,7 @@ from ..data.finetune_data import ITRDataset
 from ..models.uniter import UniterForImageTextRetrieval
 from ..tasks.itr import ITRTask
 from ..tasks.retrieval import evaluate_retrieval, split_batch
-from .base import COMMON_DEFAULTS, Recipe, build_uniter, bundle, data_paths, open_split
+from .base import COMMON_DEFAULTS, Recipe, build_uniter, bundle, data_paths, model_config, open_split
 
 __all__ = ["RECIPE"]
 
@@ -76,7 +76,8 @@ def _itr_chance(data):
     return 100.0 / max(1, min(n, int(data.info["eval_images"])))
 
 
-RECIPE = Recipe(name="itr", build_data=_itr_data, build_model=_itr_model, build_tasks=_itr_tasks, evaluate=_itr_eval,
+RECIPE = Recipe(model_config=model_config,
+                name="itr", build_data=_itr_data, build_model=_itr_model, build_tasks=_itr_tasks, evaluate=_itr_eval,
                 metric="ir_r1", chance=_itr_chance,
                 defaults=dict(COMMON_DEFAULTS, val_every=0),  # the exact val matrix is the slow part: at the end only
                 help="image-text retrieval (hinge on in-batch negatives; IR/TR R@1/5/10)")

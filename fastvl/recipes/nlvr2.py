@@ -16,6 +16,7 @@ from .base import (
     bundle,
     data_paths,
     majority_chance,
+    model_config,
     open_split,
     single_task,
 )
@@ -46,7 +47,8 @@ def _nlvr2_model(s, data, init):
     return model
 
 
-RECIPE = Recipe(name="nlvr2", build_data=_nlvr2_data, build_model=_nlvr2_model, build_tasks=single_task(NLVR2Task),
+RECIPE = Recipe(model_config=model_config,
+                name="nlvr2", build_data=_nlvr2_data, build_model=_nlvr2_model, build_tasks=single_task(NLVR2Task),
                 evaluate=accuracy_eval, metric="accuracy", chance=majority_chance,
                 defaults=dict(COMMON_DEFAULTS, steps=3000),
                 help="NLVR2 (two images, true/false; --opt variant=paired|triplet|paired-attn)")

@@ -7,7 +7,17 @@ from ..data import BadExampleCounter
 from ..data.finetune_data import REDataset
 from ..models.uniter import UniterForReferringExpressionComprehension
 from ..tasks.re import RETask
-from .base import COMMON_DEFAULTS, Recipe, accuracy_eval, build_uniter, bundle, data_paths, open_split, single_task
+from .base import (
+    COMMON_DEFAULTS,
+    Recipe,
+    accuracy_eval,
+    build_uniter,
+    bundle,
+    data_paths,
+    model_config,
+    open_split,
+    single_task,
+)
 
 __all__ = ["RECIPE"]
 
@@ -33,6 +43,7 @@ def _re_chance(data):
     return sum(1.0 / ds.n_regions[item] for item in ds.items) / max(len(ds), 1)
 
 
-RECIPE = Recipe(name="re", build_data=_re_data, build_model=_re_model, build_tasks=single_task(RETask),
+RECIPE = Recipe(model_config=model_config,
+                name="re", build_data=_re_data, build_model=_re_model, build_tasks=single_task(RETask),
                 evaluate=accuracy_eval, metric="accuracy", chance=_re_chance, defaults=dict(COMMON_DEFAULTS),
                 help="referring expressions (region CE; accuracy at IoU >= 0.5)")

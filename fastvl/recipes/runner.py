@@ -68,7 +68,7 @@ def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> 
         validate = lambda: spec.evaluate(plain_tasks, data, info.device, s)  # noqa: E731
     trainer = Trainer(model, tasks, data.sources, data.mix, cfg, s.output, info, validate, log)
     if info.is_main:
-        save_run(s, data)
+        save_run(s, data, spec)
     run = trainer.run(resume=s.resume)
     last_val = run["validation"]
     validation = {k.removeprefix("val/"): v for k, v in last_val.items() if k.startswith("val/")} if last_val \
@@ -120,7 +120,9 @@ def evaluate_finetune(checkpoint: str | Path, task: str | None = None, overrides
                           ("cpu" if s.device == "auto" else s.device))
     data = spec.build_data(s, 0, 1)
     data.dims = {**data.dims, **meta["dims"]}
-    s = replace(s, init=None, config=str(run / "model_config.json"))
+    if (run / "model_config.json").is_file():
+        s = replace(s, config=str(run / "model_config.json"))
+    s = replace(s, init=None)
     model = spec.build_model(s, data, None)
     ckpt.load_checkpoint(folder, model)
     model.to(device).eval()

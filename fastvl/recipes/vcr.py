@@ -7,7 +7,7 @@ from ..data import BadExampleCounter
 from ..data.finetune_data import VCRDataset
 from ..models.uniter import UniterForVisualCommonsenseReasoning
 from ..tasks.vcr import VCRTask
-from .base import COMMON_DEFAULTS, Recipe, build_uniter, bundle, data_paths, open_split, val_batches
+from .base import COMMON_DEFAULTS, Recipe, build_uniter, bundle, data_paths, model_config, open_split, val_batches
 
 __all__ = ["RECIPE"]
 
@@ -57,7 +57,8 @@ def _vcr_eval(tasks, data, device, s):
     return out
 
 
-RECIPE = Recipe(name="vcr", build_data=_vcr_data, build_model=_vcr_model, build_tasks=_vcr_tasks, evaluate=_vcr_eval,
+RECIPE = Recipe(model_config=model_config,
+                name="vcr", build_data=_vcr_data, build_model=_vcr_model, build_tasks=_vcr_tasks, evaluate=_vcr_eval,
                 metric="q2ar", chance=1 / 16,
                 defaults=dict(COMMON_DEFAULTS, steps=4000, val_every=1000, ckpt_every=1000),
                 help="VCR (Q->A and QA->R mixed; Q->A, QA->R, Q->AR accuracy)")

@@ -26,6 +26,7 @@ from .base import (
     bundle,
     data_paths,
     mean_of,
+    model_config,
     open_split,
     val_batches,
 )
@@ -137,7 +138,8 @@ def _vqa_chance(data: FinetuneData, max_train: int = 50_000) -> float:
 
 def vqa_like(name: str, help: str, defaults: dict[str, Any], chance: Any = _vqa_chance) -> Recipe:
     """The recipe of a VQA-style job (vqa, gqa, ve): soft-score BCE, VQA accuracy."""
-    return Recipe(name=name, build_data=_vqa_data(name), build_model=_vqa_model, build_tasks=_vqa_tasks,
+    return Recipe(model_config=model_config,
+                  name=name, build_data=_vqa_data(name), build_model=_vqa_model, build_tasks=_vqa_tasks,
                   evaluate=_vqa_eval, metric="accuracy", chance=chance, defaults=defaults, help=help)
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from fastvl.adversarial import AdvConfig, AdversarialTask
 from fastvl.adversarial.reference import _update
-from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.models.uniter import (
     UniterForImageTextRetrieval,
     UniterForNlvr2Paired,
@@ -23,11 +22,7 @@ from fastvl.models.uniter import (
     UniterForVisualQuestionAnswering,
 )
 from fastvl.models.uniter.caption import CaptionTokens, UniterForCaptioning
-from fastvl.tasks.caption import CaptionTask
-from fastvl.tasks import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
-from fastvl.train import checkpoint as ckpt
-from fastvl.recipes.base import load_init_state, load_pretrained
-from fastvl.recipes.runner import finetune_cpu_threads
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.recipes import (
     FinetuneSettings,
     Recipe,
@@ -38,6 +33,11 @@ from fastvl.recipes import (
     register_recipe,
     unregister_recipe,
 )
+from fastvl.recipes.base import load_init_state, load_pretrained
+from fastvl.recipes.runner import finetune_cpu_threads
+from fastvl.tasks import ITRTask, NLVR2Task, RETask, VCRTask, VQATask
+from fastvl.tasks.caption import CaptionTask
+from fastvl.train import checkpoint as ckpt
 
 TINY = dict(synthetic_images=24, synthetic_val_images=6)
 BUILTIN = ("vqa", "gqa", "ve", "nlvr2", "itr", "re", "vcr")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvl.train import checkpoint as ckpt
 from fastvl.recipes.pretrain import settings_from_official
+from fastvl.train import checkpoint as ckpt
 
 REFERENCE_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "reference-configs"
 
