@@ -7,7 +7,7 @@ FFN 128; the default ``tiny`` config), no gradient, fp32 on CPU (``--amp`` = bf1
 
 - ``naive_per_pair``: :func:`fastvl.tasks.retrieval.brute_force_scores`, one model forward per pair (embeddings
   recomputed), ``--naive-pairs`` random pairs per round;
-- ``itr_task_chunked``: :meth:`fastvl.tasks.finetune.ITRTask.score_matrix`, the task module's own evaluation (pairs
+- ``itr_task_chunked``: :meth:`fastvl.tasks.itr.ITRTask.score_matrix`, the task module's own evaluation (pairs
   packed 256 per model forward, embeddings recomputed per pair), ``--chunked-texts`` texts x M images per round;
 - ``fast_exact``: :func:`fastvl.tasks.retrieval.score_matrix` ``mode='exact'`` (embeddings once per text / image,
   length-sorted packed tiles, layer-0 QKV cache, [CLS]-only last layer), ``--subset-texts`` texts x M per round;
@@ -40,7 +40,7 @@ from benchmarks._harness import RESULTS, Bench, device_name, env_summary, git_sh
 from fastvl.batch import PackedVLBatch
 from fastvl.models.uniter import UniterForImageTextRetrieval
 from fastvl.models.uniter.config import resolve_config
-from fastvl.tasks.finetune import ITRTask
+from fastvl.tasks import ITRTask
 from fastvl.tasks.retrieval import RetrievalImages, RetrievalTexts, brute_force_scores, score_matrix
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)

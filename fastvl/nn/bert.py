@@ -67,17 +67,33 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dropout_p = attention_probs_dropout_prob
 
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size)
+
+    def project_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The queries of some rows: hidden_states [..., H] -> [..., heads, head_dim] (a view of ``query``'s output).
+
+        For callers that run their own attention core on other row sets than the keys' (retrieval's [CLS]-only
+        last layer)."""
+        return self._heads(self.query(hidden_states))
+
+    def project_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of some rows: hidden_states [..., H] -> (keys, values), each [..., heads, head_dim]."""
+        return self._heads(self.key(hidden_states)), self._heads(self.value(hidden_states))
+
+    def qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [..., H] -> (queries, keys, values), each [..., heads, head_dim]: the projections
+        :meth:`forward` feeds its attention core, for callers with their own core (a key/value cache, a padded view).
+        """
+        return (self.project_q(hidden_states), *self.project_kv(hidden_states))
+
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 mask: str = "bidirectional", prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [T, H], cu_seqlens [B+1] int32, max_seqlen Python int -> context [T, H]."""
-        t = hidden_states.shape[0]
-        shape = (t, self.num_attention_heads, self.attention_head_size)
-        q = self.query(hidden_states).view(shape)
-        k = self.key(hidden_states).view(shape)
-        v = self.value(hidden_states).view(shape)
+        q, k, v = self.qkv(hidden_states)
         ctx = cross_modal_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mask=mask,
                                     prefix_lens=prefix_lens, dropout_p=self.dropout_p if self.training else 0.0)
-        return ctx.reshape(t, -1)
+        return ctx.reshape(hidden_states.shape[0], -1)
 
 
 class BertSelfOutput(nn.Module):
@@ -152,8 +168,26 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, **mask_kw
                 ) -> torch.Tensor:
-        """hidden_states [T, H], cu_seqlens [B+1] int32, max_seqlen Python int -> [T, H]."""
-        attention_output = self.attention(hidden_states, cu_seqlens, max_seqlen, **mask_kw)
+        """hidden_states [T, H], cu_seqlens [B+1] int32, max_seqlen Python int -> [T, H].
+
+        = ``post_attention(attention.self(hidden_states, ...), hidden_states)``: callers with their own attention
+        core (a key/value cache, a padded view, queries on some rows only) take the projections from
+        ``attention.self.qkv`` / ``project_q`` / ``project_kv`` and finish the layer with :meth:`post_attention`."""
+        return self.feed_forward(self.attention(hidden_states, cu_seqlens, max_seqlen, **mask_kw))
+
+    def post_attention(self, context: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention core: output projection + residual LayerNorm, then :meth:`feed_forward`.
+
+        Args:
+            context: [..., H] the attention core's output (heads merged), for some rows of the layer input.
+            hidden_states: [..., H] the layer input at those rows (the residual).
+        Returns:
+            [..., H] the layer output at those rows.
+        """
+        return self.feed_forward(self.attention.output(context, hidden_states))
+
+    def feed_forward(self, attention_output: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block: attention_output [..., H] -> LayerNorm(FFN(x) + x) [..., H]."""
         return self.output(self.intermediate(attention_output), attention_output)
 
 

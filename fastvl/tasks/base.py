@@ -85,7 +85,9 @@ class FinetuneTask(nn.Module):
         super().__init__()
         self.model = model
 
-    def _check(self, batch: PackedVLBatch) -> None:
+    def check_batch(self, batch: PackedVLBatch) -> None:
+        """Raise (TypeError / ValueError naming the field) unless ``batch`` is a PackedVLBatch this task can train
+        on: ``extras['targets']`` given (subclasses add their own checks). Host-side, no device read."""
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.{type(self).__name__}: 'batch' must be a PackedVLBatch, got "
                             f"{type(batch).__name__}")
@@ -96,7 +98,7 @@ class FinetuneTask(nn.Module):
         return batch.batch_size
 
     def forward(self, batch: PackedVLBatch) -> dict:
-        self._check(batch)
+        self.check_batch(batch)
         loss = self.model(batch, compute_loss=True, reduction="mean")
         return dict(loss=loss, logs={f"{self.name}_loss": loss.detach()}, count=self.count(batch))
 
@@ -106,12 +108,12 @@ class FinetuneTask(nn.Module):
     # VILLA hooks (see adversarial_view) ---------------------------------------------------------------------
     def adv_prepare(self, batch: PackedVLBatch) -> PackedVLBatch:
         """The batch every adversarial pass encodes (checked; ITR: grouped with its negatives)."""
-        self._check(batch)
+        self.check_batch(batch)
         return batch
 
     def adv_loss(self, h: torch.Tensor, layout, batch: PackedVLBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(training loss, scores for the consistency term) from the packed encoder output h [T, H]."""
-        scores = self.model._head(h, layout, None, False, "none", batch.extras)
+        scores = self.model.head(h, layout, batch=batch)
         return F.cross_entropy(scores.float(), batch.extras["targets"]), scores
 
     def adversarial_view(self):

@@ -101,7 +101,7 @@ class ITRTask(FinetuneTask):
 
     def adv_loss(self, h, layout, batch):
         ss = int(batch.extras["sample_size"])
-        scores = self.model._head(h, layout, None, False, "none", batch.extras)  # [n_groups * ss, 1]
+        scores = self.model.head(h, layout, batch=batch)  # [n_groups * ss, 1]
         return rank_hinge(scores.float(), ss, self.model.margin).mean(), scores.reshape(-1, ss)
 
     def adv_count(self, batch: PackedVLBatch) -> int:
@@ -133,5 +133,5 @@ class ITRTask(FinetuneTask):
         scores = self.score_matrix(batch, range(b), range(b))
         return metrics.retrieval_recall(scores, torch.arange(b))
 
-    def _check(self, batch):  # targets are implicit (pair i matches)
+    def check_batch(self, batch):  # targets are implicit (pair i matches)
         pass

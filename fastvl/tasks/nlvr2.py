@@ -25,5 +25,5 @@ class NLVR2Task(FinetuneTask):
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
-        self._check(batch)
+        self.check_batch(batch)
         return {"accuracy": metrics.accuracy(self.model(batch, compute_loss=False), batch.extras["targets"])}

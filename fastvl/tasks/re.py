@@ -20,8 +20,8 @@ class RETask(FinetuneTask):
 
     name = "re"
 
-    def _check(self, batch: PackedVLBatch) -> None:
-        super()._check(batch)
+    def check_batch(self, batch: PackedVLBatch) -> None:
+        super().check_batch(batch)
         t = batch.extras["targets"]
         if t.dim() != 1 or t.shape[0] != batch.batch_size:
             raise ValueError(f"fastvl.tasks.RETask: extras['targets'] must have shape [{batch.batch_size}], got "
@@ -37,7 +37,8 @@ class RETask(FinetuneTask):
     def adv_loss(self, h, layout, batch):
         """Consistency scores: the region scores [B, max regions], padded / masked regions at -1e4 (probability 0,
         zero gradient in :func:`fastvl.ops.symmetric_kl`)."""
-        loss = self.model._head(h, layout, batch.extras["targets"], True, "mean", batch.extras)
+        loss = self.model.head(h, layout, targets=batch.extras["targets"], compute_loss=True, reduction="mean",
+                               batch=batch)
         return loss, self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
 
     @torch.no_grad()
@@ -45,7 +46,7 @@ class RETask(FinetuneTask):
         """-> ``{'accuracy': [B]}``: IoU >= 0.5 between the top-scored region's box and the ground-truth box when
         ``extras['boxes']`` (packed [T_img, 4] region boxes) and ``extras['gt_boxes']`` [B, 4] are given (with
         optional ``extras['image_sizes']`` [B, 2]); else whether the top region is the target."""
-        self._check(batch)
+        self.check_batch(batch)
         scores = self.model(batch, compute_loss=False)
         pred = scores.argmax(1)
         if batch.extras.get("boxes") is None or batch.extras.get("gt_boxes") is None:

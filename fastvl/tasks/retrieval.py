@@ -33,7 +33,8 @@ text; TR ranks all texts for each image and counts a hit when ANY of the image's
 are resolved as ``ties`` says (see :func:`recall_at_k`).
 
 Entry points: :func:`score_matrix`, :func:`recall_at_k`, :func:`evaluate_retrieval` (both, plus bookkeeping), and
-:func:`brute_force_scores` (the naive per-pair loop, for tests and benchmarks).
+:func:`brute_force_scores` (the naive per-pair loop, for tests and benchmarks). The metrics (:func:`recall_at_k`,
+:func:`format_recall`) live in :mod:`fastvl.tasks.retrieval_metrics` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +51,12 @@ from torch import nn
 from ..batch import PackedVLBatch
 from ..nn.bert import BertLayer
 from ..ops import cross_modal_attention
+from .retrieval_metrics import format_recall, recall_at_k
 
 __all__ = ["RetrievalImages", "RetrievalTexts", "brute_force_scores", "evaluate_retrieval", "format_recall",
            "recall_at_k", "score_matrix", "shortlist_scores", "split_batch"]
 
 MODES = ("exact", "two_stage")
-TIES = ("optimistic", "pessimistic", "expected")
 HEADS = ("rank", "itm")
 ATTENTION = ("auto", "fastvl", "sdpa")
 DEFAULT_MAX_TOKENS = {"cpu": 1 << 15, "cuda": 1 << 17}
@@ -301,8 +302,8 @@ class _Encoded:
         self.shortcuts = bool(shortcuts) and len(layers) > 0 and all(type(x) is BertLayer for x in layers)
         self.qkv0 = None
         if self.shortcuts:  # layer 0's query / key / value of a token do not depend on the pair either
-            sa = layers[0].attention.self
-            self.qkv0 = torch.cat([sa.query(self.table), sa.key(self.table), sa.value(self.table)], 1)
+            q, k, v = layers[0].attention.self.qkv(self.table)  # [T_txt + T_img, heads, head_dim] each
+            self.qkv0 = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1)  # [T_txt + T_img, 3 H]
         self.dev_idx = {k: v.to(device) for k, v in (("tl", self.tl), ("il", self.il), ("ts", self.t_start),
                                                       ("is", self.i_start))}
 
@@ -332,7 +333,8 @@ class _Encoded:
         """The encoder's last-layer states of each sequence's first token ([CLS]) [P, H], with two exact shortcuts:
         layer 0's query / key / value rows are gathered from per-token caches (``qkv0``), and the last layer runs
         only the [CLS] query (keys / values of every token, then attention output, FFN and LayerNorms on P rows:
-        the pooler reads nothing else). Same math as :class:`~fastvl.nn.bert.BertLayer`, on fewer rows."""
+        the pooler reads nothing else). The BertLayer's own projections and post-attention block
+        (:meth:`~fastvl.nn.bert.BertLayer.post_attention`), on fewer rows."""
         if self.attention == "sdpa":
             return self._first_rows_padded(src, cu, max_len)
         layers = self.uniter.encoder.layer
@@ -343,23 +345,21 @@ class _Encoded:
         cu_q = torch.arange(p + 1, dtype=torch.int32, device=x.device)
         for li, layer in enumerate(layers):
             sa = layer.attention.self
-            heads, dh = sa.num_attention_heads, sa.attention_head_size
+            nh, dh = sa.num_attention_heads, sa.attention_head_size
             last = li == len(layers) - 1
             if li == 0:
-                qkv = self.qkv0[src]
-                q, k, v = qkv[:, :hsz], qkv[:, hsz:2 * hsz], qkv[:, 2 * hsz:]
+                q, k, v = (y.unflatten(-1, (nh, dh)) for y in self.qkv0[src].split(hsz, dim=-1))
             else:
-                q, k, v = (None if last else sa.query(x)), sa.key(x), sa.value(x)
-            k, v = k.reshape(t, heads, dh), v.reshape(t, heads, dh)
+                k, v = sa.project_kv(x)
+                q = None if last else sa.project_q(x)  # the last layer's queries: the [CLS] rows only (below)
             if last:
                 xq = x[first]  # [P, H]
-                q = (q[first] if q is not None else sa.query(xq)).reshape(p, heads, dh)
+                q = q[first] if q is not None else sa.project_q(xq)  # [P, heads, head_dim]
                 ctx = cross_modal_attention(q, k, v, cu_q, cu, 1, max_len, mask="cross")
-                a = layer.attention.output(ctx.reshape(p, hsz), xq)
+                x = layer.post_attention(ctx.reshape(p, hsz), xq)
             else:
-                ctx = cross_modal_attention(q.reshape(t, heads, dh), k, v, cu, cu, max_len, max_len)
-                a = layer.attention.output(ctx.reshape(t, hsz), x)
-            x = layer.output(layer.intermediate(a), a)
+                ctx = cross_modal_attention(q, k, v, cu, cu, max_len, max_len)
+                x = layer.post_attention(ctx.reshape(t, hsz), x)
         return x
 
     def _first_rows_padded(self, src: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -378,23 +378,22 @@ class _Encoded:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for li, layer in enumerate(layers):
             sa = layer.attention.self
-            heads, dh = sa.num_attention_heads, sa.attention_head_size
+            nh, dh = sa.num_attention_heads, sa.attention_head_size
             last = li == len(layers) - 1
             if li == 0:
-                qkv = self.qkv0[rows]
-                q, k, v = qkv[..., :hsz], qkv[..., hsz:2 * hsz], qkv[..., 2 * hsz:]
+                q, k, v = (y.unflatten(-1, (nh, dh)) for y in self.qkv0[rows].split(hsz, dim=-1))
             else:
-                q, k, v = (None if last else sa.query(x)), sa.key(x), sa.value(x)
-            kp, vp = (y.reshape(p, max_len, heads, dh).transpose(1, 2) for y in (k, v))  # [P, h, L, d]
+                k, v = sa.project_kv(x)
+                q = None if last else sa.project_q(x)  # the last layer's queries: the [CLS] rows only (below)
+            kp, vp = k.transpose(1, 2), v.transpose(1, 2)  # [P, heads, L, head_dim]
             if last:
                 xq = x[:, 0]  # [P, H]
-                q = q[:, 0] if q is not None else sa.query(xq)
-                ctx = sdpa(q.reshape(p, heads, 1, dh), kp, vp, attn_mask=mask)  # [P, h, 1, d]
-                a = layer.attention.output(ctx.reshape(p, hsz), xq)
+                q = q[:, 0] if q is not None else sa.project_q(xq)  # [P, heads, head_dim]
+                ctx = sdpa(q.reshape(p, nh, 1, dh), kp, vp, attn_mask=mask)  # [P, heads, 1, head_dim]
+                x = layer.post_attention(ctx.reshape(p, hsz), xq)
             else:
-                ctx = sdpa(q.reshape(p, max_len, heads, dh).transpose(1, 2), kp, vp, attn_mask=mask)
-                a = layer.attention.output(ctx.transpose(1, 2).reshape(p, max_len, hsz), x)
-            x = layer.output(layer.intermediate(a), a)
+                ctx = sdpa(q.transpose(1, 2), kp, vp, attn_mask=mask)
+                x = layer.post_attention(ctx.transpose(1, 2).reshape(p, max_len, hsz), x)
         return x
 
     def single_pooled(self, which: str, max_tokens: int, layer: int = -1) -> torch.Tensor:
@@ -632,121 +631,6 @@ def brute_force_scores(model: nn.Module, texts, images, pairs: Sequence[tuple[in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Recall@k
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_txt2img(txt2img, n: int, m: int) -> torch.Tensor:
-    t2i = torch.as_tensor(txt2img).long().reshape(-1).cpu()
-    if t2i.numel() != n:
-        raise ValueError(f"{_FN}.recall_at_k: 'txt2img' must have one image per text ({n}), got {t2i.numel()}")
-    if n and (int(t2i.min()) < 0 or int(t2i.max()) >= m):
-        bad = int(((t2i < 0) | (t2i >= m)).nonzero()[0])
-        raise ValueError(f"{_FN}.recall_at_k: 'txt2img[{bad}]' = {int(t2i[bad])} is not an image index in [0, {m})")
-    return t2i
-
-
-def _check_img2txts(img2txts, t2i: torch.Tensor, m: int) -> None:
-    """img2txts must be the inverse of txt2img (list of M lists, or a dict image -> texts)."""
-    items = img2txts.items() if isinstance(img2txts, Mapping) else enumerate(img2txts)
-    given: dict[int, set[int]] = {}
-    for j, txts in items:
-        if not 0 <= int(j) < m:
-            raise ValueError(f"{_FN}.recall_at_k: 'img2txts' names image {j}, outside [0, {m})")
-        given[int(j)] = {int(x) for x in txts}
-    expect: dict[int, set[int]] = {}
-    for t, j in enumerate(t2i.tolist()):
-        expect.setdefault(j, set()).add(t)
-    for j in set(given) | set(expect):
-        if given.get(j, set()) != expect.get(j, set()):
-            raise ValueError(f"{_FN}.recall_at_k: 'img2txts' disagrees with 'txt2img' for image {j}: img2txts gives "
-                             f"texts {sorted(given.get(j, set()))}, txt2img gives {sorted(expect.get(j, set()))}")
-
-
-def _hit_prob(higher: torch.Tensor, tied: torch.Tensor, gt_tied: torch.Tensor, k: int, ties: str) -> torch.Tensor:
-    """P(some ground truth is within the top k) given ``higher`` candidates strictly above the best ground truth,
-    ``tied`` candidates (ground truths included) at its score, ``gt_tied`` of them ground truths. float64."""
-    higher, tied, gt_tied = higher.double(), tied.double(), gt_tied.double()
-    if ties == "optimistic":
-        return (higher < k).double()
-    if ties == "pessimistic":
-        return (higher + tied - gt_tied < k).double()
-    slots = (k - higher).clamp(min=0)  # top-k places left for the tied group (random order within it)
-    miss = torch.ones_like(higher)
-    for j in range(k):
-        f = ((tied - gt_tied - j) / (tied - j).clamp(min=1)).clamp(min=0)
-        miss = torch.where(slots > j, miss * f, miss)
-    return 1.0 - miss
-
-
-def recall_at_k(scores: torch.Tensor, txt2img, img2txts=None, ks: Sequence[int] = (1, 5, 10),
-                ties: str = "expected", chunk: int = 1024) -> dict[str, float]:
-    """IR (text -> image) and TR (image -> text) recall@k in percent, the official protocol.
-
-    IR: for text t, a hit at k when image ``txt2img[t]`` is among the k best images. TR: for image j, a hit when
-    ANY text of image j is among the k best texts (images without a text are not queries).
-
-    Ties (equal scores around the ground truth): ``'optimistic'`` ranks the ground truth first among its ties
-    (= :func:`fastvl.tasks.metrics.retrieval_recall`), ``'pessimistic'`` last, ``'expected'`` (default) gives the
-    expected hit rate under a uniformly random order of the tied candidates (what an arbitrary top-k does on
-    average; a model that scores everything equal gets chance, not 100%).
-
-    Args:
-        scores: [N, M] (texts x images), higher = better match. txt2img: [N] ints, the image of each text.
-        img2txts: optional, the texts of each image (list of M lists, or dict image -> texts); it must be the
-            inverse of txt2img (checked) and is accepted for parity with the official signature.
-        ks: cut-offs. chunk: rows compared at a time (memory bound).
-    Returns:
-        ``{'tr_r1', 'tr_r5', 'tr_r10', 'ir_r1', 'ir_r5', 'ir_r10', 'tr_mean', 'ir_mean', 'r_mean', 'n_txt', 'n_img'}``
-        (recalls in percent; r_mean = mean of the six recalls).
-    """
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"{_FN}.recall_at_k: 'scores' must be a [N texts, M images] tensor, got {got}")
-    if ties not in TIES:
-        raise ValueError(f"{_FN}.recall_at_k: 'ties' must be one of {TIES}, got {ties!r}")
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"{_FN}.recall_at_k: 'ks' must be positive ints, got {ks}")
-    if bool(torch.isnan(scores).any()):
-        raise ValueError(f"{_FN}.recall_at_k: 'scores' contains NaN")
-    n, m = scores.shape
-    t2i = _check_txt2img(txt2img, n, m)
-    if img2txts is not None:
-        _check_img2txts(img2txts, t2i, m)
-    s = scores.detach().float().cpu()
-    # IR: one ground truth per text
-    gt = s.gather(1, t2i[:, None])  # [N, 1]
-    ir_hi = torch.cat([(s[a:a + chunk] > gt[a:a + chunk]).sum(1) for a in range(0, n, chunk)]) if n else \
-        torch.zeros(0, dtype=torch.long)
-    ir_eq = torch.cat([(s[a:a + chunk] == gt[a:a + chunk]).sum(1) for a in range(0, n, chunk)]) if n else \
-        torch.zeros(0, dtype=torch.long)
-    # TR: best ground-truth text of each image
-    best = torch.full((m,), float("-inf")).scatter_reduce(0, t2i, gt[:, 0], reduce="amax", include_self=True)
-    has = torch.zeros(m, dtype=torch.bool).index_fill_(0, t2i, True)
-    tr_hi = torch.zeros(m, dtype=torch.long)
-    tr_eq = torch.zeros(m, dtype=torch.long)
-    for a in range(0, n, chunk):
-        blk = s[a:a + chunk]
-        tr_hi += (blk > best[None]).sum(0)
-        tr_eq += (blk == best[None]).sum(0)
-    gt_eq = torch.zeros(m, dtype=torch.long).index_add_(0, t2i, (gt[:, 0] == best[t2i]).long())
-    tr_hi, tr_eq, gt_eq = tr_hi[has], tr_eq[has], gt_eq[has]
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"tr_r{k}"] = 100.0 * float(_hit_prob(tr_hi, tr_eq, gt_eq, k, ties).mean()) if tr_hi.numel() else 0.0
-    for k in ks:
-        ir = _hit_prob(ir_hi, ir_eq, torch.ones_like(ir_eq), k, ties)
-        out[f"ir_r{k}"] = 100.0 * float(ir.mean()) if n else 0.0
-    out["tr_mean"] = sum(out[f"tr_r{k}"] for k in ks) / len(ks)
-    out["ir_mean"] = sum(out[f"ir_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
-    out["n_txt"] = n
-    out["n_img"] = int(has.sum())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
 # One call: scores + recall + bookkeeping
 # ----------------------------------------------------------------------------------------------------------
 
@@ -774,15 +658,3 @@ def evaluate_retrieval(model: nn.Module, texts, images, txt2img, img2txts=None, 
                            f"({info['pairs_scored']} of {info['pairs_total']} pairs); recall approximates the exact "
                            f"protocol and may be lower")
     return res
-
-
-def format_recall(res: Mapping) -> str:
-    """One log line: ``itr[exact] IR R@1/5/10 a/b/c  TR R@1/5/10 d/e/f  R-mean g  (pairs, seconds)``."""
-    tag = res.get("mode", "?") + ("" if res.get("k") is None else f", k={res['k']}")
-    line = (f"itr[{tag}] IR R@1/5/10 {res['ir_r1']:.2f}/{res['ir_r5']:.2f}/{res['ir_r10']:.2f}  "
-            f"TR R@1/5/10 {res['tr_r1']:.2f}/{res['tr_r5']:.2f}/{res['tr_r10']:.2f}  R-mean {res['r_mean']:.2f}")
-    if "pairs_scored" in res:
-        line += f"  ({res['pairs_scored']}/{res['pairs_total']} pairs cross-encoded, {res.get('seconds', 0):.1f} s)"
-    if res.get("mode") == "two_stage" and not res.get("exact"):
-        line += f"  APPROXIMATE (shortlist coverage {res.get('shortlist_coverage', float('nan')):.1f}%)"
-    return line

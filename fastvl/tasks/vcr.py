@@ -20,8 +20,8 @@ class VCRTask(FinetuneTask):
     name = "vcr"
     num_choices = 4
 
-    def _check(self, batch: PackedVLBatch) -> None:
-        super()._check(batch)
+    def check_batch(self, batch: PackedVLBatch) -> None:
+        super().check_batch(batch)
         given = batch.extras.get("num_choices")
         if given is not None:
             bad = [i for i, n in enumerate(given) if int(n) != self.num_choices]
@@ -46,7 +46,7 @@ class VCRTask(FinetuneTask):
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
         """-> ``{'accuracy': [n_questions]}``: the highest-scored choice is the correct one."""
-        self._check(batch)
+        self.check_batch(batch)
         scores = self.model(batch, compute_loss=False).reshape(-1, self.num_choices)
         right = batch.extras["targets"].reshape(-1, self.num_choices).argmax(1)
         return {"accuracy": metrics.accuracy(scores, right), "scores": scores}

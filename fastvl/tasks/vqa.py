@@ -1,7 +1,8 @@
 """VQA, GQA and SNLI-VE: soft-score answer classification (VQA accuracy) and its VILLA view.
 
 Targets: ``batch.extras['targets']`` [B, A] soft scores (:func:`vqa_soft_targets` builds them from answer ids); loss =
-per-instance BCE sum averaged over the batch (official), fused head + loss in the model.
+per-instance BCE sum averaged over the batch (official), fused head + loss in the model (the VILLA view uses the same
+loss through the model's public ``head``).
 """
 
 from __future__ import annotations
@@ -9,14 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..batch import PackedVLBatch
 from . import metrics
-from .base import AdvOutput, FinetuneTask, ViewCtx, consistency_loss
+from .base import FinetuneTask
 
-__all__ = ["VQATask", "VQAView", "vqa_soft_targets"]
+__all__ = ["VQATask", "vqa_soft_targets"]
 
 
 def vqa_soft_targets(answer_ids: Sequence[Sequence[int]], scores: Sequence[Sequence[float]], num_answers: int,
@@ -45,46 +44,24 @@ def vqa_soft_targets(answer_ids: Sequence[Sequence[int]], scores: Sequence[Seque
 
 
 class VQATask(FinetuneTask):
-    """VQA / GQA / SNLI-VE with a UniterForVisualQuestionAnswering / UniterForVisualEntailment model."""
+    """VQA / GQA / SNLI-VE with a UniterForVisualQuestionAnswering / UniterForVisualEntailment model.
+
+    Its VILLA view is the generic fine-tuning view (:class:`~fastvl.tasks.base.FinetuneAdvView`, VILLA's fine-tuning
+    recipe) with :meth:`adv_loss`: the loss is the model's own fused BCE (the one VQA loss), consistency = symmetric
+    KL on the answer logits [B, A], batchmean (VILLA's ``kl.mean() * num_answers``).
+    """
 
     name = "vqa"
 
-    def adversarial_view(self) -> VQAView:
-        """VILLA's fine-tuning view (BCE on the soft scores, KL on the answer logits)."""
-        return VQAView(self)
+    def adv_loss(self, h: torch.Tensor, layout, batch: PackedVLBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the training loss: BCE-with-logits against the soft scores ``extras['targets']`` [B, A], per-instance sum
+        averaged over the batch, fused in the model's head; the answer logits [B, A]) from h [T, H]."""
+        loss = self.model.head(h, layout, targets=batch.extras["targets"], compute_loss=True, reduction="mean")
+        return loss.float(), self.model.head(h, layout)
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
         """-> ``{'score': [B]}`` soft accuracy (and ``'logits'`` [B, A])."""
-        self._check(batch)
+        self.check_batch(batch)
         logits = self.model(batch, compute_loss=False)
         return {"score": metrics.vqa_score(logits, batch.extras["targets"]), "logits": logits}
-
-
-class VQAView:
-    """:class:`AdvView` of the VQA / SNLI-VE fine-tuning task (VILLA's fine-tuning recipe): loss = BCE-with-logits
-    against the soft scores, per-instance sum averaged over the batch (the task's official reduction); consistency =
-    symmetric KL on the answer logits [B, A], batchmean (VILLA's ``kl.mean() * num_answers``)."""
-
-    def __init__(self, task: nn.Module):
-        self.task = task
-        self.model = task.model
-        self.hidden_size = int(self.model.uniter.config.hidden_size)
-
-    def context(self, batch: PackedVLBatch) -> ViewCtx:
-        task = self.task
-        task._check(batch)
-        return ViewCtx(batch, self.model.uniter.layout(batch), batch.extras["targets"])
-
-    def forward(self, ctx: ViewCtx, txt_delta: torch.Tensor | None, img_delta: torch.Tensor | None) -> AdvOutput:
-        logits = self.model.forward_packed(ctx.batch, compute_loss=False, layout=ctx.layout, txt_delta=txt_delta,
-                                           img_delta=img_delta)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), ctx.targets.float(), reduction="sum") / \
-            max(logits.shape[0], 1)
-        return AdvOutput(loss, logits, {f"{self.task.name}_loss": loss.detach()})
-
-    def consistency(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-        return consistency_loss("kl", pred, clean)
-
-    def count(self, batch: PackedVLBatch) -> int | torch.Tensor:
-        return self.task.count(batch)

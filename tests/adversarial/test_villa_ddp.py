@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from fastvl.adversarial import AdvConfig, adversarial_tasks
 from fastvl.batch import PackedVLBatch
-from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.models.uniter import UniterForPretraining
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.tasks import build_task
 from fastvl.train.loop import TrainConfig, Trainer
 

@@ -219,8 +219,8 @@ def test_runs_in_the_trainer_with_accumulation(tmp_path, seed, gen):
 def test_vqa_finetuning_view(seed, gen):
     """VQA: with K = 1 the step is the clean task (the view's loss = the fused head's official reduction); K = 3
     moves the deltas and logs the consistency term."""
-    from fastvl.models.uniter.testing import tiny_config
     from fastvl.models.uniter.finetune import UniterForVisualQuestionAnswering
+    from fastvl.models.uniter.testing import tiny_config
 
     cfg = tiny_config(initializer_range=0.3)
     torch.manual_seed(seed)

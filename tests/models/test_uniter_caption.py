@@ -12,9 +12,9 @@ import torch
 from torch.nn import functional as F
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models.uniter.testing import tiny_config
 from fastvl.models.uniter import UniterForPretraining
 from fastvl.models.uniter.caption import CaptionTokens, UniterForCaptioning, image_first_layout
+from fastvl.models.uniter.testing import tiny_config
 from fastvl.train.checkpoint import model_tensors
 
 TOK = CaptionTokens(cls=1, sep=2, mask=3)

@@ -10,7 +10,6 @@ import torch
 from torch.nn import functional as F
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config, to_official_batch
 from fastvl.models.uniter import (
     UniterForImageTextRetrieval,
     UniterForImageTextRetrievalHardNeg,
@@ -23,6 +22,7 @@ from fastvl.models.uniter import (
     UniterForVisualQuestionAnswering,
 )
 from fastvl.models.uniter.reference import UniterReferenceModel
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config, to_official_batch
 
 N_ANS = 11
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -374,6 +374,36 @@ def test_vcr_matches_reference(gen, seed):
     torch.testing.assert_close(model(pb), F.cross_entropy(scores, targets, reduction="none"), **TOL)
     for got in both(model, pb, ob, compute_loss=False):
         torch.testing.assert_close(got, scores[:, 1:], **TOL)
+
+
+@pytest.mark.parametrize("name", ["vqa", "vcr", "re", "nlvr2-attn", "itr"])
+def test_head_on_the_encoder_output_is_the_forward(name, gen, seed):
+    """The public keyword-only ``head`` on ``uniter.forward_packed``'s output returns exactly what ``forward_packed``
+    returns (predictions and both loss reductions); it rejects positional flags, a bad reduction, missing targets."""
+    model = build(name, seed)
+    if name == "nlvr2-attn":
+        pb, _ = _nlvr2_paired_batch(gen, model.config, 2)
+        targets = torch.tensor([0, 1])
+    else:
+        pb = random_pretrain_batch("none", gen, model.config, batch=4, img_lens=[3, 2, 5, 4])
+        targets = {"vqa": torch.rand(4, N_ANS, generator=gen), "vcr": torch.tensor([0, 1, 1, 0]),
+                   "re": torch.tensor([2, 0, 4, 1]), "itr": 2}[name]
+        if name == "re":
+            pb.extras["obj_masks"] = torch.zeros(4, 5, dtype=torch.bool)
+            pb.extras["obj_masks"][2, 3] = True
+    pb.extras["targets" if name != "itr" else "sample_size"] = targets
+    layout = model.uniter.layout(pb)
+    h = model.uniter.forward_packed(pb, layout=layout)
+    torch.testing.assert_close(model.head(h, layout, batch=pb), model(pb, compute_loss=False), rtol=0, atol=0)
+    for red in ("none", "mean"):
+        got = model.head(h, layout, targets=targets, compute_loss=True, reduction=red, batch=pb)
+        torch.testing.assert_close(got, model(pb, compute_loss=True, reduction=red), rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        model.head(h, layout, targets, True)  # keyword-only
+    with pytest.raises(ValueError, match="'reduction' must be one of"):
+        model.head(h, layout, targets=targets, compute_loss=True, reduction="sum")
+    with pytest.raises(ValueError, match="'targets' is required with compute_loss=True"):
+        model.head(h, layout, compute_loss=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import torch
 
 from fastvl.batch import PackedVLBatch
 from fastvl.models import create_model, list_models
+from fastvl.models.uniter import UniterConfig, UniterForPretraining, UniterModel
+from fastvl.models.uniter.config import resolve_config
 from fastvl.models.uniter.testing import (
     assert_same_grads,
     model_pair,
@@ -18,8 +20,7 @@ from fastvl.models.uniter.testing import (
     to_official_batch,
     weighted_sum,
 )
-from fastvl.models.uniter import UniterConfig, UniterForPretraining, UniterModel
-from fastvl.models.uniter.config import resolve_config
+from fastvl.nn.bert import BertLayer
 from fastvl.ops._testing import assert_rel_close
 
 OFFICIAL_BASE = {  # the official uniter-base.json, verbatim
@@ -402,3 +403,17 @@ def test_torch_compile_smoke(gen, seed):
             (got if task == "mlm" else got[0] + got[1].sum()).backward()
             for n, g in want_grads.items():
                 torch.testing.assert_close(dict(fast.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_layer_public_parts_compose_its_forward(gen):
+    """BertLayer's public parts (the projections, post_attention) are what its forward runs: exact equality."""
+    layer = BertLayer(tiny_config())
+    x = torch.randn(7, 32, generator=gen)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    sa = layer.attention.self
+    q, k, v = sa.qkv(x)
+    assert q.shape == k.shape == v.shape == (7, 4, 8)
+    assert torch.equal(q, sa.project_q(x)) and all(torch.equal(a, b) for a, b in zip((k, v), sa.project_kv(x)))
+    assert torch.equal(sa.project_q(x[:, None]), q[:, None])  # any leading dims
+    assert torch.equal(layer(x, cu, 4), layer.post_attention(sa(x, cu, 4), x))
+    assert torch.equal(layer.post_attention(sa(x, cu, 4), x), layer.feed_forward(layer.attention(x, cu, 4)))

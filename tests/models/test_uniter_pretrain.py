@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastvl.models.uniter import UniterForPretraining
 from fastvl.models.uniter.testing import (
     assert_nested_close,
     assert_same_grads,
@@ -14,7 +15,6 @@ from fastvl.models.uniter.testing import (
     to_official_batch,
     weighted_sum,
 )
-from fastvl.models.uniter import UniterForPretraining
 
 TASKS = ["mlm", "mrfr", "mrc", "mrc-kl", "itm"]
 

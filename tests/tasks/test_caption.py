@@ -13,13 +13,13 @@ import torch
 
 from fastvl.batch import PackedVLBatch
 from fastvl.data import SyntheticConfig, synthetic_corpus
+from fastvl.data.caption_data import CaptionEvalData, mask_caption
 from fastvl.data.errors import DataError
 from fastvl.data.lmdb_db import ImageDB, TxtDB
-from fastvl.models.uniter.testing import tiny_config
 from fastvl.models.uniter.caption import CaptionGeneration, CaptionTokens, UniterForCaptioning
-from fastvl.tasks import build_task
-from fastvl.data.caption_data import CaptionEvalData, mask_caption
+from fastvl.models.uniter.testing import tiny_config
 from fastvl.recipes.caption import RECIPE as CAPTION_RECIPE
+from fastvl.tasks import build_task
 from fastvl.tasks.caption import CaptionDecoder, CaptionTask, evaluate_captions, most_frequent_caption
 from fastvl.tasks.caption_metrics import caption_words, cider_d, corpus_bleu
 

@@ -7,7 +7,6 @@ import torch
 from torch.nn import functional as F
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.models.uniter import (
     UniterForImageTextRetrieval,
     UniterForNlvr2Paired,
@@ -15,6 +14,7 @@ from fastvl.models.uniter import (
     UniterForVisualCommonsenseReasoning,
     UniterForVisualQuestionAnswering,
 )
+from fastvl.models.uniter.testing import random_pretrain_batch, tiny_config
 from fastvl.tasks import build_task, list_tasks
 from fastvl.tasks import metrics as M
 from fastvl.tasks.itr import ITRTask, pair_batch

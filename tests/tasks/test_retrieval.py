@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastvl.batch import PackedVLBatch
-from fastvl.models.uniter.testing import tiny_config, to_official_batch
 from fastvl.models.uniter import UniterForImageTextRetrieval, UniterForPretraining
+from fastvl.models.uniter.testing import tiny_config, to_official_batch
 from fastvl.tasks import metrics as M
 from fastvl.tasks.retrieval import (
     RetrievalImages,

@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from ...batch import PackedVLBatch
-from ...nn.bert import BertLayer, BertOnlyMLMHead
+from ...nn.bert import BertOnlyMLMHead
 from ...ops import cross_modal_attention
 from . import heads as H
 from .config import UniterConfig
@@ -67,7 +67,7 @@ class CaptionGeneration:
 def image_first_layout(txt_lens: list[int], img_lens: list[int], device: torch.device | str) -> PackedLayout:
     """Packed layout with ``[img_i | txt_i]`` sequences (regions first), for the ``seq2seq`` caption mask.
 
-    Same fields as :func:`~fastvl.models.uniter_layout.layout_from_lengths` (``cu_seqlens``, ``cu_txt``, ``cu_img``,
+    Same fields as :func:`~fastvl.models.uniter.layout.layout_from_lengths` (``cu_seqlens``, ``cu_txt``, ``cu_img``,
     ``txt_pos``, ``seq_of_row`` are order-independent); ``img_rows`` [T_img] / ``txt_rows`` [T_txt] give each
     token's joint row and ``joint_src`` [T] the row of ``cat([txt_emb, img_emb])`` filling each joint row.
     Index arithmetic on the host (Python-int lengths), then moved to ``device``.
@@ -184,10 +184,10 @@ class UniterForCaptioning(UniterPreTrainedModel):
         txt_delta [T_txt, H] / img_delta [T_img, img_dim]: VILLA perturbations of the word embeddings / raw
         features (as :meth:`UniterModel.forward_packed`)."""
         _check_batch(batch)
-        self.uniter._check_packed(batch, txt_delta, img_delta)
+        self.uniter.validate_packed(batch, txt_delta, img_delta)
         layout = layout if layout is not None else self.layout(batch)
-        self.uniter._finite(None, img_feat=batch.img_feat, img_pos=batch.img_pos, txt_delta=txt_delta,
-                            img_delta=img_delta)
+        self.uniter.check_inputs_finite(None, img_feat=batch.img_feat, img_pos=batch.img_pos, txt_delta=txt_delta,
+                                        img_delta=img_delta)
         pos = batch.position_ids if batch.position_ids is not None else layout.txt_pos
         emb = self.uniter.embed_packed(layout, batch.input_ids, pos, batch.img_feat, batch.img_pos, None,
                                        batch.txt_type_ids, batch.img_type_ids, txt_delta, img_delta)
@@ -219,7 +219,7 @@ class UniterForCaptioning(UniterPreTrainedModel):
     # ------------------------------------------------------------------------------------------ decoding
     def _images(self, batch: PackedVLBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         _check_batch(batch)
-        self.uniter._check_img(batch.img_feat, batch.img_pos, "img_feat", "img_pos")
+        self.uniter.validate_images(batch.img_feat, batch.img_pos, "img_feat", "img_pos")
         return batch.img_feat, batch.img_pos, list(batch.img_lens)
 
     def start_decoding(self, batch: PackedVLBatch, max_len: int, use_cache: bool = True) -> KVCache | _Recompute:
@@ -240,10 +240,8 @@ class UniterForCaptioning(UniterPreTrainedModel):
         slot = torch.arange(layout.total, device=device) - layout.cu_seqlens.long()[seq]
         keys, values = [], []
         for layer in self.uniter.encoder.layer:
-            att = layer.attention.self
-            shape = (x.shape[0], att.num_attention_heads, att.attention_head_size)
-            q, k, v = att.query(x).view(shape), att.key(x).view(shape), att.value(x).view(shape)
-            kbuf = x.new_zeros(len(img_lens), capacity, *shape[1:])
+            q, k, v = layer.attention.self.qkv(x)  # [T, heads, head_dim]
+            kbuf = x.new_zeros(len(img_lens), capacity, *k.shape[1:])
             vbuf = torch.zeros_like(kbuf)
             kbuf[seq, slot] = k
             vbuf[seq, slot] = v
@@ -251,15 +249,9 @@ class UniterForCaptioning(UniterPreTrainedModel):
             values.append(vbuf)
             ctx = cross_modal_attention(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
                                         layout.max_seqlen)
-            x = self._layer_rest(layer, ctx.reshape(x.shape[0], -1), x)
+            x = layer.post_attention(ctx.reshape(x.shape[0], -1), x)
         lens = torch.tensor(img_lens, dtype=torch.long).to(device)
         return KVCache(keys, values, lens, capacity)
-
-    @staticmethod
-    def _layer_rest(layer: BertLayer, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The BertLayer after its attention core: output projection + residual LN, then the feed-forward block."""
-        a = layer.attention.output(ctx, x)
-        return layer.output(layer.intermediate(a), a)
 
     def decode_step(self, state: KVCache | _Recompute, prev_ids: torch.Tensor, step: int,
                     tokens: CaptionTokens) -> torch.Tensor:
@@ -287,17 +279,15 @@ class UniterForCaptioning(UniterPreTrainedModel):
         rows = torch.arange(n, device=device)
         lens = cache.lens
         for layer, kbuf, vbuf in zip(self.uniter.encoder.layer, cache.keys, cache.values):
-            att = layer.attention.self
-            shape = (2 * n, att.num_attention_heads, att.attention_head_size)
-            q, k, v = att.query(x).view(shape), att.key(x).view(shape), att.value(x).view(shape)
+            q, k, v = layer.attention.self.qkv(x)  # [2N, heads, head_dim]
             kbuf[rows, lens], vbuf[rows, lens] = k[:n], v[:n]  # the fed token: kept
             kbuf[rows, lens + 1], vbuf[rows, lens + 1] = k[n:], v[n:]  # the [MASK] query: overwritten next step
-            kf, vf = kbuf.view(-1, *shape[1:]), vbuf.view(-1, *shape[1:])
+            kf, vf = kbuf.view(-1, *k.shape[1:]), vbuf.view(-1, *v.shape[1:])
             ctx_fed = cross_modal_attention(q[:n], kf, vf, cache.cu_q, cache.cu_k, 1, cache.capacity, mask="seq2seq",
                                             prefix_lens=lens + 1)
             ctx_mask = cross_modal_attention(q[n:], kf, vf, cache.cu_q, cache.cu_k, 1, cache.capacity,
                                              mask="seq2seq", prefix_lens=lens + 2)
-            x = self._layer_rest(layer, torch.cat([ctx_fed, ctx_mask]).reshape(2 * n, -1), x)
+            x = layer.post_attention(torch.cat([ctx_fed, ctx_mask]).reshape(2 * n, -1), x)
         cache.lens = lens + 1
         return self.cls(x[n:])
 

@@ -1,7 +1,7 @@
 """UNITER fine-tuning models, drop-in for the official classes (names, constructors, ``state_dict`` keys, forward).
 
 ``from fastvl.models.uniter import UniterForVisualQuestionAnswering`` (and the other classes here and in
-:mod:`fastvl.models.uniter_nlvr2`) replaces the official import: official fine-tuned checkpoints load with
+:mod:`fastvl.models.uniter.nlvr2`) replaces the official import: official fine-tuned checkpoints load with
 ``strict=True``, and ``model(batch, compute_loss)`` takes the official batch dict and returns what the official
 model returns. Inside, the encoder runs packed (see :mod:`fastvl.models.uniter`); heads run on the rows they need.
 
@@ -9,6 +9,10 @@ Every class also takes a :class:`~fastvl.batch.PackedVLBatch` (the native API, :
 targets travel in ``batch.extras`` (``targets``, and ``sample_size`` for retrieval), and ``reduction`` selects the
 official per-element losses (``'none'``) or the official training reduction (``'mean'``; for VQA / VE the
 per-instance BCE sum averaged over the batch, computed by :func:`fastvl.ops.bce_soft.fused_bce_soft`).
+
+Both forwards end in the public :meth:`~UniterFinetuneBase.head` (keyword-only): the task head, and with
+``compute_loss`` its loss, on the packed encoder output ``h`` [T, H]. Code that runs the encoder itself (the VILLA
+views of :mod:`fastvl.tasks`, with perturbations) calls it to get exactly what the forward would return.
 
 Official batch dicts: ``input_ids`` [B, Lt], ``position_ids`` [1 or B, Lt], ``img_feat`` [B, Li, D],
 ``img_pos_feat`` [B, Li, 7], ``attn_masks`` [B, L], ``gather_index`` [B, L], plus per task: ``targets``
@@ -56,6 +60,14 @@ def _two_layer_head(hidden: int, out: int, act: nn.Module) -> nn.Sequential:
                          nn.Linear(hidden * 2, out))
 
 
+def _side_input(batch: PackedVLBatch | Mapping | None, key: str):
+    """The side input ``key`` of a batch: ``batch.extras[key]`` of a PackedVLBatch, ``batch[key]`` of an official dict;
+    None when absent (or no batch)."""
+    if batch is None:
+        return None
+    return batch.extras.get(key) if isinstance(batch, PackedVLBatch) else batch.get(key)
+
+
 def select_examples(batch: PackedVLBatch, indices: list[int]) -> PackedVLBatch:
     """A packed batch of the examples ``indices`` (in that order) of ``batch``: model inputs only, no targets.
 
@@ -87,8 +99,8 @@ def select_examples(batch: PackedVLBatch, indices: list[int]) -> PackedVLBatch:
 class UniterFinetuneBase(UniterPreTrainedModel):
     """Shared plumbing: ``forward`` dispatch, packed encoding of official dicts and packed batches, target lookup.
 
-    Subclasses set ``task`` and implement ``_head(h, layout, targets, compute_loss, reduction, extras)`` on the
-    packed encoder output ``h`` [T, H].
+    Subclasses set ``task`` and implement :meth:`head` (same keyword-only signature) on the packed encoder output
+    ``h`` [T, H].
     """
 
     task = ""
@@ -112,7 +124,7 @@ class UniterFinetuneBase(UniterPreTrainedModel):
         """The official forward on an official batch dict."""
         h, layout = self.encode_official(batch)
         targets = self._official_targets(batch) if compute_loss else None
-        return self._head(h, layout, targets, compute_loss, reduction, batch)
+        return self.head(h, layout, targets=targets, compute_loss=compute_loss, reduction=reduction, batch=batch)
 
     def forward_packed(self, batch: PackedVLBatch, compute_loss: bool = True, reduction: str = "none",
                        layout: PackedLayout | None = None, txt_delta: torch.Tensor | None = None,
@@ -138,7 +150,35 @@ class UniterFinetuneBase(UniterPreTrainedModel):
                 raise ValueError(f"{type(self).__name__}: PackedVLBatch.extras['targets'] is required with "
                                  f"compute_loss=True ({self._targets_doc()})")
             targets = batch.extras["targets"]
-        return self._head(h, layout, targets, compute_loss, reduction, batch.extras)
+        return self.head(h, layout, targets=targets, compute_loss=compute_loss, reduction=reduction, batch=batch)
+
+    # ------------------------------------------------------------------------------------------ head
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """The task head on the packed encoder output: what :meth:`forward` returns, from ``h``.
+
+        Args:
+            h: [T, H] packed last-layer encoder output (``self.uniter.forward_packed(batch, layout=layout, ...)``
+                or :meth:`encode_official`), row ``layout.cu_seqlens[i] + j`` = token j of example i.
+            layout: the :class:`~fastvl.models.uniter.layout.PackedLayout` of ``h`` (``self.uniter.layout(batch)``).
+            targets: required with ``compute_loss``; per class (VQA / VE [B, A] float soft scores; VCR, RE [B] or
+                [B, 1] long; NLVR2 [n_pairs] long; retrieval: ``sample_size``, a Python int).
+            compute_loss: False: the predictions (VQA / VE logits [B, A]; VCR scores [B, 1]; RE region scores
+                [B, max_nbb]; NLVR2 logits [n_pairs, 2]; retrieval scores [B, 1]). True: the loss.
+            reduction: with ``compute_loss``: ``'mean'`` (the training reduction, a scalar) or ``'none'`` (the
+                official per-element losses, shapes in the class docstrings).
+            batch: the batch ``h`` was encoded from (a PackedVLBatch, whose ``extras`` are read, or the official
+                dict), for heads with side inputs (RE: ``obj_masks`` [B, max_nbb] bool); None: no side inputs.
+        """
+        raise NotImplementedError
+
+    def check_head_args(self, targets, compute_loss: bool, reduction: str) -> None:
+        """Raise a ValueError unless ``reduction`` is one of ``('none', 'mean')`` and, with ``compute_loss``,
+        ``targets`` is given (called first by every :meth:`head`)."""
+        self._check_reduction(reduction)
+        if compute_loss and targets is None:
+            raise ValueError(f"{type(self).__name__}.head: 'targets' is required with compute_loss=True "
+                             f"({self._targets_doc()})")
 
     # ------------------------------------------------------------------------------------------ helpers
     def _check_reduction(self, reduction: str) -> None:
@@ -169,13 +209,6 @@ class UniterFinetuneBase(UniterPreTrainedModel):
         """[T, H] packed output -> pooled [B, H]."""
         return self.uniter.pool_packed(h, layout)
 
-    def _check_rows(self, name: str, t: torch.Tensor, rows: int, what: str) -> None:
-        if t.shape[0] != rows:
-            raise ValueError(f"{type(self).__name__}: '{name}' has {t.shape[0]} rows but the batch has {rows} {what}")
-
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
-        raise NotImplementedError
-
 
 # ----------------------------------------------------------------------------------------------------------
 # VQA / GQA / SNLI-VE
@@ -203,7 +236,11 @@ class UniterForVisualQuestionAnswering(UniterFinetuneBase):
     def _targets_doc(self) -> str:
         return f"[B, {self.num_answer}] float soft scores in [0, 1]"
 
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """Logits [B, A]; with ``compute_loss`` the fused BCE against ``targets`` [B, A]: [B, A] (``'none'``) or
+        the per-instance sum averaged over the batch (``'mean'``, a scalar). See :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
         pooled = self.pooled(h, layout)
         if not compute_loss:
             return self.vqa_output(pooled)
@@ -265,7 +302,11 @@ class UniterForVisualCommonsenseReasoning(UniterFinetuneBase):
     def forward_official(self, batch: Mapping, compute_loss: bool = True, reduction: str = "mean"):
         return super().forward_official(batch, compute_loss, reduction)
 
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """The "correct" scores [B, 1]; with ``compute_loss`` the 2-way cross-entropy against ``targets`` [B] or
+        [B, 1]: [B] (``'none'``) or its mean. See :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
         scores = self.vcr_output(self.pooled(h, layout))
         if not compute_loss:
             return scores[:, 1:]
@@ -336,10 +377,14 @@ class UniterForReferringExpressionComprehension(UniterFinetuneBase):
                 raise ValueError(f"{type(self).__name__}: batch['{key}'] = {list(given)} disagrees with the lengths "
                                  f"given by 'attn_masks' / 'gather_index' ({lens})")
         targets = self._official_targets(batch) if compute_loss else None
-        return self._head(h, layout, targets, compute_loss, reduction, batch)
+        return self.head(h, layout, targets=targets, compute_loss=compute_loss, reduction=reduction, batch=batch)
 
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
-        scores = self.region_scores(h, layout, extras.get("obj_masks"))
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """Region scores [B, max_nbb] (``obj_masks`` of ``batch`` applied); with ``compute_loss`` the 'cls' / 'rank'
+        loss against ``targets`` [B] or [B, 1]: [B] (``'none'``) or its mean. See :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
+        scores = self.region_scores(h, layout, _side_input(batch, "obj_masks"))
         if not compute_loss:
             return scores
         b = layout.batch_size
@@ -418,7 +463,13 @@ class UniterForImageTextRetrieval(UniterFinetuneBase):
             batch = replace(batch, extras={**batch.extras, "targets": int(batch.extras["sample_size"])})
         return super().forward_packed(batch, compute_loss, reduction, **kwargs)
 
-    def _head(self, h, layout, sample_size, compute_loss, reduction, extras):
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """Scores [B, 1]; with ``compute_loss`` the hinge of groups of ``targets`` = sample_size (int) consecutive
+        pairs, positive first: [n_groups, sample_size - 1] (``'none'``) or its mean. See
+        :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
+        sample_size = targets
         scores = self.rank_output(self.pooled(h, layout))
         if not compute_loss:
             return scores

@@ -225,7 +225,10 @@ class UniterModel(UniterPreTrainedModel):
         self.apply(self.init_weights)
 
     # ------------------------------------------------------------------------------------------ validation
-    def _check_img(self, img_feat: torch.Tensor, img_pos_feat: torch.Tensor, feat_name: str, pos_name: str) -> None:
+    def validate_images(self, img_feat: torch.Tensor, img_pos_feat: torch.Tensor, feat_name: str = "img_feat",
+                        pos_name: str = "img_pos") -> None:
+        """Raise a ValueError naming the field unless img_feat [..., img_dim] and img_pos_feat [..., 7] agree with
+        the model and with each other (``feat_name`` / ``pos_name``: the names the message gives them)."""
         if img_feat.shape[-1] != self.img_dim:
             raise ValueError(f"UniterModel: '{feat_name}' has feature size {img_feat.shape[-1]} but the model was "
                              f"built with img_dim={self.img_dim} (shape {list(img_feat.shape)})")
@@ -242,7 +245,9 @@ class UniterModel(UniterPreTrainedModel):
             raise ValueError(f"UniterModel: '{name}' has a text of {max_txt} tokens but max_position_embeddings is "
                              f"{limit}; truncate texts to at most {limit} tokens")
 
-    def _finite(self, check: bool | None, **tensors: torch.Tensor | None) -> None:
+    def check_inputs_finite(self, check: bool | None, **tensors: torch.Tensor | None) -> None:
+        """When ``check`` (None: the ``check_finite`` attribute) is on, raise a ValueError naming the first of
+        ``tensors`` (name=tensor of any shape, None skipped) holding NaN or inf (reads the device)."""
         if self.check_finite if check is None else check:
             for name, t in tensors.items():
                 assert_finite(name, t)
@@ -293,10 +298,10 @@ class UniterModel(UniterPreTrainedModel):
                 features (VILLA perturbations).
             check_finite: check features / deltas for NaN or inf (default: ``self.check_finite``).
         """
-        self._check_packed(batch, txt_delta, img_delta)
+        self.validate_packed(batch, txt_delta, img_delta)
         layout = layout if layout is not None else self.layout(batch)
-        self._finite(check_finite, img_feat=batch.img_feat, img_pos=batch.img_pos, txt_delta=txt_delta,
-                     img_delta=img_delta)
+        self.check_inputs_finite(check_finite, img_feat=batch.img_feat, img_pos=batch.img_pos,
+                                 txt_delta=txt_delta, img_delta=img_delta)
         pos = batch.position_ids if batch.position_ids is not None else layout.txt_pos
         emb = self.embed_packed(layout, batch.input_ids, pos, batch.img_feat, batch.img_pos, batch.img_masks,
                                 batch.txt_type_ids, batch.img_type_ids, txt_delta, img_delta, zero_masked=True)
@@ -308,12 +313,16 @@ class UniterModel(UniterPreTrainedModel):
         """Packed-layout indices of a batch (host arithmetic on its Python-int lengths, one transfer)."""
         return layout_from_lengths(batch.txt_lens, batch.img_lens, batch.input_ids.device)
 
-    def _check_packed(self, batch: PackedVLBatch, txt_delta: torch.Tensor | None = None,
-                      img_delta: torch.Tensor | None = None) -> None:
+    def validate_packed(self, batch: PackedVLBatch, txt_delta: torch.Tensor | None = None,
+                        img_delta: torch.Tensor | None = None) -> None:
+        """Raise (TypeError / ValueError naming the field) unless ``batch`` is a PackedVLBatch this model can encode:
+        image features [T_img, img_dim] and boxes [T_img, 7], texts within ``max_position_embeddings``, optional
+        per-row fields of T_txt / T_img rows, txt_delta [T_txt, H] and img_delta [T_img, img_dim]. Host-side
+        shape checks only (no device read)."""
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"UniterModel.forward_packed: argument 'batch' must be a PackedVLBatch, got "
                             f"{type(batch).__name__}")
-        self._check_img(batch.img_feat, batch.img_pos, "img_feat", "img_pos")
+        self.validate_images(batch.img_feat, batch.img_pos, "img_feat", "img_pos")
         self._check_positions(max(batch.txt_lens, default=0), "input_ids")
         for name, rows in (("position_ids", sum(batch.txt_lens)), ("txt_type_ids", sum(batch.txt_lens)),
                            ("img_type_ids", sum(batch.img_lens)), ("img_masks", sum(batch.img_lens))):
@@ -362,7 +371,7 @@ class UniterModel(UniterPreTrainedModel):
         ``counts``: extra 0-d integer tensors read in the same (single) device-to-host transfer as the lengths.
         """
         self._check_official(input_ids, position_ids, img_feat, img_pos_feat, attention_mask, gather_index, img_masks)
-        self._finite(check_finite, img_feat=img_feat, img_pos_feat=img_pos_feat)
+        self.check_inputs_finite(check_finite, img_feat=img_feat, img_pos_feat=img_pos_feat)
         layout, extra = layout_from_official(input_ids, img_feat, attention_mask, gather_index, counts)
         self._check_positions(layout.max_txt, "input_ids")
         ids = pos = ttype = feat = box = masks = itype = None
@@ -406,7 +415,7 @@ class UniterModel(UniterPreTrainedModel):
         if img_feat is not None:
             if img_pos_feat is None:
                 raise ValueError("UniterModel: 'img_pos_feat' is required with 'img_feat' ([B, Li, 7])")
-            self._check_img(img_feat, img_pos_feat, "img_feat", "img_pos_feat")
+            self.validate_images(img_feat, img_pos_feat, "img_feat", "img_pos_feat")
             if img_masks is not None and img_masks.shape != img_feat.shape[:2]:
                 raise ValueError(f"UniterModel: 'img_masks' must have shape {list(img_feat.shape[:2])}, got "
                                  f"{list(img_masks.shape)}")

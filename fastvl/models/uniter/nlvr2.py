@@ -1,6 +1,6 @@
 """UNITER for NLVR2 (one statement, two images), drop-in for the official Paired, Triplet and PairedAttn classes.
 
-Batches (official dicts or PackedVLBatch, see :mod:`fastvl.models.uniter_finetune`):
+Batches (official dicts or PackedVLBatch, see :mod:`fastvl.models.uniter.finetune`):
 
 - Paired / PairedAttn: 2 sequences per example, consecutive: ``[txt | left image]`` (image type 1) then
   ``[txt | right image]`` (image type 2), so B = 2 x n_pairs; ``targets`` [n_pairs] long.
@@ -15,10 +15,13 @@ sequence's rows and vice versa; no padding involved), with the parameters of ``n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...batch import PackedVLBatch
 from ...ops import cross_modal_attention
 from ...ops.pack import unpack
 from .config import UniterConfig
@@ -72,7 +75,11 @@ class UniterForNlvr2Paired(_Nlvr2Base):
         self.nlvr2_output = nn.Linear(config.hidden_size * 2, 2)
         self.apply(self.init_weights)
 
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """Logits [n_pairs, 2]; with ``compute_loss`` the cross-entropy against ``targets`` [n_pairs]: [n_pairs]
+        (``'none'``) or its mean. See :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
         n = self._n_examples(layout)
         scores = self.nlvr2_output(self.pooled(h, layout).reshape(n, -1))
         return self._loss(scores, targets, compute_loss, reduction)
@@ -88,7 +95,11 @@ class UniterForNlvr2Triplet(_Nlvr2Base):
         self.nlvr2_output = nn.Linear(config.hidden_size, 2)
         self.apply(self.init_weights)
 
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """Logits [n_pairs, 2]; with ``compute_loss`` the cross-entropy against ``targets`` [n_pairs]: [n_pairs]
+        (``'none'``) or its mean. See :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
         scores = self.nlvr2_output(self.pooled(h, layout))
         return self._loss(scores, targets, compute_loss, reduction)
 
@@ -150,7 +161,11 @@ class UniterForNlvr2PairedAttn(_Nlvr2Base):
         out = cross_modal_attention(q, k, v, cu_q, cu_k, max_q, max_k, mask="cross", dropout_p=p)
         return mha.out_proj(out.reshape(-1, hsz))
 
-    def _head(self, h, layout, targets, compute_loss, reduction, extras):
+    def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | None = None,
+             compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
+        """Logits [n_pairs, 2]; with ``compute_loss`` the cross-entropy against ``targets`` [n_pairs]: [n_pairs]
+        (``'none'``) or its mean. See :meth:`UniterFinetuneBase.head`."""
+        self.check_head_args(targets, compute_loss, reduction)
         self._n_examples(layout)
         rows_l, cu_l, max_l = self._side_rows(layout, 0)
         rows_r, cu_r, max_r = self._side_rows(layout, 1)

@@ -144,7 +144,7 @@ class PretrainMixin:
             name = "feat_targets" if task == "mrfr" else "label_targets"
             targets = batch.get(name) if compute_loss else None
             self._check_targets(task, targets, n, name)
-            self.uniter._finite(check_finite, **{name: targets})
+            self.uniter.check_inputs_finite(check_finite, **{name: targets})
             pos = torch.nonzero_static(sel, size=n)
             hidden = outs[-1][layout.cu_seqlens.long()[pos[:, 0]] + pos[:, 1]]
             return self._head_loss(task, hidden, targets, compute_loss, reduction)
@@ -255,7 +255,7 @@ class PretrainMixin:
             self._check_targets(task, targets if compute_loss else None, n, name)
             if check:
                 assert_count(sel, n, task, name)
-                self.uniter._finite(True, **{name: targets})
+                self.uniter.check_inputs_finite(True, **{name: targets})
             idx = torch.nonzero_static(sel, size=n).squeeze(1)
             hidden = h[layout.img_rows[idx]]
             return self._head_loss(task, hidden, targets if compute_loss else None, compute_loss, reduction)
