@@ -1,9 +1,12 @@
 """Benchmark harness shared by every ``benchmarks/bench_<op>.py``.
 
-Timing: on CUDA with events (via ``triton.testing.do_bench`` when available), on CPU with perf_counter;
-warm-up first, then repetitions; medians with p20/p80. Providers of one shape are interleaved
-(each repetition round runs every provider once) so that drift (thermal, other processes) spreads
-evenly. Peak memory on CUDA from ``torch.cuda.max_memory_allocated``; on CPU it is not measured.
+Timing: on CUDA with CUDA events (:func:`time_cuda`; ``triton.testing.do_bench`` is not used): warm-up calls
+first, then per repetition the L2 cache is flushed (a 256 MiB buffer is zeroed, more than the 50 MiB L2 of an
+H100 / 60 MiB of an H200), an event is recorded, the call runs, a second event is recorded, and the device is
+synchronised; the sample is the events' elapsed time, so the flush is not in it. On CPU with ``perf_counter``
+after warm-up. Medians with p20/p80. Providers of one shape are interleaved (each repetition round runs every
+provider once) so that drift (thermal, other processes) spreads evenly. Peak memory on CUDA from
+``torch.cuda.max_memory_allocated``; on CPU it is not measured.
 
 Output: a table on stdout and rows appended to ``benchmarks/results/<device>.csv`` with the columns in
 :data:`COLUMNS`. ``--compare OLD.csv`` flags rows more than ``--threshold`` slower than the same
@@ -64,14 +67,28 @@ def time_cpu(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
     return out
 
 
+L2_FLUSH_BYTES = 256 * 2**20
+_flush_buffer: torch.Tensor | None = None
+
+
+def flush_l2() -> None:
+    """Evict the GPU's L2 cache by writing a buffer larger than it (allocated once)."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    _flush_buffer.zero_()
+
+
 def time_cuda(fn: Callable[[], object], warmup: int, reps: int) -> list[float]:
-    """CUDA-event milliseconds per call (the L2 is not flushed: V+L ops see warm caches in training too)."""
+    """CUDA-event milliseconds per call: ``warmup`` calls first, then per repetition an L2 flush (outside the
+    timed region), start event, the call, end event, synchronise."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush_l2()
         start.record()
         fn()
         end.record()

@@ -125,13 +125,18 @@ at::Tensor ipot_plan_cuda(const at::Tensor& cost, const at::Tensor& txt_pad, con
   int dev = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  const size_t small = sizeof(float) * (static_cast<size_t>(m) + n + kWarps * m);
-  const size_t big = small + sizeof(float) * 2 * static_cast<size_t>(n) * m;
-  const bool in_shared = big <= static_cast<size_t>(optin);
+  // The block's static __shared__ arrays count against the same limit as the dynamic part.
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, ipot_kernel));
+  const auto smem = ot::ipot_smem_plan(n, m, kWarps, attr.sharedSizeBytes, static_cast<size_t>(optin));
+  FASTVL_CHECK_ARG(smem.fits, "ipot_plan", "cost", "has ", m, " regions: the kernel's per-block vectors need ",
+                   smem.dynamic_bytes, " + ", attr.sharedSizeBytes, " bytes of shared memory, over the device's ",
+                   optin, " (use the triton or reference backend)");
+  const bool in_shared = smem.in_shared;
+  const size_t bytes = smem.dynamic_bytes;
   at::Tensor workspace;
   if (!in_shared) workspace = at::empty({B, 2, n, m}, c.options());
-  const size_t bytes = in_shared ? big : small;
-  if (bytes > 48 * 1024)
+  if (bytes + attr.sharedSizeBytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(ipot_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
   ipot_kernel<<<B, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
       c.data_ptr<float>(), tp.data_ptr<bool>(), ip.data_ptr<bool>(), plan.data_ptr<float>(),

@@ -8,7 +8,8 @@ The fused op is the IPOT plan (:func:`ipot_plan`): it needs no gradient and is w
 (50 iterations of small batched products). The cost matrix is one batched matmul left to the BLAS.
 
 Backends of ``ipot``: ``cuda`` (one thread block per pair, all iterations in one launch, plan in shared
-memory), ``triton`` (one program per pair, plan in registers), ``cpu`` (C++, OpenMP over pairs, each
+memory), ``triton`` (one program per pair: plan in registers up to a 64 x 128 tile, beyond it tiled over a
+global workspace, so every size is served), ``cpu`` (C++, OpenMP over pairs, each
 pair cache-resident) and ``reference`` (the batched PyTorch loop below, written as REFERENCE.md states it).
 """
 
@@ -86,7 +87,6 @@ def optimal_transport_dist_reference(txt_emb: torch.Tensor, img_emb: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 
 IPOT = D.register_op("ipot", ["cuda", "triton", "cpu", "reference"], doc="IPOT transport plan (UNITER WRA)")
-TRITON_MAX_TILE = 128 * 128  # one program keeps the [N, M] plan (next powers of two) in registers
 
 
 @IPOT.backend("reference", doc="batched PyTorch loop (any device, any float dtype)")
@@ -104,15 +104,10 @@ def _cuda_supports(cost, txt_pad, img_pad, beta, iteration, k) -> D.Reasons:
     return D.needs_dtype(cost, [torch.float32]) + D.needs_cuda_kernels("ipot_plan", cost)
 
 
-@IPOT.backend("triton", doc="Triton kernel, one program per pair, plan in registers")
+@IPOT.backend("triton", doc="Triton kernel, one program per pair; plan in registers, or tiled over a workspace")
 def _triton_supports(cost, txt_pad, img_pad, beta, iteration, k) -> D.Reasons:
-    why = D.triton_reasons(cost) + D.needs_dtype(cost, [torch.float32])
-    from ..kernels.triton.ot import tile_shape
-
-    bn, bm = tile_shape(cost.shape[1], cost.shape[2])
-    if bn * bm > TRITON_MAX_TILE:
-        why.append(f"pair tile {bn}x{bm} exceeds {TRITON_MAX_TILE} elements (text x regions too large)")
-    return why
+    # Every size: pairs over the register tile (kernels/triton/ot.py REGISTER_TILE_MAX) run the tiled kernel.
+    return D.triton_reasons(cost) + D.needs_dtype(cost, [torch.float32])
 
 
 def _ipot_impl(backend: str, cost, txt_pad, img_pad, beta, iteration, k) -> torch.Tensor:

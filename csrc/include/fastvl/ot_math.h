@@ -11,6 +11,7 @@
 #pragma once
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "fastvl/macros.h"
@@ -33,6 +34,9 @@ FASTVL_HD inline float proximal_kernel(float cost, float beta, bool joint_pad) {
 // Number of valid (non-pad) positions and the extent [0, hi) that contains all of them.
 FASTVL_HD inline void valid_extent(const bool* pad, int64_t stride, int size, int* count, int* hi) {
   int c = 0, h = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1  // once per block, on one thread: unrolled, it spilled on sm_80 (16 bytes, ptxas -v)
+#endif
   for (int i = 0; i < size; ++i) {
     if (!pad[i * stride]) {
       ++c;
@@ -108,6 +112,41 @@ FASTVL_HD inline void ipot_pair(const float* cost, int64_t ld_c, const bool* txt
   for (int i = 0; i < n_hi; ++i)
     for (int j = 0; j < m_hi; ++j)
       plan[i * ld_p + j] = (txt_pad[i] || img_pad[j]) ? 0.0f : sigma[i] * q[i * m_hi + j] * delta[j];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared-memory plan of the CUDA kernel (host side; csrc/ot/ot_cuda.cu launches with it, ctest checks it).
+// A block uses static shared memory (the kernel's own __shared__ arrays, from cudaFuncGetAttributes) plus the
+// dynamic part: delta [m], sigma [n] and the per-warp column partials [warps, m] always, and A, Q [n, m] too when
+// they fit. A launch succeeds only when static + dynamic <= the device's opt-in limit per block
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin, which already excludes the 1 KB the system reserves).
+
+struct IpotSmem {
+  bool in_shared;        // A and Q in shared memory (else in a global workspace)
+  bool fits;             // the chosen layout fits the block at all
+  size_t dynamic_bytes;  // dynamic shared memory to launch with
+};
+
+// optin - static - dynamic, in bytes (negative: the launch would fail).
+inline long long smem_headroom(size_t optin_bytes, size_t static_bytes, size_t dynamic_bytes) {
+  return static_cast<long long>(optin_bytes) - static_cast<long long>(static_bytes) -
+         static_cast<long long>(dynamic_bytes);
+}
+
+// Dynamic bytes of the small layout (vectors and partials only) and of the big one (plus A and Q).
+inline size_t ipot_smem_small(int64_t n, int64_t m, int warps) {
+  return sizeof(float) * static_cast<size_t>(m + n + static_cast<int64_t>(warps) * m);
+}
+inline size_t ipot_smem_big(int64_t n, int64_t m, int warps) {
+  return ipot_smem_small(n, m, warps) + sizeof(float) * 2 * static_cast<size_t>(n) * static_cast<size_t>(m);
+}
+
+// The layout to launch with: A and Q in shared memory when static + big fits, else the small layout.
+inline IpotSmem ipot_smem_plan(int64_t n, int64_t m, int warps, size_t static_bytes, size_t optin_bytes) {
+  const size_t big = ipot_smem_big(n, m, warps);
+  if (smem_headroom(optin_bytes, static_bytes, big) >= 0) return {true, true, big};
+  const size_t small = ipot_smem_small(n, m, warps);
+  return {false, smem_headroom(optin_bytes, static_bytes, small) >= 0, small};
 }
 
 }  // namespace ot
