@@ -195,7 +195,7 @@ class PackedVLBatch:
             region index (referring expressions), [4n] long 1 = right choice (VCR).
         sample_size: pairs per group of a grouped retrieval batch (positive + negatives), a Python int.
         num_choices: choices per question (VCR), Python ints.
-        obj_masks: [T_img] bool, regions that are not objects (referring expressions; scored -1e4).
+        obj_masks: [B, max regions] bool, True where a region is not an object (referring expressions; scored -1e4).
         boxes: [T_img, 4] region boxes in pixels; gt_boxes: [B, 4] the referred boxes; image_sizes: [B, 2]
             (width, height) (referring expressions).
     Bookkeeping: task (the source name), ids (example ids), img_fnames (each example's image name).
@@ -226,7 +226,6 @@ class PackedVLBatch:
     ids: list | None = None
     img_fnames: list[str] | None = None
     layout: PackedLayout | None = field(default=None, repr=False)
-    extras: dict = field(default_factory=dict)  # being replaced by the typed fields above
 
     def __post_init__(self) -> None:
         if len(self.txt_lens) != len(self.img_lens):
@@ -286,6 +285,4 @@ class PackedVLBatch:
             if isinstance(v, torch.Tensor):
                 moved[f.name] = v.to(device, non_blocking=non_blocking)
         layout = None if self.layout is None else self.layout.to(device, non_blocking)
-        extras = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
-                  for k, v in self.extras.items()}
-        return replace(self, **moved, layout=layout, extras=extras)
+        return replace(self, **moved, layout=layout)

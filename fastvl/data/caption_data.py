@@ -118,5 +118,5 @@ class CaptionEvalData:
             batch = PackedVLBatch(input_ids=torch.zeros(0, dtype=torch.long), txt_lens=[0] * len(items),
                                   img_feat=torch.from_numpy(np.concatenate([r.feat for r in recs]).astype(np.float32)),
                                   img_pos=torch.from_numpy(np.concatenate([r.pos for r in recs]).astype(np.float32)),
-                                  img_lens=[r.nbb for r in recs], extras={"img_fnames": [it.img_fname for it in items]})
+                                  img_lens=[r.nbb for r in recs], img_fnames=[it.img_fname for it in items])
             yield batch, items

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from ..batch import PackedVLBatch
+from ..batch import PackedVLBatch, layout_from_lengths
 
 __all__ = ["Example", "collate", "to_official"]
 
@@ -49,7 +49,7 @@ def collate(examples: list[Example], task: str) -> PackedVLBatch:
 
     Sets ``txt_labels`` + ``n_txt_masked`` (mlm), ``img_masks`` + zeroed masked features + ``feat_targets``
     (mrfr) or ``soft_labels`` (mrc / mrc-kl: the detector distributions of the masked regions, background
-    included), ``itm_targets`` (itm). ``extras``: 'task', 'ids' (text ids), 'img_fnames'.
+    included), ``itm_targets`` (itm); ``task``, ``ids`` (text ids), ``img_fnames``; the packed ``layout``.
     """
     if not examples:
         raise ValueError(f"collate({task}): no examples")
@@ -78,7 +78,8 @@ def collate(examples: list[Example], task: str) -> PackedVLBatch:
         img_feat=torch.from_numpy(np.ascontiguousarray(img_feat)),
         img_pos=_cat([e.img_pos for e in examples], np.float32),
         img_lens=img_lens,
-        extras={"task": task, "ids": [e.id for e in examples], "img_fnames": [e.img_fname for e in examples]},
+        task=task, ids=[e.id for e in examples], img_fnames=[e.img_fname for e in examples],
+        layout=layout_from_lengths(txt_lens, img_lens, "cpu"),
         **kw,
     )
 

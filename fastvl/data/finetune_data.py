@@ -27,7 +27,7 @@ counted (``skip_bad_examples``; per reason in ``dataset.bad``). Checks that need
 dataset opens; the others when the record is read.
 
 Batches: :class:`FinetuneBatchSource` (the trainer's ``BatchSource``: token-bucket batches, deterministic from the
-seed, resumable) with targets in ``batch.extras['targets']`` as :mod:`fastvl.tasks.finetune` expects.
+seed, resumable) with targets in ``batch.targets`` as the tasks of :mod:`fastvl.tasks` expect.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..batch import PackedVLBatch
+from ..batch import PackedVLBatch, layout_from_lengths
 from .errors import BadExampleCounter, DataError
 from .lmdb_db import ImageDB, TxtDB
 from .sampler import TokenBucketSampler
@@ -90,7 +90,7 @@ class Row:
 
 @dataclass
 class FTExample:
-    """One example: its rows (1 for most tasks, 2 for paired NLVR2, 4 for VCR), the target, and extras."""
+    """One example: its rows (1 for most tasks, 2 for paired NLVR2, 4 for VCR), the target, and side inputs."""
 
     id: str
     rows: list[Row]
@@ -238,7 +238,7 @@ class FinetuneDataset:
                    None if txt_types is None else np.asarray(txt_types, dtype=np.int64), img_types)
 
     def collate(self, examples: list[FTExample]) -> PackedVLBatch:
-        """Concatenate the examples' rows into a packed batch with ``extras['targets']`` (see the task)."""
+        """Concatenate the examples' rows into a packed batch with its task fields (``targets`` ...; see the task)."""
         if not examples:
             raise ValueError(f"{type(self).__name__}.collate: no examples")
         rows = [r for e in examples for r in e.rows]
@@ -250,14 +250,13 @@ class FinetuneDataset:
         if any(r.img_type_ids is not None for r in rows):
             img_types = cat([r.img_type_ids if r.img_type_ids is not None else np.ones(len(r.img_feat), np.int64)
                              for r in rows], np.int64)
-        extras = {"task": self.task, "ids": [e.id for e in examples]}
-        extras.update(self._targets(examples))
-        return PackedVLBatch(input_ids=cat([r.input_ids for r in rows], np.int64),
-                             txt_lens=[len(r.input_ids) for r in rows],
+        txt_lens, img_lens = [len(r.input_ids) for r in rows], [len(r.img_feat) for r in rows]
+        return PackedVLBatch(input_ids=cat([r.input_ids for r in rows], np.int64), txt_lens=txt_lens,
                              img_feat=cat([r.img_feat for r in rows], np.float32),
-                             img_pos=cat([r.img_pos for r in rows], np.float32),
-                             img_lens=[len(r.img_feat) for r in rows], txt_type_ids=txt_types,
-                             img_type_ids=img_types, extras=extras)
+                             img_pos=cat([r.img_pos for r in rows], np.float32), img_lens=img_lens,
+                             txt_type_ids=txt_types, img_type_ids=img_types, task=self.task,
+                             ids=[e.id for e in examples], layout=layout_from_lengths(txt_lens, img_lens, "cpu"),
+                             **self._targets(examples))
 
     def make_batch(self, indices: Sequence[int]) -> PackedVLBatch | None:
         """The batch of examples ``indices``; bad ones are skipped (or raise); None when all were skipped."""
@@ -272,7 +271,7 @@ class FinetuneDataset:
 
 # ----------------------------------------------------------------------------------------------------------------
 class VQADataset(FinetuneDataset):
-    """VQA / GQA / SNLI-VE: one sequence per question; ``extras['targets']`` [B, A] soft scores.
+    """VQA / GQA / SNLI-VE: one sequence per question; ``targets`` [B, A] soft scores.
 
     Args:
         ans2label: {answer: id} or a path to ``ans2label.json``; None: ``ans2label.json`` beside the first txt_db
@@ -324,7 +323,7 @@ class VQADataset(FinetuneDataset):
 
 # ----------------------------------------------------------------------------------------------------------------
 class NLVR2Dataset(FinetuneDataset):
-    """NLVR2: a statement about two images; ``extras['targets']`` [n] long (1 = true).
+    """NLVR2: a statement about two images; ``targets`` [n] long (1 = true).
 
     Args:
         variant: 'paired' / 'paired-attn' (2 sequences per statement: [txt | left] type 1, [txt | right] type 2) or
@@ -387,7 +386,7 @@ class NLVR2Dataset(FinetuneDataset):
 class ITRDataset(FinetuneDataset):
     """Image-text retrieval: (caption, image) pairs; negatives are drawn by the task (in-batch).
 
-    ``extras['img_fnames']`` names each example's image (retrieval evaluation groups texts by image).
+    ``img_fnames`` names each example's image (retrieval evaluation groups texts by image).
     """
 
     task = "itr"
@@ -406,9 +405,9 @@ class ITRDataset(FinetuneDataset):
 
 # ----------------------------------------------------------------------------------------------------------------
 class REDataset(FinetuneDataset):
-    """Referring expressions (RefCOCO layout, see the module doc): ``extras['targets']`` [B] region index,
-    ``extras['boxes']`` [T_img, 4] region boxes and ``extras['gt_boxes']`` [B, 4] (x1, y1, x2, y2 pixels),
-    ``extras['image_sizes']`` [B, 2] (width, height).
+    """Referring expressions (RefCOCO layout, see the module doc): ``targets`` [B] region index,
+    ``boxes`` [T_img, 4] region boxes and ``gt_boxes`` [B, 4] (x1, y1, x2, y2 pixels),
+    ``image_sizes`` [B, 2] (width, height).
 
     Checks on opening: the referred annotation is one of its image's ``ann_ids``; the image's region count equals
     ``len(ann_ids)``; every box (annotation and record ``bbox``) lies inside its image (1-pixel tolerance).
@@ -503,7 +502,7 @@ class _VCRImages:
 
 class VCRDataset(FinetuneDataset):
     """VCR, one stage: ``stage='qa'`` (Q->A: 4 rows [CLS] q [SEP] a_i [SEP]) or ``'qar'`` (QA->R: 4 rows
-    [CLS] q [SEP] a* [SEP] r_i [SEP]); ``extras['targets']`` [4B] long (1 = right choice), ``extras['num_choices']``.
+    [CLS] q [SEP] a* [SEP] r_i [SEP]); ``targets`` [4B] long (1 = right choice), ``num_choices``.
 
     Args:
         img_dbs: per txt_db a path, or a pair [gt img_db, detected img_db] (regions concatenated).

@@ -395,7 +395,7 @@ def majority_chance(data: FinetuneData) -> float:
     if not data.val:
         return 0.0
     key = next(iter(data.val))
-    t = torch.cat([b.extras["targets"] for b in data.val[key].iter_epoch(0)])
+    t = torch.cat([b.targets for b in data.val[key].iter_epoch(0)])
     t = t.argmax(1) if t.dim() == 2 else t  # SNLI-VE: soft targets [n, 3]
     return float(torch.bincount(t).max()) / max(t.numel(), 1)
 

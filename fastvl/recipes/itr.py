@@ -43,7 +43,7 @@ def _itr_eval(tasks, data, device, s):
     batch = ds.make_batch(keep)
     if batch is None:
         return {}
-    texts, images, txt2img = split_batch(batch, batch.extras["img_fnames"])
+    texts, images, txt2img = split_batch(batch, batch.img_fnames)
     model = tasks["itr"].model
     amp = "bf16" if device.type == "cuda" else None
     res = evaluate_retrieval(model, texts, images, txt2img, mode="exact", amp=amp, progress=False)

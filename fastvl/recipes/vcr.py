@@ -49,7 +49,7 @@ def _vcr_eval(tasks, data, device, s):
             continue
         for b in val_batches(data, key, s):
             acc = tasks[key].evaluate(b.to(device))["accuracy"].cpu()
-            right.setdefault(key, {}).update(zip(b.extras["ids"], acc.tolist()))
+            right.setdefault(key, {}).update(zip(b.ids, acc.tolist()))
     qa, qar = right.get("vcr_qa", {}), right.get("vcr_qar", {})
     both = [qa[k] * qar[k] for k in qa if k in qar]
     out = {"q2a": sum(qa.values()) / max(len(qa), 1), "qa2r": sum(qar.values()) / max(len(qar), 1)}

@@ -103,7 +103,7 @@ def _vqa_chance(data: FinetuneData, max_train: int = 50_000) -> float:
     got, n = 0.0, 0
     for b in data.val[key].iter_epoch(0):
         for k, q in enumerate(b.input_ids.split(b.txt_lens)):
-            got += float(b.extras["targets"][k, best.get(tuple(q.tolist()), fallback)])
+            got += float(b.targets[k, best.get(tuple(q.tolist()), fallback)])
             n += 1
     return got / max(n, 1)
 
@@ -131,7 +131,7 @@ def _vqa_chance(data: FinetuneData, max_train: int = 50_000) -> float:
     got, n = 0.0, 0
     for b in data.val[key].iter_epoch(0):
         for k, q in enumerate(b.input_ids.split(b.txt_lens)):
-            got += float(b.extras["targets"][k, best.get(tuple(q.tolist()), fallback)])
+            got += float(b.targets[k, best.get(tuple(q.tolist()), fallback)])
             n += 1
     return got / max(n, 1)
 

@@ -87,12 +87,12 @@ class FinetuneTask(nn.Module):
 
     def check_batch(self, batch: PackedVLBatch) -> None:
         """Raise (TypeError / ValueError naming the field) unless ``batch`` is a PackedVLBatch this task can train
-        on: ``extras['targets']`` given (subclasses add their own checks). Host-side, no device read."""
+        on: ``targets`` given (subclasses add their own checks). Host-side, no device read."""
         if not isinstance(batch, PackedVLBatch):
             raise TypeError(f"fastvl.tasks.{type(self).__name__}: 'batch' must be a PackedVLBatch, got "
                             f"{type(batch).__name__}")
-        if batch.extras.get("targets") is None:
-            raise ValueError(f"fastvl.tasks.{type(self).__name__}: batch.extras['targets'] is required")
+        if batch.targets is None:
+            raise ValueError(f"fastvl.tasks.{type(self).__name__}: batch.targets is required")
 
     def count(self, batch: PackedVLBatch) -> int:
         return batch.batch_size
@@ -114,7 +114,7 @@ class FinetuneTask(nn.Module):
     def adv_loss(self, h: torch.Tensor, layout, batch: PackedVLBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(training loss, scores for the consistency term) from the packed encoder output h [T, H]."""
         scores = self.model.head(h, layout, batch=batch)
-        return F.cross_entropy(scores.float(), batch.extras["targets"]), scores
+        return F.cross_entropy(scores.float(), batch.targets), scores
 
     def adversarial_view(self):
         """The :class:`AdvView` of this task: the packed encoder with the perturbations, then :meth:`adv_loss`."""

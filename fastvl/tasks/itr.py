@@ -96,16 +96,16 @@ class ITRTask(FinetuneTask):
             raise TypeError(f"fastvl.tasks.ITRTask: 'batch' must be a PackedVLBatch, got {type(batch).__name__}")
         ti, ii = self.groups(batch.batch_size, self._hard_scores(batch) if self.hard_neg else None)
         grouped = pair_batch(batch, ti, ii)
-        grouped.extras["sample_size"] = 1 + 2 * self.num_neg
+        grouped.sample_size = 1 + 2 * self.num_neg
         return grouped
 
     def adv_loss(self, h, layout, batch):
-        ss = int(batch.extras["sample_size"])
+        ss = int(batch.sample_size)
         scores = self.model.head(h, layout, batch=batch)  # [n_groups * ss, 1]
         return rank_hinge(scores.float(), ss, self.model.margin).mean(), scores.reshape(-1, ss)
 
     def adv_count(self, batch: PackedVLBatch) -> int:
-        return batch.batch_size // int(batch.extras["sample_size"])
+        return batch.batch_size // int(batch.sample_size)
 
     def forward(self, batch: PackedVLBatch) -> dict:
         grouped = self.adv_prepare(batch)

@@ -1,7 +1,7 @@
 """NLVR2: a statement about two images, true or false (mean cross-entropy, accuracy) with any of the three heads.
 
 Paired / PairedAttn encode 2 sequences per example (left image type 1, right type 2), Triplet one;
-``batch.extras['targets']`` [n] long. The VILLA view is the generic fine-tuning view (KL on the [n, 2] scores).
+``batch.targets`` [n] long. The VILLA view is the generic fine-tuning view (KL on the [n, 2] scores).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ class NLVR2Task(FinetuneTask):
     name = "nlvr2"
 
     def count(self, batch: PackedVLBatch) -> int:
-        return int(batch.extras["targets"].shape[0])
+        return int(batch.targets.shape[0])
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
         self.check_batch(batch)
-        return {"accuracy": metrics.accuracy(self.model(batch, compute_loss=False), batch.extras["targets"])}
+        return {"accuracy": metrics.accuracy(self.model(batch, compute_loss=False), batch.targets)}

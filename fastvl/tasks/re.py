@@ -1,6 +1,6 @@
 """Referring expressions: pick the region a phrase names (region cross-entropy or ranking; accuracy at IoU >= 0.5).
 
-``batch.extras['targets']`` [B] long region index (< the example's region count). The VILLA view compares the region
+``batch.targets`` [B] long region index (< the example's region count). The VILLA view compares the region
 scores [B, max regions] (padded / masked regions at -1e4: probability 0, zero gradient).
 """
 
@@ -22,9 +22,9 @@ class RETask(FinetuneTask):
 
     def check_batch(self, batch: PackedVLBatch) -> None:
         super().check_batch(batch)
-        t = batch.extras["targets"]
+        t = batch.targets
         if t.dim() != 1 or t.shape[0] != batch.batch_size:
-            raise ValueError(f"fastvl.tasks.RETask: extras['targets'] must have shape [{batch.batch_size}], got "
+            raise ValueError(f"fastvl.tasks.RETask: targets must have shape [{batch.batch_size}], got "
                              f"{list(t.shape)}")
         if t.device.type == "cpu":
             nbb = torch.tensor(batch.img_lens)
@@ -37,21 +37,21 @@ class RETask(FinetuneTask):
     def adv_loss(self, h, layout, batch):
         """Consistency scores: the region scores [B, max regions], padded / masked regions at -1e4 (probability 0,
         zero gradient in :func:`fastvl.ops.symmetric_kl`)."""
-        loss = self.model.head(h, layout, targets=batch.extras["targets"], compute_loss=True, reduction="mean",
+        loss = self.model.head(h, layout, targets=batch.targets, compute_loss=True, reduction="mean",
                                batch=batch)
-        return loss, self.model.region_scores(h, layout, batch.extras.get("obj_masks"))
+        return loss, self.model.region_scores(h, layout, batch.obj_masks)
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:
         """-> ``{'accuracy': [B]}``: IoU >= 0.5 between the top-scored region's box and the ground-truth box when
-        ``extras['boxes']`` (packed [T_img, 4] region boxes) and ``extras['gt_boxes']`` [B, 4] are given (with
-        optional ``extras['image_sizes']`` [B, 2]); else whether the top region is the target."""
+        ``boxes`` (packed [T_img, 4] region boxes) and ``gt_boxes`` [B, 4] are given (with
+        optional ``image_sizes`` [B, 2]); else whether the top region is the target."""
         self.check_batch(batch)
         scores = self.model(batch, compute_loss=False)
         pred = scores.argmax(1)
-        if batch.extras.get("boxes") is None or batch.extras.get("gt_boxes") is None:
-            return {"accuracy": (pred == batch.extras["targets"]).float(), "pred": pred}
+        if batch.boxes is None or batch.gt_boxes is None:
+            return {"accuracy": (pred == batch.targets).float(), "pred": pred}
         cu = batch.cu_seqlens("img").long()
-        pred_boxes = batch.extras["boxes"][cu[:-1] + pred]
-        acc = metrics.re_accuracy(pred_boxes, batch.extras["gt_boxes"], batch.extras.get("image_sizes"))
+        pred_boxes = batch.boxes[cu[:-1] + pred]
+        acc = metrics.re_accuracy(pred_boxes, batch.gt_boxes, batch.image_sizes)
         return {"accuracy": acc, "pred": pred}

@@ -1,5 +1,5 @@
-"""VCR (Q->A or QA->R stage): groups of 4 consecutive (question, choice) rows, ``batch.extras['targets']`` [4n]
-long (1 = correct choice), optional ``extras['num_choices']``; mean cross-entropy over rows; accuracy per question.
+"""VCR (Q->A or QA->R stage): groups of 4 consecutive (question, choice) rows, ``batch.targets`` [4n]
+long (1 = correct choice), optional ``num_choices``; mean cross-entropy over rows; accuracy per question.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ class VCRTask(FinetuneTask):
 
     def check_batch(self, batch: PackedVLBatch) -> None:
         super().check_batch(batch)
-        given = batch.extras.get("num_choices")
+        given = batch.num_choices
         if given is not None:
             bad = [i for i, n in enumerate(given) if int(n) != self.num_choices]
             if bad:
                 raise ValueError(f"fastvl.tasks.VCRTask: question(s) {bad} have {[int(given[i]) for i in bad]} "
                                  f"choices; VCR needs exactly {self.num_choices} per question")
             if sum(int(n) for n in given) != batch.batch_size:
-                raise ValueError(f"fastvl.tasks.VCRTask: extras['num_choices'] sums to {sum(given)} but the batch has "
+                raise ValueError(f"fastvl.tasks.VCRTask: num_choices sums to {sum(given)} but the batch has "
                                  f"{batch.batch_size} rows")
         if batch.batch_size % self.num_choices:
             raise ValueError(f"fastvl.tasks.VCRTask: the batch has {batch.batch_size} rows, not a multiple of "
@@ -40,7 +40,7 @@ class VCRTask(FinetuneTask):
 
     def adv_loss(self, h, layout, batch):
         scores = self.model.vcr_output(self.model.pooled(h, layout))  # [B, 2]
-        loss = F.cross_entropy(scores.float(), batch.extras["targets"])
+        loss = F.cross_entropy(scores.float(), batch.targets)
         return loss, scores[:, 1].reshape(-1, self.num_choices)
 
     @torch.no_grad()
@@ -48,5 +48,5 @@ class VCRTask(FinetuneTask):
         """-> ``{'accuracy': [n_questions]}``: the highest-scored choice is the correct one."""
         self.check_batch(batch)
         scores = self.model(batch, compute_loss=False).reshape(-1, self.num_choices)
-        right = batch.extras["targets"].reshape(-1, self.num_choices).argmax(1)
+        right = batch.targets.reshape(-1, self.num_choices).argmax(1)
         return {"accuracy": metrics.accuracy(scores, right), "scores": scores}

@@ -1,6 +1,6 @@
 """VQA, GQA and SNLI-VE: soft-score answer classification (VQA accuracy) and its VILLA view.
 
-Targets: ``batch.extras['targets']`` [B, A] soft scores (:func:`vqa_soft_targets` builds them from answer ids); loss =
+Targets: ``batch.targets`` [B, A] soft scores (:func:`vqa_soft_targets` builds them from answer ids); loss =
 per-instance BCE sum averaged over the batch (official), fused head + loss in the model (the VILLA view uses the same
 loss through the model's public ``head``).
 """
@@ -54,9 +54,9 @@ class VQATask(FinetuneTask):
     name = "vqa"
 
     def adv_loss(self, h: torch.Tensor, layout, batch: PackedVLBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the training loss: BCE-with-logits against the soft scores ``extras['targets']`` [B, A], per-instance sum
+        """(the training loss: BCE-with-logits against the soft scores ``targets`` [B, A], per-instance sum
         averaged over the batch, fused in the model's head; the answer logits [B, A]) from h [T, H]."""
-        loss = self.model.head(h, layout, targets=batch.extras["targets"], compute_loss=True, reduction="mean")
+        loss = self.model.head(h, layout, targets=batch.targets, compute_loss=True, reduction="mean")
         return loss.float(), self.model.head(h, layout)
 
     @torch.no_grad()
@@ -64,4 +64,4 @@ class VQATask(FinetuneTask):
         """-> ``{'score': [B]}`` soft accuracy (and ``'logits'`` [B, A])."""
         self.check_batch(batch)
         logits = self.model(batch, compute_loss=False)
-        return {"score": metrics.vqa_score(logits, batch.extras["targets"]), "logits": logits}
+        return {"score": metrics.vqa_score(logits, batch.targets), "logits": logits}

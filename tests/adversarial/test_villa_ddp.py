@@ -29,7 +29,7 @@ def _concat(parts: list[PackedVLBatch]) -> PackedVLBatch:
     kw = {}
     for f in dataclasses.fields(PackedVLBatch):
         vals = [getattr(p, f.name) for p in parts]
-        if f.name == "extras" or vals[0] is None:
+        if f.name == "layout" or vals[0] is None or isinstance(vals[0], str):  # the layout is rebuilt
             continue
         kw[f.name] = torch.cat(vals) if torch.is_tensor(vals[0]) else sum(vals, [] if isinstance(vals[0], list) else 0)
     return PackedVLBatch(**kw)

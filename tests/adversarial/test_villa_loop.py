@@ -226,7 +226,7 @@ def test_vqa_finetuning_view(seed, gen):
     torch.manual_seed(seed)
     model = UniterForVisualQuestionAnswering(cfg, cfg.img_dim, num_answer=11)
     batch = random_pretrain_batch("none", gen, cfg, batch=4)
-    batch.extras["targets"] = torch.rand(4, 11, generator=gen) * (torch.rand(4, 11, generator=gen) < 0.3)
+    batch.targets = torch.rand(4, 11, generator=gen) * (torch.rand(4, 11, generator=gen) < 0.3)
     task = build_task("vqa", model=model)
     task(batch)["loss"].backward()
     want = _grads(model)

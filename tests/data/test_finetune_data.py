@@ -129,40 +129,40 @@ def test_labels_are_balanced(syn):
 def test_batches_of_every_task(syn):
     vqa = VQADataset(syn.txt_db("vqa", "train"), syn.img_db)
     b = vqa.make_batch([0, 1, 2])
-    assert b.extras["targets"].shape == (3, vqa.num_answers) and b.batch_size == 3
+    assert b.targets.shape == (3, vqa.num_answers) and b.batch_size == 3
     assert b.input_ids[0] == vqa.cls and b.input_ids[b.txt_lens[0] - 1] == vqa.sep
     for variant, rows in (("paired", 2), ("triplet", 1)):
         nl = NLVR2Dataset(syn.txt_db("nlvr2", "train"), syn.img_db, variant=variant)
         b = nl.make_batch([0, 1])
-        assert b.batch_size == 2 * rows and b.extras["targets"].shape == (2,)
+        assert b.batch_size == 2 * rows and b.targets.shape == (2,)
         assert set(b.img_type_ids.tolist()) == {1, 2}
     itr = ITRDataset(syn.txt_db("itr", "train"), syn.img_db)
     b = itr.make_batch([0, 1, 2])
-    assert len(b.extras["img_fnames"]) == 3
+    assert len(b.img_fnames) == 3
     re_ = REDataset(syn.txt_db("re", "val"), syn.img_db)
     b = re_.make_batch([0, 1])
-    assert b.extras["boxes"].shape == (sum(b.img_lens), 4) and b.extras["gt_boxes"].shape == (2, 4)
+    assert b.boxes.shape == (sum(b.img_lens), 4) and b.gt_boxes.shape == (2, 4)
     for stage, ctype in (("qa", 2), ("qar", 3)):
         vcr = VCRDataset(syn.txt_db("vcr", "train"), syn.img_db, stage=stage)
         b = vcr.make_batch([0, 1])
-        assert b.batch_size == 8 and int(b.extras["targets"].sum()) == 2
+        assert b.batch_size == 8 and int(b.targets.sum()) == 2
         assert ctype in b.txt_type_ids.tolist()
 
 
 def test_batch_source_deterministic_and_resumable(syn):
     ds = VQADataset(syn.txt_db("vqa", "train"), syn.img_db)
     a = FinetuneBatchSource(ds, 200, seed=3)
-    ids = [a.next_batch().extras["ids"] for _ in range(5)]
+    ids = [a.next_batch().ids for _ in range(5)]
     b = FinetuneBatchSource(ds, 200, seed=3)
-    assert [b.next_batch().extras["ids"] for _ in range(5)] == ids
+    assert [b.next_batch().ids for _ in range(5)] == ids
     c = FinetuneBatchSource(ds, 200, seed=3)
     for _ in range(2):
         c.next_batch()
     state = c.state_dict()
     d = FinetuneBatchSource(ds, 200, seed=3)
     d.load_state_dict(state)
-    assert [d.next_batch().extras["ids"] for _ in range(3)] == ids[2:]
-    epoch = [i for batch in FinetuneBatchSource(ds, 200, train=False).iter_epoch() for i in batch.extras["ids"]]
+    assert [d.next_batch().ids for _ in range(3)] == ids[2:]
+    epoch = [i for batch in FinetuneBatchSource(ds, 200, train=False).iter_epoch() for i in batch.ids]
     assert sorted(epoch) == sorted(ds.pairs[0][0].ids)  # evaluation sees every example once
 
 
@@ -199,7 +199,7 @@ def test_official_vqa_round_trip(tmp_path, tok):
     (tmp_path / "ans2label.json").write_text(json.dumps({"red": 0, "blue": 1, "green": 2}))
     ds = VQADataset(tmp_path / "txt", tmp_path / "img")  # ans2label.json found beside the txt_db
     b = ds.make_batch([0, 1])
-    torch.testing.assert_close(b.extras["targets"], torch.tensor([[0.3, 0, 1.0], [0, 0, 0]]))
+    torch.testing.assert_close(b.targets, torch.tensor([[0.3, 0, 1.0], [0, 0, 0]]))
     assert b.input_ids[:len(q) + 2].tolist() == [tok.cls_id, *q, tok.sep_id]
     torch.testing.assert_close(b.img_feat[:3], torch.from_numpy(feats["a.npz"][0]))
     pos = feats["a.npz"][1]
@@ -213,7 +213,7 @@ def test_official_nlvr2_and_vcr_round_trip(tmp_path, tok):
     _txt_db(tmp_path / "nl", tok, {"p0": {"input_ids": s, "img_fname": ["l.npz", "r.npz"], "target": 1}})
     b = NLVR2Dataset(tmp_path / "nl", tmp_path / "img").make_batch([0])
     assert b.txt_lens == [len(s) + 2] * 2 and b.img_type_ids.tolist() == [1, 1, 2, 2]
-    assert b.extras["targets"].tolist() == [1]
+    assert b.targets.tolist() == [1]
     b = NLVR2Dataset(tmp_path / "nl", tmp_path / "img", variant="triplet").make_batch([0])
     assert b.batch_size == 1 and b.img_lens == [4] and b.img_type_ids.tolist() == [1, 1, 2, 2]
 
@@ -228,13 +228,13 @@ def test_official_nlvr2_and_vcr_round_trip(tmp_path, tok):
     types = b.txt_type_ids.split(b.txt_lens)
     assert rows[1].tolist() == [cls, *q, sep, *a[1], sep]
     assert types[1].tolist() == [0] * (len(q) + 1) + [2] * (len(a[1]) + 2)
-    assert b.extras["targets"].tolist() == [0, 0, 1, 0] and b.img_lens == [2] * 4
+    assert b.targets.tolist() == [0, 0, 1, 0] and b.img_lens == [2] * 4
     b = VCRDataset(tmp_path / "vcr", [tmp_path / "img", tmp_path / "img"], stage="qar").make_batch([0])
     rows = b.input_ids.split(b.txt_lens)
     types = b.txt_type_ids.split(b.txt_lens)
     assert rows[3].tolist() == [cls, *q, sep, *a[2], sep, *r[3], sep]
     assert types[3].tolist() == [0] * (len(q) + 1) + [2] * (len(a[2]) + 1) + [3] * (len(r[3]) + 2)
-    assert b.extras["targets"].tolist() == [0, 1, 0, 0] and b.img_lens == [4] * 4  # gt + detected regions
+    assert b.targets.tolist() == [0, 1, 0, 0] and b.img_lens == [4] * 4  # gt + detected regions
 
 
 def _re_db(tmp_path, tok, box=(10.0, 20.0, 100.0, 80.0)):
@@ -275,11 +275,11 @@ def _rewrite(db, key, fn):
 def test_official_re_round_trip(tmp_path, tok):
     db = _re_db(tmp_path, tok)
     b = REDataset(db, tmp_path / "img").make_batch([0])
-    assert b.extras["targets"].tolist() == [2]  # ann 502 is region 2 (ann_ids order = region order)
-    torch.testing.assert_close(b.extras["gt_boxes"], torch.tensor([[10.0, 20.0, 110.0, 100.0]]))
-    torch.testing.assert_close(b.extras["image_sizes"], torch.tensor([[640.0, 480.0]]))
+    assert b.targets.tolist() == [2]  # ann 502 is region 2 (ann_ids order = region order)
+    torch.testing.assert_close(b.gt_boxes, torch.tensor([[10.0, 20.0, 110.0, 100.0]]))
+    torch.testing.assert_close(b.image_sizes, torch.tensor([[640.0, 480.0]]))
     bb = ImageDB(tmp_path / "img").get("visual_grounding_coco_gt_000000000005.npz").norm_bb
-    torch.testing.assert_close(b.extras["boxes"], torch.from_numpy(bb[:, :4] * np.array([640, 480, 640, 480],
+    torch.testing.assert_close(b.boxes, torch.from_numpy(bb[:, :4] * np.array([640, 480, 640, 480],
                                                                                          np.float32)))
 
 
@@ -296,7 +296,7 @@ def test_bad_answer_id(tmp_path, tok):
         ds.make_batch([0, 1])
     ds = VQADataset(tmp_path / "txt", tmp_path / "img", ans2label=ans, skip_bad_examples=True)
     b = ds.make_batch([0, 1])
-    assert b.extras["ids"] == ["q1"] and ds.bad.as_dict() == {"bad_answer": 1}
+    assert b.ids == ["q1"] and ds.bad.as_dict() == {"bad_answer": 1}
     with pytest.raises(FileNotFoundError, match="ans2label"):
         VQADataset(tmp_path / "txt", tmp_path / "img")
 

@@ -56,7 +56,7 @@ def test_mlm_batch(tiny_corpus, seed):
         assert isinstance(b, PackedVLBatch) and b.img_masks is None and b.itm_targets is None
         assert all(isinstance(n, int) for n in b.txt_lens + b.img_lens)
         assert b.n_txt_masked == int((b.txt_labels != -1).sum())
-        for id_, ids, lab in zip(b.extras["ids"], _split(b.input_ids, b.txt_lens), _split(b.txt_labels, b.txt_lens)):
+        for id_, ids, lab in zip(b.ids, _split(b.input_ids, b.txt_lens), _split(b.txt_labels, b.txt_lens)):
             orig = torch.tensor([101] + txt[id_]["input_ids"] + [102])
             m = lab != -1
             assert m.any() and not m[0] and not m[-1]
@@ -71,7 +71,7 @@ def test_region_masking_batches(tiny_corpus, seed, task):
     assert b.txt_labels is None
     feats, masks = _split(b.img_feat, b.img_lens), _split(b.img_masks, b.img_lens)
     targets = []
-    for name, f, m in zip(b.extras["img_fnames"], feats, masks):
+    for name, f, m in zip(b.img_fnames, feats, masks):
         rec = img.get(name, soft_labels=True)
         assert m.dtype == torch.bool and m.any()
         assert torch.all(f[m] == 0)
@@ -88,7 +88,7 @@ def test_itm_negatives(tiny_corpus, seed):
     n = pos = 0
     for b in data.batches("itm"):
         feats = _split(b.img_feat, b.img_lens)
-        for id_, name, t, f in zip(b.extras["ids"], b.extras["img_fnames"], b.itm_targets.tolist(), feats):
+        for id_, name, t, f in zip(b.ids, b.img_fnames, b.itm_targets.tolist(), feats):
             assert (name == txt.txt2img[id_]) == (t == 1)
             assert torch.equal(f, torch.from_numpy(img.get(name).feat))
             n, pos = n + 1, pos + t
@@ -118,7 +118,7 @@ def test_epochs_roll_over(tiny_corpus, seed):
     data = _data(tiny_corpus, tasks=["mlm"], seed=seed, max_tokens=1000)
     src = data.sources["mlm"]
     n = src.sampler.num_batches(0)
-    seen = [tuple(src.next_batch().extras["ids"]) for _ in range(n + 2)]
+    seen = [tuple(src.next_batch().ids) for _ in range(n + 2)]
     assert src.epoch == 1 and src.pos == 2 and seen[n] != seen[0]
 
 
@@ -131,11 +131,11 @@ def test_world_size_does_not_change_the_examples(tiny_corpus, seed, task):
         parts = [r.sources[task].next_batch() for r in ranks]
         per_example = {}
         for p in [full] + parts:
-            rows = zip(p.extras["ids"], _split(p.input_ids, p.txt_lens), _split(p.img_feat, p.img_lens),
-                       p.extras["img_fnames"])
+            rows = zip(p.ids, _split(p.input_ids, p.txt_lens), _split(p.img_feat, p.img_lens),
+                       p.img_fnames)
             for id_, ids, feat, name in rows:
                 per_example.setdefault(id_, []).append((ids, feat, name))
-        assert sorted(per_example) == sorted(full.extras["ids"])
+        assert sorted(per_example) == sorted(full.ids)
         for views in per_example.values():
             assert len(views) == 2
             (i1, f1, n1), (i2, f2, n2) = views
@@ -262,7 +262,7 @@ def test_skip_bad_examples_counts_and_continues(bad_dbs):
     data = build_pretrain_data(*bad_dbs, tasks=["mlm", "mrc"], max_tokens=200, size_multiple=1, train=False,
                                skip_bad_examples=True)
     assert data.bad.as_dict() == {"missing_image": 1}
-    seen = [i for b in data.batches("mlm") for i in b.extras["ids"]]
+    seen = [i for b in data.batches("mlm") for i in b.ids]
     assert sorted(seen) == sorted(f"ok{i}" for i in range(18))
     counts = data.bad.as_dict()
     assert counts == {"missing_image": 1, "nonfinite_feature": 1, "wrong_dim": 1, "corrupt_record": 1,

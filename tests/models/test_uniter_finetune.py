@@ -207,7 +207,7 @@ def test_vqa_ve_match_reference(name, gen, seed):
     a = model.num_answer
     pb, ob = batches(gen, model.config, 5)
     targets = torch.rand(5, a, generator=gen) * (torch.rand(5, a, generator=gen) < 0.3)
-    ob["targets"] = pb.extras["targets"] = targets
+    ob["targets"] = pb.targets = targets
     logits = two_layer(model.vqa_output, ref_pooled(model, ob), F.gelu)
     want = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     for got in both(model, pb, ob):
@@ -260,7 +260,7 @@ def test_nlvr2_paired_match_reference(name, gen, seed):
     model = build(name, seed)
     pb, ob = _nlvr2_paired_batch(gen, model.config, 3)
     targets = torch.tensor([0, 1, 1])
-    ob["targets"] = pb.extras["targets"] = targets
+    ob["targets"] = pb.targets = targets
     if name == "nlvr2-paired":
         scores = model.nlvr2_output(ref_pooled(model, ob).reshape(3, -1))
     else:
@@ -287,7 +287,7 @@ def test_nlvr2_triplet_matches_reference(gen, seed):
         it[i, :k] = torch.arange(k) % 2 + 1
     ob["img_type_ids"] = it
     targets = torch.tensor([1, 0, 0, 1])
-    ob["targets"] = pb.extras["targets"] = targets
+    ob["targets"] = pb.targets = targets
     scores = model.nlvr2_output(ref_pooled(model, ob))
     for got in both(model, pb, ob):
         torch.testing.assert_close(got, F.cross_entropy(scores, targets, reduction="none"), **TOL)
@@ -296,7 +296,7 @@ def test_nlvr2_triplet_matches_reference(gen, seed):
 def test_itr_matches_reference(gen, seed):
     model = build("itr", seed)
     pb, ob = batches(gen, model.config, 6)
-    ob["sample_size"] = pb.extras["sample_size"] = 3
+    ob["sample_size"] = pb.sample_size = 3
     s = model.rank_output(ref_pooled(model, ob))
     sig = torch.sigmoid(s).reshape(2, 3)
     want = torch.clamp(0.2 + sig[:, 1:] - sig[:, :1], min=0)
@@ -333,7 +333,7 @@ def test_re_matches_reference(mlp, gen, seed):
     obj = torch.arange(max(nbb))[None] >= torch.tensor(nbb)[:, None]
     targets = torch.tensor([int(torch.randint(n, (1,), generator=gen)) for n in nbb])
     ob.update(obj_masks=obj, txt_lens=tl, num_bbs=nbb, targets=targets[:, None])
-    pb.extras["targets"] = targets
+    pb.targets = targets
     seq = ref_seq(model, ob)
     img_h = torch.zeros(5, max(nbb), H)
     for i in range(5):
@@ -368,7 +368,7 @@ def test_vcr_matches_reference(gen, seed):
         tt[i, :pb.txt_lens[i]] = types[ct[i]:ct[i + 1]]
     ob["txt_type_ids"] = tt
     targets = torch.tensor([0, 1, 0, 0, 0, 0, 1, 0])
-    ob["targets"], pb.extras["targets"] = targets[:, None], targets
+    ob["targets"], pb.targets = targets[:, None], targets
     scores = two_layer(model.vcr_output, ref_pooled(model, ob), F.relu)
     torch.testing.assert_close(model(ob), F.cross_entropy(scores, targets), **TOL)  # official: mean
     torch.testing.assert_close(model(pb), F.cross_entropy(scores, targets, reduction="none"), **TOL)
@@ -389,9 +389,9 @@ def test_head_on_the_encoder_output_is_the_forward(name, gen, seed):
         targets = {"vqa": torch.rand(4, N_ANS, generator=gen), "vcr": torch.tensor([0, 1, 1, 0]),
                    "re": torch.tensor([2, 0, 4, 1]), "itr": 2}[name]
         if name == "re":
-            pb.extras["obj_masks"] = torch.zeros(4, 5, dtype=torch.bool)
-            pb.extras["obj_masks"][2, 3] = True
-    pb.extras["targets" if name != "itr" else "sample_size"] = targets
+            pb.obj_masks = torch.zeros(4, 5, dtype=torch.bool)
+            pb.obj_masks[2, 3] = True
+    setattr(pb, "targets" if name != "itr" else "sample_size", targets)
     layout = model.uniter.layout(pb)
     h = model.uniter.forward_packed(pb, layout=layout)
     torch.testing.assert_close(model.head(h, layout, batch=pb), model(pb, compute_loss=False), rtol=0, atol=0)
@@ -417,12 +417,12 @@ def test_bad_input_errors(gen):
     pb, ob = batches(gen, cfg, 3)
     with pytest.raises(KeyError, match="missing key 'targets'"):
         vqa(ob)
-    with pytest.raises(ValueError, match=r"extras\['targets'\] is required"):
+    with pytest.raises(ValueError, match=r"PackedVLBatch.targets is required"):
         vqa(pb)
-    pb.extras["targets"] = torch.rand(3, N_ANS + 1)
+    pb.targets = torch.rand(3, N_ANS + 1)
     with pytest.raises(ValueError, match=rf"shape \[3, {N_ANS}\]"):
         vqa(pb)
-    pb.extras["targets"] = torch.rand(3, N_ANS) + 1.0
+    pb.targets = torch.rand(3, N_ANS) + 1.0
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         vqa(pb)
     with pytest.raises(TypeError, match="dict or PackedVLBatch"):
@@ -447,7 +447,7 @@ def test_nlvr2_missing_image_and_odd_batch(gen):
         model(ob)
     tl = [3, 3]
     empty = PackedVLBatch(input_ids=torch.randint(4, 50, (6,)), txt_lens=tl, img_feat=torch.randn(4, 24),
-                          img_pos=torch.rand(4, 7), img_lens=[4, 0], extras={"targets": torch.tensor([1])})
+                          img_pos=torch.rand(4, 7), img_lens=[4, 0], targets=torch.tensor([1]))
     with pytest.raises(ValueError, match=r"example\(s\) \[0\] have an image with 0 regions"):
         model(empty)
 

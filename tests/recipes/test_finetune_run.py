@@ -185,13 +185,13 @@ def _setup(name, gen):
     if name == "vqa":
         model = UniterForVisualQuestionAnswering(cfg, cfg.img_dim, 7)
         batch = random_pretrain_batch("none", gen, cfg, batch=4)
-        batch.extras["targets"] = torch.rand(4, 7, generator=gen)
+        batch.targets = torch.rand(4, 7, generator=gen)
         return VQATask(model), batch, lambda p: p
     if name in ("nlvr2", "nlvr2-attn"):
         model = (UniterForNlvr2Paired if name == "nlvr2" else UniterForNlvr2PairedAttn)(cfg, cfg.img_dim)
         model.init_type_embedding()
         batch = random_pretrain_batch("none", gen, cfg, batch=6, img_range=(1, 6))
-        batch.extras["targets"] = torch.randint(0, 2, (3,), generator=gen)
+        batch.targets = torch.randint(0, 2, (3,), generator=gen)
         return NLVR2Task(model), batch, lambda p: p
     if name == "itr":
         model = UniterForImageTextRetrieval(cfg, cfg.img_dim, margin=2.0)  # every hinge active: no ~0 gradients
@@ -200,7 +200,7 @@ def _setup(name, gen):
     if name == "re":
         model = UniterForReferringExpressionComprehension(cfg, cfg.img_dim, mlp=2)
         batch = random_pretrain_batch("none", gen, cfg, batch=4, img_range=(2, 6))
-        batch.extras["targets"] = torch.tensor([int(torch.randint(n, (1,), generator=gen)) for n in batch.img_lens])
+        batch.targets = torch.tensor([int(torch.randint(n, (1,), generator=gen)) for n in batch.img_lens])
         return RETask(model), batch, lambda p: p
     if name == "caption":
         model = UniterForCaptioning(cfg, cfg.img_dim)
@@ -210,7 +210,7 @@ def _setup(name, gen):
     batch = random_pretrain_batch("none", gen, cfg, batch=8)
     t = torch.zeros(8, dtype=torch.long)
     t[[1, 6]] = 1
-    batch.extras["targets"] = t
+    batch.targets = t
     return VCRTask(model), batch, lambda p: p.reshape(-1, 4)
 
 

@@ -205,7 +205,7 @@ def test_eval_data_and_perfect_captions(corpus):
 
     class Oracle:  # "generates" each image's first reference caption
         def generate(self, batch, **kw):
-            toks = [data.images[names.index(n)].refs[0] for n in batch.extras["img_fnames"]]
+            toks = [data.images[names.index(n)].refs[0] for n in batch.img_fnames]
             return CaptionGeneration(toks, [0.0] * len(toks), [True] * len(toks))
 
     names = [im.img_fname for im in data.images]

@@ -116,7 +116,7 @@ def test_vqa_task_loss_and_targets(gen):
     pb = _batch(gen, cfg, 4)
     targets = vqa_soft_targets([[1, 3], [], [6], [0, 1, 2]], [[1.0, 0.3], [], [0.6], [0.3, 0.3, 1.0]], 7)
     assert targets[0, 3] == pytest.approx(0.3) and targets[1].sum() == 0
-    pb.extras["targets"] = targets
+    pb.targets = targets
     task = build_task("gqa", model=model)
     out = task(pb)
     logits = model(pb, compute_loss=False)
@@ -140,7 +140,7 @@ def test_nlvr2_task_and_missing_image(gen):
     model.init_type_embedding()
     pb = _batch(gen, cfg, 4, img_lens=[3, 2, 4, 1])
     pb.img_type_ids = torch.cat([torch.full((n,), 1 + i % 2) for i, n in enumerate(pb.img_lens)])
-    pb.extras["targets"] = torch.tensor([1, 0])
+    pb.targets = torch.tensor([1, 0])
     task = build_task("nlvr2", model=model)
     out = task(pb)
     scores = model(pb, compute_loss=False)
@@ -148,7 +148,7 @@ def test_nlvr2_task_and_missing_image(gen):
     assert out["count"] == 2
     torch.testing.assert_close(task.evaluate(pb)["accuracy"], (scores.argmax(1) == torch.tensor([1, 0])).float())
     pb = _batch(gen, cfg, 4, img_lens=[3, 2, 0, 1])
-    pb.extras["targets"] = torch.tensor([1, 0])
+    pb.targets = torch.tensor([1, 0])
     with pytest.raises(ValueError, match=r"example\(s\) \[1\] have an image with 0 regions"):
         task(pb)
 
@@ -218,20 +218,20 @@ def test_itr_score_matrix_is_brute_force(gen):
 def test_re_task(gen):
     model, cfg = _model(UniterForReferringExpressionComprehension)
     pb = _batch(gen, cfg, 3, img_lens=[4, 2, 5])
-    pb.extras["targets"] = torch.tensor([3, 0, 4])
+    pb.targets = torch.tensor([3, 0, 4])
     task = build_task("re", model=model)
     scores = model(pb, compute_loss=False)
-    torch.testing.assert_close(task(pb)["loss"], F.cross_entropy(scores, pb.extras["targets"]), **TOL)
+    torch.testing.assert_close(task(pb)["loss"], F.cross_entropy(scores, pb.targets), **TOL)
     boxes = torch.rand(11, 2, generator=gen) * 10
     boxes = torch.cat([boxes, boxes + 5], 1)
     pred = scores.argmax(1)
     gt = boxes[torch.tensor([0, 4, 6]) + pred]  # the predicted regions' own boxes: all correct
-    pb.extras.update(boxes=boxes, gt_boxes=gt, image_sizes=torch.full((3, 2), 16.0))
+    pb.boxes, pb.gt_boxes, pb.image_sizes = boxes, gt, torch.full((3, 2), 16.0)
     assert bool((task.evaluate(pb)["accuracy"] == 1).all())
-    pb.extras["gt_boxes"] = gt + 100
+    pb.gt_boxes = gt + 100
     with pytest.raises(ValueError, match="outside its image"):
         task.evaluate(pb)
-    pb.extras["targets"] = torch.tensor([3, 2, 4])
+    pb.targets = torch.tensor([3, 2, 4])
     with pytest.raises(ValueError, match="example 1 targets region 2 but has 2 regions"):
         task(pb)
 
@@ -241,18 +241,18 @@ def test_vcr_task_and_choice_count(gen):
     model.init_type_embedding()
     pb = _batch(gen, cfg, 8)
     targets = torch.tensor([0, 0, 1, 0, 1, 0, 0, 0])
-    pb.extras.update(targets=targets, num_choices=[4, 4])
+    pb.targets, pb.num_choices = targets, [4, 4]
     task = build_task("vcr", model=model)
     scores2 = model(pb, compute_loss=False)
     out = task(pb)
     assert out["loss"].dim() == 0 and out["count"] == 8
     acc = task.evaluate(pb)["accuracy"]
     torch.testing.assert_close(acc, (scores2.reshape(2, 4).argmax(1) == torch.tensor([2, 0])).float())
-    pb.extras["num_choices"] = [3, 5]
+    pb.num_choices = [3, 5]
     with pytest.raises(ValueError, match=r"question\(s\) \[0, 1\] have \[3, 5\] choices; VCR needs exactly 4"):
         task(pb)
     pb = PackedVLBatch(input_ids=pb.input_ids[:sum(pb.txt_lens[:6])], txt_lens=pb.txt_lens[:6],
                        img_feat=pb.img_feat[:sum(pb.img_lens[:6])], img_pos=pb.img_pos[:sum(pb.img_lens[:6])],
-                       img_lens=pb.img_lens[:6], extras={"targets": targets[:6]})
+                       img_lens=pb.img_lens[:6], targets=targets[:6])
     with pytest.raises(ValueError, match="not a multiple of 4"):
         task(pb)

@@ -6,7 +6,7 @@
 model returns. Inside, the encoder runs packed (see :mod:`fastvl.models.uniter`); heads run on the rows they need.
 
 Every class also takes a :class:`~fastvl.batch.PackedVLBatch` (the native API, :meth:`forward_packed`): task
-targets travel in ``batch.extras`` (``targets``, and ``sample_size`` for retrieval), and ``reduction`` selects the
+targets travel in ``batch.targets`` (``batch.sample_size`` for retrieval), and ``reduction`` selects the
 official per-element losses (``'none'``) or the official training reduction (``'mean'``; for VQA / VE the
 per-instance BCE sum averaged over the batch, computed by :func:`fastvl.ops.bce_soft.fused_bce_soft`).
 
@@ -61,11 +61,11 @@ def _two_layer_head(hidden: int, out: int, act: nn.Module) -> nn.Sequential:
 
 
 def _side_input(batch: PackedVLBatch | Mapping | None, key: str):
-    """The side input ``key`` of a batch: ``batch.extras[key]`` of a PackedVLBatch, ``batch[key]`` of an official dict;
+    """The side input ``key`` of a batch: the field ``key`` of a PackedVLBatch, ``batch[key]`` of an official dict;
     None when absent (or no batch)."""
     if batch is None:
         return None
-    return batch.extras.get(key) if isinstance(batch, PackedVLBatch) else batch.get(key)
+    return getattr(batch, key) if isinstance(batch, PackedVLBatch) else batch.get(key)
 
 
 def select_examples(batch: PackedVLBatch, indices: list[int]) -> PackedVLBatch:
@@ -129,12 +129,12 @@ class UniterFinetuneBase(UniterPreTrainedModel):
     def forward_packed(self, batch: PackedVLBatch, compute_loss: bool = True, reduction: str = "none",
                        layout: PackedLayout | None = None, txt_delta: torch.Tensor | None = None,
                        img_delta: torch.Tensor | None = None, check_finite: bool | None = None):
-        """The native API: a PackedVLBatch (targets in ``batch.extras['targets']``) -> as :meth:`forward_official`.
+        """The native API: a PackedVLBatch (targets in ``batch.targets``) -> as :meth:`forward_official`.
 
         Args:
             batch: packed batch; ``img_masks`` is ignored (fine-tuning never masks regions).
             compute_loss, reduction: as the official forward; ``reduction='mean'`` gives the training reduction.
-            layout: precomputed ``UniterModel.layout(batch)``.
+            layout: precomputed ``batch.packed_layout()``.
             txt_delta [T_txt, H], img_delta [T_img, img_dim]: VILLA perturbations (see UniterModel.forward_packed).
             check_finite: check features / deltas for NaN or inf (reads the device).
         """
@@ -144,13 +144,15 @@ class UniterFinetuneBase(UniterPreTrainedModel):
         layout = layout if layout is not None else self.uniter.layout(batch)
         h = self.uniter.forward_packed(batch, layout=layout, txt_delta=txt_delta, img_delta=img_delta,
                                        check_finite=check_finite)
-        targets = None
-        if compute_loss:
-            if batch.extras.get("targets") is None:
-                raise ValueError(f"{type(self).__name__}: PackedVLBatch.extras['targets'] is required with "
-                                 f"compute_loss=True ({self._targets_doc()})")
-            targets = batch.extras["targets"]
+        targets = self.packed_targets(batch) if compute_loss else None
         return self.head(h, layout, targets=targets, compute_loss=compute_loss, reduction=reduction, batch=batch)
+
+    def packed_targets(self, batch: PackedVLBatch) -> torch.Tensor | int:
+        """The loss targets a PackedVLBatch carries for this head (``batch.targets``; retrieval: ``sample_size``)."""
+        if batch.targets is None:
+            raise ValueError(f"{type(self).__name__}: PackedVLBatch.targets is required with compute_loss=True "
+                             f"({self._targets_doc()})")
+        return batch.targets
 
     # ------------------------------------------------------------------------------------------ head
     def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
@@ -167,7 +169,7 @@ class UniterFinetuneBase(UniterPreTrainedModel):
                 [B, max_nbb]; NLVR2 logits [n_pairs, 2]; retrieval scores [B, 1]). True: the loss.
             reduction: with ``compute_loss``: ``'mean'`` (the training reduction, a scalar) or ``'none'`` (the
                 official per-element losses, shapes in the class docstrings).
-            batch: the batch ``h`` was encoded from (a PackedVLBatch, whose ``extras`` are read, or the official
+            batch: the batch ``h`` was encoded from (a PackedVLBatch, whose side fields are read, or the official
                 dict), for heads with side inputs (RE: ``obj_masks`` [B, max_nbb] bool); None: no side inputs.
         """
         raise NotImplementedError
@@ -454,14 +456,12 @@ class UniterForImageTextRetrieval(UniterFinetuneBase):
                            f"first), required with compute_loss=True")
         return int(batch["sample_size"])
 
-    def forward_packed(self, batch: PackedVLBatch, compute_loss: bool = True, reduction: str = "none", **kwargs):
-        """As the base class; with ``compute_loss`` the group size is ``batch.extras['sample_size']`` (int)."""
-        if compute_loss and batch.extras.get("sample_size") is None:
-            raise ValueError(f"{type(self).__name__}: PackedVLBatch.extras['sample_size'] (pairs per group, "
-                             f"positive first) is required with compute_loss=True")
-        if compute_loss:
-            batch = replace(batch, extras={**batch.extras, "targets": int(batch.extras["sample_size"])})
-        return super().forward_packed(batch, compute_loss, reduction, **kwargs)
+    def packed_targets(self, batch: PackedVLBatch) -> int:
+        """The group size ``batch.sample_size`` (pairs per group, positive first): this head's loss target."""
+        if batch.sample_size is None:
+            raise ValueError(f"{type(self).__name__}: PackedVLBatch.sample_size (pairs per group, positive first) is "
+                             "required with compute_loss=True")
+        return int(batch.sample_size)
 
     def head(self, h: torch.Tensor, layout: PackedLayout, *, targets: torch.Tensor | int | None = None,
              compute_loss: bool = False, reduction: str = "mean", batch: PackedVLBatch | Mapping | None = None):
@@ -522,7 +522,7 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
         keep = scores.squeeze(-1)[1:].topk(self.hard_size, sorted=False).indices + 1
         if isinstance(batch, PackedVLBatch):
             hard = select_examples(batch, [0, *keep.tolist()])
-            hard.extras["sample_size"] = self.hard_size + 1
+            hard.sample_size = self.hard_size + 1
         else:
             hard = self._hard_dict(batch, keep, sample_from)
         return super().forward(hard, True, **kwargs)

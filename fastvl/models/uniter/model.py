@@ -32,7 +32,7 @@ from ...batch import PackedVLBatch
 from ...nn.bert import LAYER_NORM_EPS, BertLayer, BertPooler
 from ...ops import unpack
 from .config import UniterConfig, resolve_config
-from .layout import PackedLayout, layout_from_lengths, layout_from_official
+from .layout import PackedLayout, layout_from_official
 
 __all__ = ["UniterConfig", "UniterModel", "UniterPreTrainedModel", "assert_finite"]
 
@@ -310,8 +310,8 @@ class UniterModel(UniterPreTrainedModel):
     @staticmethod
     @torch.compiler.disable
     def layout(batch: PackedVLBatch) -> PackedLayout:
-        """Packed-layout indices of a batch (host arithmetic on its Python-int lengths, one transfer)."""
-        return layout_from_lengths(batch.txt_lens, batch.img_lens, batch.input_ids.device)
+        """The batch's packed layout (built once per batch: see :meth:`PackedVLBatch.packed_layout`)."""
+        return batch.packed_layout()
 
     def validate_packed(self, batch: PackedVLBatch, txt_delta: torch.Tensor | None = None,
                         img_delta: torch.Tensor | None = None) -> None:
