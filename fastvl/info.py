@@ -21,7 +21,7 @@ import fastvl
 from fastvl.ops import _dispatch as D
 
 # Importing these registers their ops in the dispatcher. Modules still to come are skipped quietly.
-OP_MODULES = ["attention", "ot", "linear_cross_entropy", "linear_kl", "masked_regression", "symmetric_kl",
+OP_MODULES = ["attention", "ot", "linear_cross_entropy", "linear_kl", "masked_regression", "sym_kl",
               "bce_soft", "adv_perturb"]
 
 

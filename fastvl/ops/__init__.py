@@ -1,7 +1,8 @@
 """fastvl's public functional API: one module per op; each function takes ``backend=None`` to force one.
 
-``symmetric_kl`` lives in (and is imported from) its module ``fastvl.ops.symmetric_kl``: a package attribute of
-the same name would shadow the module.
+Every op's function is exported here (``from fastvl.ops import symmetric_kl``). A module is never named after
+the function it defines (the package attribute would shadow it): ``symmetric_kl`` lives in ``fastvl.ops.sym_kl``
+(its reference, ``symmetric_kl_reference``, and backend table, ``SYMMETRIC_KL``, too).
 
 See ``python -m fastvl.info`` for which backend serves each op on this machine.
 """
@@ -15,6 +16,7 @@ from .linear_kl import fused_linear_kl
 from .masked_regression import fused_masked_regression
 from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
 from .pack import pack, unpack
+from .sym_kl import symmetric_kl
 
 __all__ = [
     "OPS",
@@ -32,5 +34,6 @@ __all__ = [
     "optimal_transport_dist",
     "optimal_transport_dist_packed",
     "pack",
+    "symmetric_kl",
     "unpack",
 ]

@@ -9,6 +9,7 @@ backend and errors (with its reasons) when it cannot serve the input.
 
 ``FASTVL_BACKEND`` is either one name (``FASTVL_BACKEND=cpu``: every op that has a ``cpu`` backend must
 use it; ops without one select as usual) or per-op pairs (``FASTVL_BACKEND=ipot=cpu,attention=triton``).
+A name that no op has, an unknown op, or an op paired with a backend it lacks raises, naming the valid backends.
 
 Selection only reads tensor metadata (device, dtype, shape), never tensor values, so it adds no host
 synchronisation and is traced away by ``torch.compile``.
@@ -116,17 +117,45 @@ def register_op(name: str, priority: Sequence[str], doc: str = "") -> Op:
     return OPS[name]
 
 
+def _known_backend_names() -> set[str]:
+    """Every backend name some registered op has, and every backend kind (``cuda`` stays a known name on a
+    build whose ops register no CUDA backend)."""
+    return set(KINDS).union(*(op.backends for op in OPS.values()))
+
+
 def _forced_from_env(op: Op) -> str | None:
+    """The backend ``FASTVL_BACKEND`` forces on ``op`` (None: it forces none).
+
+    Raises :class:`BackendUnavailableError` for a value that names nothing: a plain name that is no backend of any
+    op, an ``op=name`` pair naming an unknown op, a backend ``op`` lacks, or an item that is not ``op=name``."""
     value = os.environ.get("FASTVL_BACKEND", "").strip()
     if not value:
         return None
     if "=" not in value:
-        return value if value in op.backends else None
+        if value in op.backends:
+            return value
+        if value in _known_backend_names():
+            return None  # a backend of other ops (``FASTVL_BACKEND=cpu``): this op selects as usual
+        raise BackendUnavailableError(
+            f"fastvl.ops.{op.name}: FASTVL_BACKEND={value!r} names no backend of any op; this op has "
+            f"{sorted(op.backends)} (or use FASTVL_BACKEND=op=name,op2=name)")
+    forced = None
     for item in value.split(","):
-        key, _, name = item.partition("=")
-        if key.strip() == op.name:
-            return name.strip()
-    return None
+        key, sep, name = (part.strip() for part in item.partition("="))
+        if not sep or not key or not name:
+            raise BackendUnavailableError(
+                f"fastvl.ops.{op.name}: FASTVL_BACKEND={value!r}: item {item.strip()!r} is not 'op=backend'")
+        if key == op.name:
+            if name not in op.backends:
+                raise BackendUnavailableError(
+                    f"fastvl.ops.{op.name}: unknown backend {name!r} in FASTVL_BACKEND={value!r}; this op has "
+                    f"{sorted(op.backends)}")
+            forced = name
+        elif key not in OPS:
+            raise BackendUnavailableError(
+                f"fastvl.ops.{op.name}: FASTVL_BACKEND={value!r} names an unknown op {key!r}; the ops are "
+                f"{sorted(OPS)}")
+    return forced
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:

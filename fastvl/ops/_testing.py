@@ -10,9 +10,11 @@ backend's dtype. For float32 the floor is 1e-5 relative to max|ref64|.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -56,13 +58,101 @@ def assert_rel_close(fast: torch.Tensor, ref: torch.Tensor, rel: float, name: st
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (floats) or an out-of-range value (ints) so that unwritten outputs are caught."""
-    if t.is_floating_point():
+    if t.is_floating_point() or t.is_complex():
         return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t.fill_(True)
     return t.fill_(-(2**30) if t.dtype in (torch.int32, torch.int64) else 1)
 
 
 def poisoned_empty(*shape: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     return poison_(torch.empty(*shape, dtype=dtype, device=device))
+
+
+def triton_test_device() -> torch.device:
+    """Where tests run Triton kernels: the GPU when there is one, else the CPU under ``TRITON_INTERPRET=1`` (the
+    dispatcher refuses CPU tensors for Triton without the interpreter). ``tests/conftest.py``'s ``triton_device``
+    fixture returns this."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("no GPU: Triton tests need TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Poisoned allocations: an output a kernel leaves unwritten reads NaN
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cpu_junk_flag() -> ctypes.c_bool | None:
+    """c10's ``caffe2_cpu_allocator_do_junk_fill`` flag: when set, every CPU allocation, C++ ones included (the
+    outputs of ``fastvl._C``), is filled with 0x7fedbeef (NaN as float32, 1.6e308 as float64). None where the
+    library does not export it."""
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libc10.so", "libc10.dylib"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.c_bool.in_dll(ctypes.CDLL(path), "FLAGS_caffe2_cpu_allocator_do_junk_fill")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+class PoisonedAllocations:
+    """What :func:`poisoned_allocations` poisoned: ``hits`` (allocations through ``torch.empty`` / ``empty_like``
+    / ``empty_strided`` / ``Tensor.new_empty``, on any device), their storages, and whether every CPU allocation
+    is junk-filled (``cpu_junk_fill``)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.cpu_junk_fill = False
+        self._storages: list[torch.Tensor] = []
+
+    def record(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and t.numel():
+            self.hits += 1
+            self._storages.append(t)
+            poison_(t)
+        return t
+
+    def covers(self, t: torch.Tensor) -> bool:
+        """Whether the allocation that holds ``t`` was poisoned: it came from a patched allocator call (the same
+        storage), or it is a CPU tensor while every CPU allocation is junk-filled."""
+        if t.device.type == "cpu" and self.cpu_junk_fill:
+            return True
+        ptr = t.untyped_storage().data_ptr()
+        return any(s.untyped_storage().data_ptr() == ptr for s in self._storages)
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[PoisonedAllocations]:
+    """Within the block every float tensor that ``torch.empty``, ``torch.empty_like``, ``torch.empty_strided`` or
+    ``Tensor.new_empty`` returns is NaN (ints -2**30, bools True), and, where c10 exports its junk-fill flag, every
+    CPU allocation (C++ ones too) starts as 0x7fedbeef. A kernel that leaves part of an output (or of a workspace
+    it reads) unwritten then produces NaN. Tests assert ``state.covers(output)`` to show that the poison reached
+    the output's allocation."""
+    state = PoisonedAllocations()
+    originals = {"empty": torch.empty, "empty_like": torch.empty_like, "empty_strided": torch.empty_strided}
+    new_empty = torch.Tensor.new_empty
+    flag = _cpu_junk_flag()
+    old_flag = bool(flag.value) if flag is not None else False
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, lambda *a, _fn=fn, **kw: state.record(_fn(*a, **kw)))
+        torch.Tensor.new_empty = lambda self, *a, **kw: state.record(new_empty(self, *a, **kw))
+        if flag is not None:
+            flag.value = True
+            probe = torch.ops.aten.empty.memory_format([64], dtype=torch.float32)  # not through the patches above
+            state.cpu_junk_fill = bool(torch.isnan(probe).all())
+        yield state
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+        torch.Tensor.new_empty = new_empty
+        if flag is not None:
+            flag.value = old_flag
 
 
 def fresh_seed() -> int:

@@ -356,7 +356,8 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         prefix_lens: [B] int32 tensor or list of ints; bidirectional prefix per sequence (seq2seq only).
         dropout_p: attention-probability dropout (training).
         softmax_scale: default head_dim ** -0.5.
-        return_probs: also return per-sequence probabilities [B, heads, max_seqlen_q, max_seqlen_k] (forward only).
+        return_probs: also return per-sequence probabilities [B, heads, max_seqlen_q, max_seqlen_k] (forward only;
+            only the reference serves it, so forcing another backend raises ``BackendUnavailableError``).
         backend: force a backend; default: the fastest that fits.
         deterministic: require a bitwise-reproducible backward (default: ``torch.are_deterministic_algorithms_
             enabled()``); peers without one are skipped. The Triton backward is always deterministic (no atomics).
@@ -383,7 +384,7 @@ def cross_modal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         deterministic = torch.are_deterministic_algorithms_enabled()
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, prefix_lens, dropout_p,
             softmax_scale, return_probs)
-    name = "reference" if return_probs else ATTENTION.select(*args, backend=backend, deterministic=deterministic)
+    name = ATTENTION.select(*args, backend=backend, deterministic=deterministic)  # only the reference returns probs
     if name == "reference":
         return cross_modal_attention_reference(*args)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

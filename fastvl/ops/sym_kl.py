@@ -96,7 +96,7 @@ def _torch_rows(a: torch.Tensor, b: torch.Tensor, loss: torch.Tensor, ga: torch.
 
 def _run(backend: str, a, b, loss, ga, gb, scale, mode, elementwise, chunk_rows) -> None:
     if backend == "triton":
-        from ..kernels.triton.symmetric_kl import symmetric_kl_rows
+        from ..kernels.triton.sym_kl import symmetric_kl_rows
 
         symmetric_kl_rows(a, b, loss, ga, gb, scale, mode, elementwise)
         return

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batch import PackedVLBatch
-from ..ops.symmetric_kl import symmetric_kl
+from ..ops.sym_kl import symmetric_kl
 
 __all__ = ["AdvOutput", "AdvView", "FinetuneAdvView", "ViewCtx", "FinetuneTask", "consistency_loss",
            "masked_text_targets"]

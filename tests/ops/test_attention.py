@@ -1,4 +1,6 @@
-"""cross_modal_attention: the Triton kernels (interpreter on CPU, fp32; bf16/fp16 on GPU) and peers vs the reference."""
+"""cross_modal_attention: the Triton kernels (interpreter on CPU, fp32; bf16/fp16 on GPU) and peers vs the reference.
+
+Every test that runs the Triton kernels builds its tensors on the `triton_device` fixture (tests/conftest.py)."""
 
 import math
 
@@ -13,9 +15,6 @@ from fastvl.ops import _dispatch as D
 from fastvl.ops import attention as A
 from fastvl.ops._testing import FLOOR_REL, assert_close_to_ref, attention_inputs, cu_seqlens, max_abs_err, tolerance
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-
 # (lens_q, lens_k or None, prefix_lens or None) per mask: odd lengths 1, 7, 97, 130; a batch of 1; an empty
 # prefix, a prefix covering the whole sequence and one past it; cross rows without keys (text-only) or queries.
 CASES = {
@@ -25,18 +24,6 @@ CASES = {
     "cross": [([1], [1], None), ([7, 1, 20], [13, 0, 5], None), ([130, 97], [60, 100], None), ([0, 5], [4, 3], None)],
 }
 FLAT_CASES = [(m, *c) for m, cases in CASES.items() for c in cases]
-
-
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    """Every float tensor allocated by torch.empty / empty_like during the test starts as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
 
 
 def _reference(args, dtype, dout, dropout_p=0.0, keep=None, scale=None):
@@ -53,6 +40,14 @@ def _fused(args, backend="triton", dropout_p=0.0, seed=None, scale=None, dout=No
     if dout is not None:
         out.backward(dout)
     return out, (q.grad, k.grad, v.grad)
+
+
+def _assert_poisoned_and_written(poisoned, out, grads):
+    """The poison reached the fused outputs (their allocations started as NaN) and every entry was written."""
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        if t.numel():
+            assert poisoned.covers(t), f"{name}: its allocation was not poisoned, so a gap could not be seen"
+        assert torch.isfinite(t).all(), f"{name} has entries the kernel did not write"
 
 
 def _check_against_reference(args, gen, backend="triton", dropout_p=0.0, scale=None):
@@ -107,6 +102,27 @@ def test_reference_return_probs(gen):
     assert probs.shape == (2, 2, 5, 4)
     torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 5))
     assert probs[1].eq(0).all() and out[5:].eq(0).all()
+    out_ref, _ = A.cross_modal_attention(*args, return_probs=True, backend="reference")
+    assert torch.equal(out, out_ref)
+
+
+def test_return_probs_with_a_forced_backend_that_cannot_serve_it_raises(gen, triton_device, monkeypatch):
+    """Only the reference returns probabilities: forcing another backend raises with its reasons (no silent
+    fallback to the reference), by argument or by FASTVL_BACKEND, and an unknown name raises as well."""
+    args = attention_inputs([5, 3], None, 2, 32, gen, device=triton_device)
+    with pytest.raises(BackendUnavailableError, match=r"backend 'triton' was forced \(backend=\).*return_probs needs "
+                                                      r"the reference backend"):
+        A.cross_modal_attention(*args, return_probs=True, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'nope'"):
+        A.cross_modal_attention(*args, return_probs=True, backend="nope")
+    monkeypatch.setenv("FASTVL_BACKEND", "attention=triton")
+    with pytest.raises(BackendUnavailableError, match=r"\(FASTVL_BACKEND\).*return_probs needs the reference"):
+        A.cross_modal_attention(*args, return_probs=True)
+    monkeypatch.setenv("FASTVL_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match=r"\(FASTVL_BACKEND\).*return_probs"):
+        A.cross_modal_attention(*args, return_probs=True)
+    monkeypatch.setenv("FASTVL_BACKEND", "attention=reference")
+    assert A.cross_modal_attention(*args, return_probs=True)[1].shape == (2, 2, 5, 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,50 +131,50 @@ def test_reference_return_probs(gen):
 
 
 @pytest.mark.parametrize("mask,lens_q,lens_k,prefix", FLAT_CASES)
-def test_triton_matches_reference(mask, lens_q, lens_k, prefix, gen, poisoned_alloc):
-    args = attention_inputs(lens_q, lens_k, 2, 32, gen, mask=mask, prefix_lens=prefix)
+def test_triton_matches_reference(mask, lens_q, lens_k, prefix, gen, triton_device, poisoned):
+    args = attention_inputs(lens_q, lens_k, 2, 32, gen, device=triton_device, mask=mask, prefix_lens=prefix)
     out, grads = _check_against_reference(args, gen)
-    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    _assert_poisoned_and_written(poisoned, out, grads)
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 80, 96, 128])
 @pytest.mark.parametrize("mask", ["bidirectional", "seq2seq"])
-def test_triton_head_dims(head_dim, mask, gen, poisoned_alloc):
-    args = attention_inputs([7, 20], None, 1, head_dim, gen, mask=mask, prefix_lens=[3, 4] if mask == "seq2seq"
-                            else None)
-    _check_against_reference(args, gen)
+def test_triton_head_dims(head_dim, mask, gen, triton_device, poisoned):
+    args = attention_inputs([7, 20], None, 1, head_dim, gen, device=triton_device, mask=mask,
+                            prefix_lens=[3, 4] if mask == "seq2seq" else None)
+    _assert_poisoned_and_written(poisoned, *_check_against_reference(args, gen))
 
 
-def test_triton_softmax_scale(gen):
-    args = attention_inputs([9, 17], None, 2, 32, gen, mask="seq2seq", prefix_lens=[2, 5])
+def test_triton_softmax_scale(gen, triton_device):
+    args = attention_inputs([9, 17], None, 2, 32, gen, device=triton_device, mask="seq2seq", prefix_lens=[2, 5])
     _check_against_reference(args, gen, scale=0.37)
 
 
-def test_rows_without_keys_are_zero_and_finite(gen, poisoned_alloc):
+def test_rows_without_keys_are_zero_and_finite(gen, triton_device, poisoned):
     """Cross rows whose key set is empty: output 0, gradients finite (dq 0), never NaN."""
-    args = attention_inputs([3, 4, 2], [0, 5, 0], 2, 32, gen, mask="cross")
+    args = attention_inputs([3, 4, 2], [0, 5, 0], 2, 32, gen, device=triton_device, mask="cross")
     q, k, v = (t.clone().requires_grad_() for t in args[:3])
     out = A.cross_modal_attention(q, k, v, *args[3:], backend="triton")
-    assert out[:3].eq(0).all() and out[7:].eq(0).all() and torch.isfinite(out).all()
+    assert out[:3].eq(0).all() and out[7:].eq(0).all()
     out.square().sum().backward()
     assert q.grad[:3].eq(0).all() and q.grad[7:].eq(0).all()
-    assert all(torch.isfinite(g).all() for g in (q.grad, k.grad, v.grad))
+    _assert_poisoned_and_written(poisoned, out, (q.grad, k.grad, v.grad))
 
 
-def test_strided_views_of_fused_qkv(gen):
+def test_strided_views_of_fused_qkv(gen, triton_device):
     """q, k, v as views of one [T, 3, H, D] projection (token stride 3*H*D) give the contiguous result."""
-    qkv = torch.randn(27, 3, 2, 32, generator=gen)
-    cu = cu_seqlens([20, 7])
+    qkv = torch.randn(27, 3, 2, 32, generator=gen).to(triton_device)
+    cu = cu_seqlens([20, 7], triton_device)
     views = [qkv[:, i] for i in range(3)]
     out = A.cross_modal_attention(*views, cu, cu, 20, 20, backend="triton")
     ref = A.cross_modal_attention(*(t.contiguous() for t in views), cu, cu, 20, 20, backend="triton")
     assert torch.equal(out, ref)
 
 
-def test_backward_is_deterministic(gen):
-    args = attention_inputs([33, 18], None, 2, 32, gen, mask="seq2seq", prefix_lens=[5, 0])
-    dout = torch.randn(args[0].shape, generator=gen)
-    seed = A.draw_dropout_seed("cpu")
+def test_backward_is_deterministic(gen, triton_device):
+    args = attention_inputs([33, 18], None, 2, 32, gen, device=triton_device, mask="seq2seq", prefix_lens=[5, 0])
+    dout = torch.randn(args[0].shape, generator=gen).to(triton_device)
+    seed = A.draw_dropout_seed(triton_device)
     runs = [_fused(args, dropout_p=0.1, seed=seed, dout=dout) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
@@ -172,14 +188,14 @@ def test_backward_is_deterministic(gen):
 @pytest.mark.parametrize("mask,lens_q,lens_k,prefix", [("seq2seq", [7, 33], None, [3, 0]),
                                                        ("cross", [7, 20], [9, 0], None),
                                                        ("bidirectional", [1, 40], None, None)])
-def test_dropout_gradients_match_reference_with_same_mask(mask, lens_q, lens_k, prefix, gen):
-    args = attention_inputs(lens_q, lens_k, 2, 32, gen, mask=mask, prefix_lens=prefix)
+def test_dropout_gradients_match_reference_with_same_mask(mask, lens_q, lens_k, prefix, gen, triton_device):
+    args = attention_inputs(lens_q, lens_k, 2, 32, gen, device=triton_device, mask=mask, prefix_lens=prefix)
     _check_against_reference(args, gen, dropout_p=0.3)
 
 
-def test_dropout_same_seed_same_output(gen):
-    args = attention_inputs([20, 11], None, 2, 32, gen)
-    seed = A.draw_dropout_seed("cpu")
+def test_dropout_same_seed_same_output(gen, triton_device):
+    args = attention_inputs([20, 11], None, 2, 32, gen, device=triton_device)
+    seed = A.draw_dropout_seed(triton_device)
     a, _ = _fused(args, dropout_p=0.2, seed=seed)
     b, _ = _fused(args, dropout_p=0.2, seed=seed.clone())
     other, _ = _fused(args, dropout_p=0.2, seed=seed + 1)
@@ -193,13 +209,15 @@ def test_dropout_same_seed_same_output(gen):
     assert not torch.equal(c, no_drop)
 
 
-def test_dropout_keep_mask_statistics():
-    cu = cu_seqlens([64, 64])
-    keep = A.dropout_keep_mask(torch.tensor([1234]), cu, cu, 64, 64, 2, 0.25)
+def test_dropout_keep_mask_statistics(triton_device):
+    cu = cu_seqlens([64, 64], triton_device)
+    seed = torch.tensor([1234], device=triton_device)
+    keep = A.dropout_keep_mask(seed, cu, cu, 64, 64, 2, 0.25)
     assert keep.shape == (2, 2, 64, 64) and keep.dtype == torch.bool
     assert abs(keep.float().mean().item() - 0.75) < 0.03
     assert not torch.equal(keep[:, 0], keep[:, 1]) and not torch.equal(keep[0], keep[1])
-    short = A.dropout_keep_mask(torch.tensor([1234]), cu_seqlens([64, 3]), cu_seqlens([64, 5]), 64, 64, 2, 0.25)
+    short = A.dropout_keep_mask(seed, cu_seqlens([64, 3], triton_device), cu_seqlens([64, 5], triton_device), 64, 64,
+                                2, 0.25)
     assert torch.equal(short[0], keep[0]) and not short[1, :, 3:].any() and not short[1, :, :, 5:].any()
 
 
@@ -210,12 +228,12 @@ def test_dropout_keep_mask_statistics():
 
 @settings(max_examples=8, deadline=None)
 @given(mask=st.sampled_from(A.MASKS), seed=st.integers(0, 2**31 - 1), data=st.data())
-def test_property_triton(mask, seed, data):
+def test_property_triton(triton_device, mask, seed, data):
     gen = torch.Generator().manual_seed(seed)
     b = data.draw(st.integers(1, 3))
     lens_q = data.draw(st.lists(st.integers(0 if mask == "cross" else 1, 24), min_size=b, max_size=b))
     lens_k = data.draw(st.lists(st.integers(0, 24), min_size=b, max_size=b)) if mask == "cross" else None
-    args = attention_inputs(lens_q, lens_k, 1, 32, gen, mask=mask)
+    args = attention_inputs(lens_q, lens_k, 1, 32, gen, device=triton_device, mask=mask)
     _check_against_reference(args, gen)
 
 
@@ -302,11 +320,11 @@ def test_bad_dropout_p(gen):
 
 
 @pytest.mark.parametrize("head_dim", [48, 8, 256])
-def test_unsupported_head_dim_names_q(head_dim, gen):
-    args = attention_inputs([5, 3], None, 2, head_dim, gen)
+def test_unsupported_head_dim_names_q(head_dim, gen, triton_device):
+    args = attention_inputs([5, 3], None, 2, head_dim, gen, device=triton_device)
     with pytest.raises(BackendUnavailableError, match=f"argument 'q' has head_dim {head_dim}; supported: 16, 32"):
         A.cross_modal_attention(*args, backend="triton")
-    A.cross_modal_attention(*args)  # the reference takes any head_dim
+    A.cross_modal_attention(*args)  # automatic selection serves it (on the CPU: the reference, any head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,28 +360,35 @@ def test_selection_on_cuda_prefers_triton():
         assert reasons["sdpa_padded"] == []
 
 
-def test_forced_backend_by_environment(gen, monkeypatch):
-    args = _good(gen, "bidirectional")
-    monkeypatch.setenv("FASTVL_BACKEND", "attention=flex")
-    with pytest.raises(BackendUnavailableError, match="FASTVL_BACKEND"):
+def test_forced_backend_by_environment(gen, monkeypatch, triton_device):
+    args = [t.to(triton_device) if isinstance(t, torch.Tensor) else t for t in _good(gen, "bidirectional")]
+    monkeypatch.setenv("FASTVL_BACKEND", "attention=no_such_backend")
+    with pytest.raises(BackendUnavailableError, match=r"unknown backend 'no_such_backend'.*this op has \[.*'triton'"):
+        A.cross_modal_attention(*args)
+    monkeypatch.setenv("FASTVL_BACKEND", "no_such_backend")
+    with pytest.raises(BackendUnavailableError, match=r"names no backend of any op; this op has \[.*'reference'"):
         A.cross_modal_attention(*args)
     monkeypatch.setenv("FASTVL_BACKEND", "attention=triton")
     out = A.cross_modal_attention(*args)
     torch.testing.assert_close(out, A.cross_modal_attention_reference(*args), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FASTVL_BACKEND", "attention=flex")
+    if A.ATTENTION.backends["flex"].supports(*args, 0.0, None, False):  # it cannot serve them: the error says why
+        with pytest.raises(BackendUnavailableError, match="FASTVL_BACKEND"):
+            A.cross_modal_attention(*args)
 
 
 @pytest.mark.parametrize("mask,dropout_p", [("bidirectional", 0.0), ("seq2seq", 0.2), ("cross", 0.0)])
-def test_opcheck(mask, dropout_p, gen):
+def test_opcheck(mask, dropout_p, gen, triton_device):
     q, k, v, cq, ck, mq, mk, mask, prefix = attention_inputs([6, 3], [4, 5] if mask == "cross" else None, 2, 32, gen,
-                                                             mask=mask)
-    seed = A.draw_dropout_seed("cpu") if dropout_p else None
+                                                             device=triton_device, mask=mask)
+    seed = A.draw_dropout_seed(triton_device) if dropout_p else None
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.fastvl.attention_fwd.default,
                           (q, k, v, cq, ck, mq, mk, mask, prefix, dropout_p, 0.2, seed, "triton"))
 
 
-def test_torch_compile_fullgraph(gen):
-    args = attention_inputs([9, 4], None, 2, 32, gen, mask="seq2seq", prefix_lens=[2, 0])
+def test_torch_compile_fullgraph(gen, triton_device):
+    args = attention_inputs([9, 4], None, 2, 32, gen, device=triton_device, mask="seq2seq", prefix_lens=[2, 0])
 
     def step(q, k, v):
         out = A.cross_modal_attention(q, k, v, *args[3:], backend="triton")
@@ -459,9 +484,9 @@ GPU_MATRIX = [(torch.bfloat16, d, "bidirectional", True) for d in (64, 80, 128)]
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,head_dim,mask,backward", GPU_MATRIX)
-def test_gpu_triton_matches_reference(dtype, head_dim, mask, backward, gen):
+def test_gpu_triton_matches_reference(dtype, head_dim, mask, backward, gen, triton_device):
     lens_q, lens_k, prefix = GPU_CASES[mask]
-    args = attention_inputs(lens_q, lens_k, 4, head_dim, gen, dtype, "cuda", mask, prefix)
+    args = attention_inputs(lens_q, lens_k, 4, head_dim, gen, dtype, triton_device, mask, prefix)
     if backward:
         _check_against_reference(args, gen)
     else:
@@ -472,22 +497,23 @@ def test_gpu_triton_matches_reference(dtype, head_dim, mask, backward, gen):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mask", ["seq2seq", "cross"])
-def test_gpu_triton_dropout(mask, gen):
+def test_gpu_triton_dropout(mask, gen, triton_device):
     lens_q, lens_k, prefix = GPU_CASES[mask]
-    args = attention_inputs(lens_q, lens_k, 4, 64, gen, torch.bfloat16, "cuda", mask, prefix)
+    args = attention_inputs(lens_q, lens_k, 4, 64, gen, torch.bfloat16, triton_device, mask, prefix)
     _check_against_reference(args, gen, dropout_p=0.1)
 
 
 @pytest.mark.cuda
-def test_gpu_triton_long_sequences(gen):
-    args = attention_inputs([1024, 999, 513], None, 12, 64, gen, torch.bfloat16, "cuda", "seq2seq", [300, 0, 513])
+def test_gpu_triton_long_sequences(gen, triton_device):
+    args = attention_inputs([1024, 999, 513], None, 12, 64, gen, torch.bfloat16, triton_device, "seq2seq",
+                            [300, 0, 513])
     _check_against_reference(args, gen)
 
 
 @pytest.mark.cuda
-def test_gpu_triton_backward_deterministic(gen):
-    args = attention_inputs([160] * 64, None, 12, 64, gen, torch.bfloat16, "cuda")
-    dout = torch.randn(args[0].shape, generator=gen).to("cuda", torch.bfloat16)
+def test_gpu_triton_backward_deterministic(gen, triton_device):
+    args = attention_inputs([160] * 64, None, 12, 64, gen, torch.bfloat16, triton_device)
+    dout = torch.randn(args[0].shape, generator=gen).to(triton_device, torch.bfloat16)
     runs = [_fused(args, dout=dout)[1] for _ in range(3)]
     assert all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))
 
@@ -505,8 +531,8 @@ def test_gpu_peers_match_reference(peer, mask, gen):
 
 
 @pytest.mark.cuda
-def test_gpu_selection_and_compile(gen):
-    args = attention_inputs([20, 160, 97], None, 12, 64, gen, torch.bfloat16, "cuda", "seq2seq")
+def test_gpu_selection_and_compile(gen, triton_device):
+    args = attention_inputs([20, 160, 97], None, 12, 64, gen, torch.bfloat16, triton_device, "seq2seq")
     assert A.ATTENTION.select(*args, 0.1, None, False) == "triton"
 
     def step(q, k, v):

@@ -42,25 +42,26 @@ def _compare(backend, inputs, gen, reduction="batchmean", chunk_rows=3, wrt=(0, 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
 @pytest.mark.parametrize("answers", [3129, 1601, 3])
-def test_matches_reference(backend, reduction, answers, gen):
-    h, w, b, _ = linear_head_inputs(7, 16, answers, gen, logit_std=4.0)
-    _compare(backend, (h, w, b, vqa_soft_scores(7, answers, gen, per_row=min(3, answers)), None), gen, reduction)
+def test_matches_reference(backend, reduction, answers, gen, device):
+    h, w, b, _ = linear_head_inputs(7, 16, answers, gen, logit_std=4.0, device=device)
+    y = vqa_soft_scores(7, answers, gen, per_row=min(3, answers), device=device)
+    _compare(backend, (h, w, b, y, None), gen, reduction)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_gather_no_bias_extreme_logits(backend, gen):
+def test_gather_no_bias_extreme_logits(backend, gen, device):
     """Logits of +-60 (sigmoid saturates in float32) must neither overflow nor lose the gradient's sign."""
-    h, w, _, idx = linear_head_inputs(6, 16, 3129, gen, n_all=9, bias=False, logit_std=30.0)
-    _compare(backend, (h, w, None, vqa_soft_scores(6, 3129, gen), idx), gen, chunk_rows=4, wrt=(0, 1))
+    h, w, _, idx = linear_head_inputs(6, 16, 3129, gen, n_all=9, bias=False, logit_std=30.0, device=device)
+    _compare(backend, (h, w, None, vqa_soft_scores(6, 3129, gen, device=device), idx), gen, chunk_rows=4, wrt=(0, 1))
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_single_chunk_defers_the_products_to_backward(backend, gen):
+def test_single_chunk_defers_the_products_to_backward(backend, gen, device):
     """VQA's shape class: few rows, answers < hidden x rows: DEFER."""
-    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9)
+    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9, device=device)
     assert C.defer_mode(7, "batchmean", 6, 97, 32, 6) == C.DEFER
     assert C.defer_mode(7, "batchmean", 256, 3129, 1536, 256) == C.DEFER
-    _compare(backend, (h, w, b, vqa_soft_scores(6, 97, gen), idx), gen, "batchmean", chunk_rows=None)
+    _compare(backend, (h, w, b, vqa_soft_scores(6, 97, gen, device=device), idx), gen, "batchmean", chunk_rows=None)
 
 
 def test_batchmean_is_the_official_instance_level_bce(gen):
@@ -73,10 +74,10 @@ def test_batchmean_is_the_official_instance_level_bce(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_empty_batch_is_zero(backend, gen):
-    h, w, b, _ = linear_head_inputs(0, 8, 13, gen)
-    loss, gh, gw, gb = value_and_grads(lambda h, w, b: M.fused_bce_soft(h, w, b, torch.zeros(0, 13), backend=backend),
-                                       [h, w, b])
+def test_empty_batch_is_zero(backend, gen, device):
+    h, w, b, _ = linear_head_inputs(0, 8, 13, gen, device=device)
+    y = torch.zeros(0, 13, device=device)
+    loss, gh, gw, gb = value_and_grads(lambda h, w, b: M.fused_bce_soft(h, w, b, y, backend=backend), [h, w, b])
     assert float(loss) == 0.0 and (gw == 0).all() and (gb == 0).all()
 
 
@@ -88,6 +89,19 @@ def test_invalid_scores_raise(bad, match, gen):
     y[2, 5] = bad
     with pytest.raises(ValueError, match=f"'soft_scores' .*{match}"):
         M.fused_bce_soft(h, w, b, y)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_outputs_are_written_everywhere(backend, reduction, gen, device, poisoned):
+    """Every allocation starts as NaN (the `poisoned` fixture): each loss row and gradient entry must be written."""
+    h, w, b, idx = linear_head_inputs(9, 16, 513, gen, n_all=11, device=device)
+    y = vqa_soft_scores(9, 513, gen, device=device)
+    got = value_and_grads(lambda h, w, b: M.fused_bce_soft(h, w, b, y, reduction, indices=idx, chunk_rows=4,
+                                                                backend=backend), [h, w, b])
+    assert poisoned.hits > 0 and (reduction != "none" or poisoned.covers(got[0])), "the poison missed the outputs"
+    for name, x in zip(NAMES, got):
+        assert torch.isfinite(x).all(), f"{backend} {name} has unwritten entries"
 
 
 def _good(gen):
@@ -121,8 +135,8 @@ def test_selection_and_bad_reduction(gen):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction,mask", [("batchmean", 7), ("batchmean", 7 | C.DEFER), ("none", 0)])
-def test_opcheck(backend, reduction, mask, gen):
-    h, w, b, y, idx = _good(gen)
+def test_opcheck(backend, reduction, mask, gen, device):
+    h, w, b, y, idx = (x.to(device) for x in _good(gen))
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, idx, None, reduction, mask, 3, backend)
     torch.library.opcheck(torch.ops.fastvl.bce_soft.default, args)
 
@@ -130,8 +144,8 @@ def test_opcheck(backend, reduction, mask, gen):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "torch_chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu(backend, dtype, gen):
-    h, w, b, _ = linear_head_inputs(256, 1536, 3129, gen, dtype=dtype, device="cuda")
-    y = vqa_soft_scores(256, 3129, gen, device="cuda")
+def test_gpu(backend, dtype, gen, triton_device):
+    h, w, b, _ = linear_head_inputs(256, 1536, 3129, gen, dtype=dtype, device=triton_device)
+    y = vqa_soft_scores(256, 3129, gen, device=triton_device)
     _compare(backend, (h, w, b, y, None), gen, "batchmean", chunk_rows=None)
     _compare(backend, (h, w, b, y, None), gen, "none", chunk_rows=100)

@@ -44,26 +44,26 @@ def _compare(backend, inputs, gen, reduction="elementwise_mean", chunk_rows=3, w
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["elementwise_mean", "batchmean", "sum", "none"])
 @pytest.mark.parametrize("vocab", [1601, 3129, 28996])
-def test_matches_reference(backend, reduction, vocab, gen):
-    h, w, b, _ = linear_head_inputs(7, 16, vocab, gen)
-    _compare(backend, (h, w, b, soft_label_targets(7, vocab, gen), None), gen, reduction)
+def test_matches_reference(backend, reduction, vocab, gen, device):
+    h, w, b, _ = linear_head_inputs(7, 16, vocab, gen, device=device)
+    _compare(backend, (h, w, b, soft_label_targets(7, vocab, gen, device=device), None), gen, reduction)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_gather_by_indices_fp16_targets_no_bias(backend, gen):
+def test_gather_by_indices_fp16_targets_no_bias(backend, gen, device):
     """UNITER's soft labels are stored in float16; masked regions are gathered by index."""
-    h, w, _, idx = linear_head_inputs(6, 24, 1601, gen, n_all=11, bias=False)
-    p = soft_label_targets(6, 1601, gen, dtype=torch.float16)
+    h, w, _, idx = linear_head_inputs(6, 24, 1601, gen, n_all=11, bias=False, device=device)
+    p = soft_label_targets(6, 1601, gen, dtype=torch.float16, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # float16 rows may sum to 1 only within ~1e-3
         _compare(backend, (h, w, None, p, idx), gen, "elementwise_mean", chunk_rows=4, wrt=(0, 1))
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_single_chunk_defers_the_products_to_backward(backend, gen):
-    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9)
+def test_single_chunk_defers_the_products_to_backward(backend, gen, device):
+    h, w, b, idx = linear_head_inputs(6, 32, 97, gen, n_all=9, device=device)
     assert C.defer_mode(7, "batchmean", 6, 97, 32, 6) == C.DEFER
-    _compare(backend, (h, w, b, soft_label_targets(6, 97, gen), idx), gen, "batchmean", chunk_rows=None)
+    _compare(backend, (h, w, b, soft_label_targets(6, 97, gen, device=device), idx), gen, "batchmean", chunk_rows=None)
 
 
 def test_mean_is_the_official_element_mean(gen):
@@ -77,9 +77,9 @@ def test_mean_is_the_official_element_mean(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_unnormalised_targets_warn_and_match_f_kl_div(backend, gen):
-    h, w, b, _ = linear_head_inputs(5, 16, 257, gen)
-    p = soft_label_targets(5, 257, gen)
+def test_unnormalised_targets_warn_and_match_f_kl_div(backend, gen, device):
+    h, w, b, _ = linear_head_inputs(5, 16, 257, gen, device=device)
+    p = soft_label_targets(5, 257, gen, device=device)
     p[1] *= 0.5
     p[3] = 0.0  # an all-zero row contributes 0
     with pytest.warns(UserWarning, match="rows of 'soft_targets' should sum to 1; 2 row"):
@@ -102,17 +102,18 @@ def test_invalid_soft_targets_raise(bad, match, gen):
 
 @pytest.mark.parametrize("backend", FUSED + ["reference"])
 @pytest.mark.parametrize("reduction", ["elementwise_mean", "batchmean", "sum"])
-def test_empty_batch_is_zero(backend, reduction, gen):
-    h, w, b, _ = linear_head_inputs(0, 8, 13, gen)
-    loss, gh, gw, gb = value_and_grads(
-        lambda h, w, b: M.fused_linear_kl(h, w, b, torch.zeros(0, 13), reduction, backend=backend), [h, w, b])
+def test_empty_batch_is_zero(backend, reduction, gen, device):
+    h, w, b, _ = linear_head_inputs(0, 8, 13, gen, device=device)
+    p = torch.zeros(0, 13, device=device)
+    loss, gh, gw, gb = value_and_grads(lambda h, w, b: M.fused_linear_kl(h, w, b, p, reduction, backend=backend),
+                                       [h, w, b])
     assert float(loss) == 0.0 and (gw == 0).all() and (gb == 0).all()
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_retain_graph(backend, gen):
-    h, w, b, _ = linear_head_inputs(4, 8, 29, gen)
-    p = soft_label_targets(4, 29, gen)
+def test_retain_graph(backend, gen, device):
+    h, w, b, _ = linear_head_inputs(4, 8, 29, gen, device=device)
+    p = soft_label_targets(4, 29, gen, device=device)
     h.requires_grad_()
     loss = M.fused_linear_kl(h, w, b, p, backend=backend)
     loss.backward(retain_graph=True)
@@ -124,6 +125,19 @@ def test_retain_graph(backend, gen):
 # ---------------------------------------------------------------------------------------------------------------
 # Errors, dispatch, registration
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_outputs_are_written_everywhere(backend, reduction, gen, device, poisoned):
+    """Every allocation starts as NaN (the `poisoned` fixture): each loss row and gradient entry must be written."""
+    h, w, b, idx = linear_head_inputs(9, 16, 513, gen, n_all=11, device=device)
+    p = soft_label_targets(9, 513, gen, device=device)
+    got = value_and_grads(lambda h, w, b: M.fused_linear_kl(h, w, b, p, reduction, indices=idx, chunk_rows=4,
+                                                                 backend=backend), [h, w, b])
+    assert poisoned.hits > 0 and (reduction != "none" or poisoned.covers(got[0])), "the poison missed the outputs"
+    for name, x in zip(NAMES, got):
+        assert torch.isfinite(x).all(), f"{backend} {name} has unwritten entries"
 
 
 def _good(gen):
@@ -163,8 +177,8 @@ def test_selection_on_cpu(gen):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction,mask", [("elementwise_mean", 7), ("sum", 7 | C.DEFER), ("none", 0)])
-def test_opcheck(backend, reduction, mask, gen):
-    h, w, b, p, idx = _good(gen)
+def test_opcheck(backend, reduction, mask, gen, device):
+    h, w, b, p, idx = (x.to(device) for x in _good(gen))
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), p, idx, None, reduction, mask, 3, backend)
     torch.library.opcheck(torch.ops.fastvl.linear_kl.default, args)
 
@@ -172,8 +186,8 @@ def test_opcheck(backend, reduction, mask, gen):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "torch_chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu(backend, dtype, gen):
-    h, w, b, idx = linear_head_inputs(1536, 768, 1601, gen, n_all=10240, dtype=dtype, device="cuda")
-    p = soft_label_targets(1536, 1601, gen, device="cuda")
+def test_gpu(backend, dtype, gen, triton_device):
+    h, w, b, idx = linear_head_inputs(1536, 768, 1601, gen, n_all=10240, dtype=dtype, device=triton_device)
+    p = soft_label_targets(1536, 1601, gen, device=triton_device)
     _compare(backend, (h, w, b, p, idx), gen, "elementwise_mean", chunk_rows=None)
     _compare(backend, (h, w, b, p, idx), gen, "none", chunk_rows=500)

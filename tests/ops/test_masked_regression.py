@@ -50,21 +50,21 @@ def _inputs(n, hidden, feat, gen, **kw):
 @pytest.mark.parametrize("loss", ["mse", "l2"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("feat", [2048, 4352, 1601])
-def test_matches_reference(backend, loss, reduction, feat, gen):
-    _compare(backend, _inputs(7, 16, feat, gen), gen, reduction, loss)
+def test_matches_reference(backend, loss, reduction, feat, gen, device):
+    _compare(backend, _inputs(7, 16, feat, gen, device=device), gen, reduction, loss)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ["mse", "l2"])
-def test_gather_no_bias(backend, loss, gen):
-    h, wt, _, y, idx = _inputs(6, 24, 2048, gen, n_all=10, bias=False)
+def test_gather_no_bias(backend, loss, gen, device):
+    h, wt, _, y, idx = _inputs(6, 24, 2048, gen, n_all=10, bias=False, device=device)
     _compare(backend, (h, wt, None, y, idx), gen, "mean", loss, chunk_rows=4, wrt=(0, 1))
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("loss", ["mse", "l2"])
-def test_single_chunk_defers_the_products_to_backward(backend, loss, gen):
-    h, wt, b, y, idx = _inputs(6, 32, 97, gen, n_all=9)
+def test_single_chunk_defers_the_products_to_backward(backend, loss, gen, device):
+    h, wt, b, y, idx = _inputs(6, 32, 97, gen, n_all=9, device=device)
     assert C.defer_mode(7, "mean", 6, 97, 32, 6) == C.DEFER
     _compare(backend, (h, wt, b, y, idx), gen, "mean", loss, chunk_rows=None)
 
@@ -85,10 +85,10 @@ def test_official_mrfr_and_mffr_formulas(gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_tied_weight_gets_the_gradient_in_its_own_layout(backend, gen):
-    img_linear = torch.nn.Linear(300, 16)
-    h = torch.randn(4, 16, generator=gen)
-    y = torch.randn(4, 300, generator=gen)
+def test_tied_weight_gets_the_gradient_in_its_own_layout(backend, gen, device):
+    img_linear = torch.nn.Linear(300, 16).to(device)
+    h = torch.randn(4, 16, generator=gen).to(device)
+    y = torch.randn(4, 300, generator=gen).to(device)
     M.fused_masked_regression(h, img_linear.weight, None, y, backend=backend).backward()
     assert img_linear.weight.grad.shape == (16, 300) and img_linear.weight.grad.is_contiguous()
     w = img_linear.weight.detach().clone().requires_grad_()
@@ -97,25 +97,37 @@ def test_tied_weight_gets_the_gradient_in_its_own_layout(backend, gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_l2_zero_distance_has_zero_gradient(backend, gen):
-    h, wt, b, _, _ = _inputs(3, 8, 64, gen)
+def test_l2_zero_distance_has_zero_gradient(backend, gen, device):
+    h, wt, b, _, _ = _inputs(3, 8, 64, gen, device=device)
     h[0], h[2] = 0.0, 0.0  # rows 0 and 2 predict exactly the bias ...
     y = b.repeat(3, 1)  # ... which is their target: distance exactly 0
     y[1] = h[1] @ wt + b + 1.0  # row 1 has distance 8
     h.requires_grad_()
     loss = M.fused_masked_regression(h, wt, b, y, "sum", "l2", backend=backend)
     loss.backward()
-    torch.testing.assert_close(loss, torch.tensor(8.0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss, torch.tensor(8.0, device=device), rtol=1e-5, atol=1e-4)
     assert torch.isfinite(h.grad).all() and (h.grad[0] == 0).all() and (h.grad[2] == 0).all()
 
 
 @pytest.mark.parametrize("backend", FUSED + ["reference"])
 @pytest.mark.parametrize("loss", ["mse", "l2"])
-def test_empty_batch_is_zero(backend, loss, gen):
-    h, wt, b, y, _ = _inputs(0, 8, 13, gen)
+def test_empty_batch_is_zero(backend, loss, gen, device):
+    h, wt, b, y, _ = _inputs(0, 8, 13, gen, device=device)
     out, gh, gw, gb = value_and_grads(
         lambda h, wt, b: M.fused_masked_regression(h, wt, b, y, loss=loss, backend=backend), [h, wt, b])
     assert float(out) == 0.0 and (gw == 0).all() and (gb == 0).all()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_outputs_are_written_everywhere(backend, reduction, gen, device, poisoned):
+    """Every allocation starts as NaN (the `poisoned` fixture): each loss row and gradient entry must be written."""
+    h, w, b, y, idx = _inputs(9, 16, 513, gen, n_all=11, device=device)
+    got = value_and_grads(lambda h, w, b: M.fused_masked_regression(h, w, b, y, reduction, indices=idx, chunk_rows=4,
+                                                                         backend=backend), [h, w, b])
+    assert poisoned.hits > 0 and (reduction != "none" or poisoned.covers(got[0])), "the poison missed the outputs"
+    for name, x in zip(NAMES, got):
+        assert torch.isfinite(x).all(), f"{backend} {name} has unwritten entries"
 
 
 def _good(gen):
@@ -153,8 +165,8 @@ def test_bad_settings_and_selection(gen):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction,loss,mask", [("mean", "mse", 7), ("sum", "l2", 7 | C.DEFER), ("none", "mse", 0),
                                                ("none", "l2", 0)])
-def test_opcheck(backend, reduction, loss, mask, gen):
-    h, wt, b, y, idx = _good(gen)
+def test_opcheck(backend, reduction, loss, mask, gen, device):
+    h, wt, b, y, idx = (x.to(device) for x in _good(gen))
     args = (h.requires_grad_(), wt.requires_grad_(), b.requires_grad_(), y, idx, None, reduction, mask, 3, backend,
             loss)
     torch.library.opcheck(torch.ops.fastvl.masked_regression.default, args)
@@ -164,7 +176,7 @@ def test_opcheck(backend, reduction, loss, mask, gen):
 @pytest.mark.parametrize("backend", ["triton", "torch_chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss", ["mse", "l2"])
-def test_gpu(backend, dtype, loss, gen):
-    h, wt, b, y, idx = _inputs(1536, 768, 2048, gen, n_all=10240, dtype=dtype, device="cuda")
+def test_gpu(backend, dtype, loss, gen, triton_device):
+    h, wt, b, y, idx = _inputs(1536, 768, 2048, gen, n_all=10240, dtype=dtype, device=triton_device)
     _compare(backend, (h, wt, b, y, idx), gen, "mean", loss, chunk_rows=None)
     _compare(backend, (h, wt, b, y, idx), gen, "none", loss, chunk_rows=500)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastvl.ops import _chunked as C
-from fastvl.ops import symmetric_kl as M
+from fastvl.ops import sym_kl as M
 from fastvl.ops._testing import assert_close_to_ref, logit_pair, value_and_grads
 
 FUSED = ["torch_chunked", "triton"]
@@ -34,23 +34,31 @@ def _compare(backend, a, b, gen, reduction="batchmean", chunk_rows=2, wrt=(0, 1)
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
 @pytest.mark.parametrize("classes", [3129, 1601, 28996, 3])
-def test_matches_reference(backend, reduction, classes, gen):
-    a, b = logit_pair((5, classes), gen)
+def test_matches_reference(backend, reduction, classes, gen, device):
+    a, b = logit_pair((5, classes), gen, device=device)
     _compare(backend, a, b, gen, reduction)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_leading_dims_and_non_contiguous(backend, reduction, gen):
-    a, b = logit_pair((3, 4, 97), gen)
+def test_leading_dims_and_non_contiguous(backend, reduction, gen, device):
+    a, b = logit_pair((3, 4, 97), gen, device=device)
     _compare(backend, a.transpose(0, 1), b.transpose(0, 1), gen, reduction)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("side", [0, 1])
-def test_one_side_detached(backend, side, gen):
-    a, b = logit_pair((4, 3129), gen)
+def test_one_side_detached(backend, side, gen, device):
+    a, b = logit_pair((4, 3129), gen, device=device)
     _compare(backend, a, b, gen, "batchmean", wrt=(side,))
+
+
+def test_exported_from_fastvl_ops_like_every_op():
+    import fastvl.ops
+    from fastvl.ops import symmetric_kl
+
+    assert symmetric_kl is M.symmetric_kl and "symmetric_kl" in fastvl.ops.__all__
+    assert float(symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 3))) == 0.0
 
 
 def test_matches_villa_formula(gen):
@@ -62,10 +70,10 @@ def test_matches_villa_formula(gen):
 
 
 @pytest.mark.parametrize("backend", ["reference", *FUSED])
-def test_masked_classes_give_finite_gradients(backend, gen):
+def test_masked_classes_give_finite_gradients(backend, gen, device):
     """Classes masked with -1e4 on both sides (probability exactly 0) carry no loss and get zero gradient; the
     rest equals the loss over the valid classes alone (F.kl_div's autograd gives NaN here)."""
-    a, b = logit_pair((4, 9), gen)
+    a, b = logit_pair((4, 9), gen, device=device)
     valid = 6
     full = []
     for x in (a, b):
@@ -85,8 +93,8 @@ def test_masked_classes_give_finite_gradients(backend, gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_identical_inputs_give_zero(backend, gen):
-    a, _ = logit_pair((3, 50), gen)
+def test_identical_inputs_give_zero(backend, gen, device):
+    a, _ = logit_pair((3, 50), gen, device=device)
     x = a.clone().requires_grad_()
     loss = M.symmetric_kl(x, x.detach().clone(), backend=backend)
     loss.backward()
@@ -94,22 +102,33 @@ def test_identical_inputs_give_zero(backend, gen):
 
 
 @pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_empty_is_zero(backend):
-    a = torch.zeros(0, 7, requires_grad=True)
-    loss = M.symmetric_kl(a, torch.zeros(0, 7), "batchmean", backend=backend)
+def test_empty_is_zero(backend, device):
+    a = torch.zeros(0, 7, device=device, requires_grad=True)
+    loss = M.symmetric_kl(a, torch.zeros(0, 7, device=device), "batchmean", backend=backend)
     loss.backward()
     assert float(loss.detach()) == 0.0 and a.grad.shape == (0, 7)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_retain_graph(backend, gen):
-    a, b = logit_pair((4, 33), gen)
+def test_retain_graph(backend, gen, device):
+    a, b = logit_pair((4, 33), gen, device=device)
     a.requires_grad_()
     loss = M.symmetric_kl(a, b, backend=backend)
     loss.backward(retain_graph=True)
     first = a.grad.clone()
     loss.backward()
     torch.testing.assert_close(a.grad, 2 * first)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_outputs_are_written_everywhere(backend, reduction, gen, device, poisoned):
+    """Every allocation starts as NaN (the `poisoned` fixture): each loss row and gradient entry must be written."""
+    a, b = logit_pair((5, 513), gen, device=device)
+    got = value_and_grads(lambda a, b: M.symmetric_kl(a, b, reduction, chunk_rows=2, backend=backend), [a, b])
+    assert poisoned.hits > 0 and (reduction != "none" or poisoned.covers(got[0])), "the poison missed the outputs"
+    for name, x in zip(["loss", "grad a", "grad b"], got):
+        assert torch.isfinite(x).all(), f"{backend} {name} has unwritten entries"
 
 
 @settings(max_examples=10, deadline=None)
@@ -148,8 +167,8 @@ def test_bad_reduction_and_selection(gen):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_opcheck(backend, reduction, gen):
-    a, b = logit_pair((3, 11), gen)
+def test_opcheck(backend, reduction, gen, device):
+    a, b = logit_pair((3, 11), gen, device=device)
     mask = 0 if reduction == "none" else 3
     args = (a.requires_grad_(), b.requires_grad_(), None, reduction, mask, 1 / 3, 2, backend)
     torch.library.opcheck(torch.ops.fastvl.symmetric_kl.default, args)
@@ -158,7 +177,7 @@ def test_opcheck(backend, reduction, gen):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "torch_chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu(backend, dtype, gen):
-    a, b = logit_pair((512, 3129), gen, dtype=dtype, device="cuda")
+def test_gpu(backend, dtype, gen, triton_device):
+    a, b = logit_pair((512, 3129), gen, dtype=dtype, device=triton_device)
     _compare(backend, a, b, gen, "batchmean", chunk_rows=200)
     _compare(backend, a, b, gen, "none", chunk_rows=200)

@@ -1,5 +1,5 @@
 """Triton kernel of the symmetric KL (VILLA): one program per row; pass 1 the two log-sum-exps, pass 2 the
-loss and the row sums the gradient needs, pass 3 both gradients (see fastvl/ops/symmetric_kl.py)."""
+loss and the row sums the gradient needs, pass 3 both gradients (see fastvl/ops/sym_kl.py)."""
 
 from __future__ import annotations
 
