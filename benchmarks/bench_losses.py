@@ -32,7 +32,7 @@ import json
 import torch
 
 from benchmarks._harness import Bench, Case, env_summary
-from fastvl.ops import bce_soft, linear_cross_entropy, linear_kl, masked_regression, symmetric_kl
+from fastvl.ops import bce_soft, linear_cross_entropy, linear_kl, masked_regression, sym_kl
 from fastvl.ops._chunked import select_backend
 from fastvl.ops._testing import (
     class_targets,
@@ -98,9 +98,9 @@ def _case(name: str, dtype: torch.dtype, device: str, gen: torch.Generator):
         return fused, ref, [h, w, b], dict(rows=256, answers=3129, auto=auto)
     if name == "skl":
         a, c = logit_pair((256, 3129), gen, dtype=dtype, device=device)
-        fused = lambda backend, a, c: symmetric_kl.symmetric_kl(a, c, backend=backend)  # noqa: E731
-        auto = select_backend(symmetric_kl.SYMMETRIC_KL, (a, c), 256, 3129, None)
-        return fused, symmetric_kl.symmetric_kl_reference, [a, c], dict(rows=256, classes=3129, auto=auto)
+        fused = lambda backend, a, c: sym_kl.symmetric_kl(a, c, backend=backend)  # noqa: E731
+        auto = select_backend(sym_kl.SYMMETRIC_KL, (a, c), 256, 3129, None)
+        return fused, sym_kl.symmetric_kl_reference, [a, c], dict(rows=256, classes=3129, auto=auto)
     raise ValueError(f"unknown case {name!r}; choose from {CASES}")
 
 
