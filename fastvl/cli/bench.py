@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "run a benchmark from benchmarks/ (source checkout)"
@@ -27,15 +29,13 @@ def run(args: argparse.Namespace) -> int:
     """List the benchmarks, or run one in a subprocess from the checkout root."""
     root = _repo_root()
     if root is None:
-        print("fastvl bench: the benchmarks/ folder ships with the source checkout, not the installed package",
-              file=sys.stderr)
-        return 2
+        raise UserError("the benchmarks/ folder ships with the source checkout, not the installed package",
+                        argument="name")
     names = sorted(p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py"))
     if not args.name:
         print("benchmarks:", ", ".join(names))
         return 0
     if args.name not in names:
-        print(f"fastvl bench: unknown benchmark {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}", argument="name")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     return subprocess.call([sys.executable, "-m", f"benchmarks.bench_{args.name}", *args.rest], cwd=root, env=env)

@@ -8,7 +8,8 @@ import json
 
 from ..recipes import evaluate_finetune, list_recipes
 from ..recipes.pretrain import evaluate_checkpoint
-from .options import parse_options
+from .errors import UserError
+from .options import check_paths, parse_options, positive_int
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -21,15 +22,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pretrain: ITM / MLM / MRC metrics; a fine-tuning task: its metrics on the validation split")
     p.add_argument("--txt-db", nargs="*", default=[], help="validation txt_db(s) (default: the run's validation data)")
     p.add_argument("--img-db", nargs="*", default=[])
-    p.add_argument("--batches", type=int, default=None, help="batches to evaluate (pretrain default 50; fine-tuning "
-                                                             "default all)")
+    p.add_argument("--batches", type=positive_int, default=None, help="batches to evaluate (pretrain default 50; "
+                                                                      "fine-tuning default all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="task option (fine-tuning)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics as JSON."""
+    check_paths("--checkpoint", args.checkpoint, kind="any")
+    check_paths("--txt-db", args.txt_db)
+    check_paths("--img-db", args.img_db)
     if args.task == "pretrain":
+        if args.txt_db and len(args.img_db) != len(args.txt_db):
+            raise UserError(f"{len(args.txt_db)} txt_db path(s) but {len(args.img_db)} img_db path(s): give one "
+                            "img_db per txt_db", argument="--img-db")
         metrics = evaluate_checkpoint(args.checkpoint, args.txt_db, args.img_db, 50 if args.batches is None
                                       else args.batches, args.device)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=1))

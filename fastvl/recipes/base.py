@@ -30,10 +30,16 @@ from ..models.uniter import UniterConfig, resolve_config
 from ..train import checkpoint as ckpt
 from ..train.loop import BatchSource
 
-__all__ = ["COMMON_DEFAULTS", "GENERIC_DEFAULTS", "FinetuneData", "FinetuneSettings", "Recipe", "accuracy_eval",
+__all__ = ["COMMON_DEFAULTS", "GENERIC_DEFAULTS", "FinetuneData", "FinetuneSettings", "Recipe", "SettingsError",
+           "accuracy_eval",
            "build_uniter", "bundle", "data_paths", "get_recipe", "last_losses", "list_recipes", "load_init_state",
            "load_pretrained", "majority_chance", "mean_of", "model_config", "open_split", "register_recipe",
            "run_folder", "save_run", "single_task", "unregister_recipe", "val_batches"]
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work with the given data, weights or run folder (a user error: the message names the
+    setting and the path)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,6 +73,7 @@ class FinetuneSettings:
     grad_clip: float | None = None
     weight_decay: float | None = None
     head_lr_mult: float | None = None  # learning-rate multiplier of the task head (official VQA: 10)
+    dropout: float | None = None  # every dropout of the model (official set_dropout); None: the model config's
     betas: tuple[float, float] = (0.9, 0.98)
     seed: int = 42
     max_txt_len: int | None = None
@@ -223,13 +230,26 @@ def load_init_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Path | N
         folder = ckpt.latest_checkpoint(p) if (p / "checkpoints").is_dir() else p
         if folder is None or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"fastvl finetune: --init {p} holds no complete checkpoint (model.safetensors)")
-        return load_file(str(folder / "model.safetensors")), run_folder(folder)
+        return _safetensors(load_file, folder / "model.safetensors"), run_folder(folder)
     if p.suffix == ".safetensors":
-        return load_file(str(p)), run_folder(p.parent)
-    state = torch.load(p, map_location="cpu", weights_only=True)
+        return _safetensors(load_file, p), run_folder(p.parent)
+    try:  # tensors only: a pickled object in a file someone handed over is refused, never run
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (UnpicklingError, RuntimeError of a corrupt zip, EOFError ...)
+        raise ckpt.CheckpointError(f"--init {p}: not a loadable state dict of tensors ({' '.join(str(e).split())[:160]}"
+                                   ")") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ckpt.CheckpointError(f"--init {p}: not a state dict (name -> tensor)")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, None
+
+
+def _safetensors(load_file: Callable, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
+        raise ckpt.CheckpointError(f"--init {path}: not a readable .safetensors file ({e})") from None
 
 
 def model_config(settings: FinetuneSettings, dims: dict[str, Any]) -> UniterConfig:
@@ -254,12 +274,12 @@ def model_config(settings: FinetuneSettings, dims: dict[str, Any]) -> UniterConf
         vocab = vocab if dims.get("synthetic") else max(vocab, cfg.vocab_size)
         cfg = cfg.replace(vocab_size=vocab, img_dim=dims.get("img_dim", cfg.img_dim))
     if "vocab_size" in dims and cfg.vocab_size < dims["vocab_size"]:
-        raise ValueError(f"fastvl finetune: the model vocabulary ({cfg.vocab_size}, config {config}) is smaller than "
-                         f"the data's v_range end ({dims['vocab_size']}); the txt_db was tokenised with another "
-                         "vocabulary")
+        raise SettingsError(f"fastvl finetune: the model vocabulary ({cfg.vocab_size}, config {config}) is smaller "
+                            f"than the data's v_range end ({dims['vocab_size']}); the txt_db was tokenised with "
+                            "another vocabulary")
     if "img_dim" in dims and cfg.img_dim != dims["img_dim"]:
-        raise ValueError(f"fastvl finetune: the model's img_dim is {cfg.img_dim} (config {config}) but the img_db "
-                         f"features have {dims['img_dim']} dims")
+        raise SettingsError(f"fastvl finetune: the model's img_dim is {cfg.img_dim} (config {config}) but the img_db "
+                            f"features have {dims['img_dim']} dims")
     return cfg
 
 
@@ -275,8 +295,8 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor] | None, log
     bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if bad:
         shapes = [(list(state[k].shape), list(own[k].shape)) for k in bad[:4]]
-        raise ValueError(f"fastvl finetune: the pre-trained weights do not fit the model: {bad[:4]} have shapes "
-                         f"(checkpoint, model) {shapes}")
+        raise SettingsError(f"fastvl finetune: the pre-trained weights do not fit the model: {bad[:4]} have shapes "
+                            f"(checkpoint, model) {shapes}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a weight tied to a loaded one (e.g. an MLM decoder tied to the word embeddings) is not missing
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -321,7 +341,8 @@ def data_paths(s: FinetuneSettings, task: str) -> dict[str, Any]:
     """train / val txt_db and img_db paths of a run, and whether they are the synthetic data."""
     if s.txt_db:
         if len(s.txt_db) != len(s.img_db):
-            raise ValueError(f"fastvl finetune: --txt-db has {len(s.txt_db)} paths but --img-db has {len(s.img_db)}")
+            raise SettingsError(f"fastvl finetune: --txt-db has {len(s.txt_db)} paths but --img-db has "
+                                f"{len(s.img_db)}")
         val_img = s.val_img_db or (s.img_db[:1] * len(s.val_txt_db))
         return dict(train_txt=list(s.txt_db), train_img=list(s.img_db), val_txt=list(s.val_txt_db),
                     val_img=list(val_img), synthetic=False, source=str(s.txt_db), root=None)

@@ -19,7 +19,7 @@ from ..data import BadExampleCounter, ImageDB, TxtDB, VLExamples, find_dbs, synt
 from ..data.caption_data import CaptionEvalData, CaptionTrainData
 from ..models.uniter import CaptionTokens, UniterForCaptioning
 from ..tasks.caption import CaptionDecoder, CaptionTask, evaluate_captions, most_frequent_caption, score_captions
-from .base import FinetuneData, Recipe, load_pretrained, model_config
+from .base import FinetuneData, Recipe, SettingsError, load_pretrained, model_config
 
 __all__ = ["RECIPE"]
 
@@ -46,7 +46,7 @@ def _find_vocab(options: dict, txt_dbs: Sequence[Path], root: Path | None) -> Pa
 def _db_paths(s) -> tuple[list[Path], list[Path], list[Path], list[Path], Path | None, bool]:
     if s.txt_db:
         if len(s.txt_db) != len(s.img_db):
-            raise ValueError(f"fastvl finetune --task caption: --txt-db has {len(s.txt_db)} paths but --img-db has "
+            raise SettingsError(f"fastvl finetune --task caption: --txt-db has {len(s.txt_db)} paths but --img-db has "
                              f"{len(s.img_db)}")
         val_img = s.val_img_db or (s.img_db[:1] * len(s.val_txt_db))
         return ([Path(p) for p in s.txt_db], [Path(p) for p in s.img_db], [Path(p) for p in s.val_txt_db],

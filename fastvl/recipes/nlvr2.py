@@ -11,6 +11,7 @@ from .base import (
     COMMON_DEFAULTS,
     FinetuneSettings,
     Recipe,
+    SettingsError,
     accuracy_eval,
     build_uniter,
     bundle,
@@ -30,7 +31,7 @@ NLVR2_MODELS = {"paired": UniterForNlvr2Paired, "triplet": UniterForNlvr2Triplet
 def _variant(s: FinetuneSettings) -> str:
     v = str(s.options.get("variant", "paired"))
     if v not in NLVR2_MODELS:
-        raise ValueError(f"fastvl finetune nlvr2: --opt variant must be one of {sorted(NLVR2_MODELS)}, got {v!r}")
+        raise SettingsError(f"fastvl finetune nlvr2: --opt variant must be one of {sorted(NLVR2_MODELS)}, got {v!r}")
     return v
 
 

@@ -22,7 +22,8 @@ from ..tasks.pretrain import pretrain_tasks
 from ..train import checkpoint as ckpt
 from ..train import distributed as D
 from ..train.loop import TrainConfig, Trainer
-from .base import last_losses
+from .base import SettingsError, last_losses
+from .official import pretrain_from_official, read_official
 
 #: Defaults per model size (CPU-friendly for tiny; the official recipe for base / large).
 PRESETS = {
@@ -82,26 +83,10 @@ class PretrainSettings:
 
 def settings_from_official(path: str | Path, **overrides) -> PretrainSettings:
     """Hyper-parameters of an official UNITER pre-training JSON (data paths are not taken: they point into
-    the authors' containers; give ``txt_db`` / ``img_db``)."""
-    cfg = json.loads(Path(path).read_text())
-    mix: dict[str, float] = {}
-    for ds in cfg.get("train_datasets", []):
-        for task, ratio in zip(ds["tasks"], ds["mix_ratio"]):
-            task = {"mrckl": "mrc-kl"}.get(task, task)
-            mix[task] = mix.get(task, 0) + ratio
-    model_cfg = Path(cfg["model_config"]).name.removesuffix(".json").removeprefix("uniter-") if "model_config" in cfg \
-        else "base"
-    s = PretrainSettings(
-        config=model_cfg if model_cfg in PRESETS else "base",
-        steps=cfg.get("num_train_steps"), lr=cfg.get("learning_rate"), warmup_steps=cfg.get("warmup_steps"),
-        batch_tokens=cfg.get("train_batch_size"), grad_accum=cfg.get("gradient_accumulation_steps"),
-        grad_clip=cfg.get("grad_norm", 5.0), weight_decay=cfg.get("weight_decay", 0.01),
-        betas=tuple(cfg.get("betas", (0.9, 0.98))), seed=cfg.get("seed", 42),
-        tasks=",".join(f"{t}:{r}" for t, r in mix.items()) or None, ot_lambda=cfg.get("itm_ot_lambda", 0.1),
-        mask_prob=cfg.get("mrm_prob", 0.15), itm_neg_prob=cfg.get("itm_neg_prob", 0.5),
-        max_txt_len=cfg.get("max_txt_len", 60), val_every=cfg.get("valid_steps"),
-        precision="bf16" if cfg.get("fp16") else "auto",
-    )
+    the authors' containers; give ``txt_db`` / ``img_db``).
+    See :func:`fastvl.recipes.official.pretrain_from_official`."""
+    values, _ = pretrain_from_official(read_official(path))
+    s = PretrainSettings(**values)
     for k, v in overrides.items():
         setattr(s, k, v)
     return s
@@ -122,7 +107,7 @@ def _data(s: PretrainSettings, rank: int, world: int) -> tuple[PretrainData, Pre
                                   **common)
         return train, val, words
     if len(s.txt_db) != len(s.img_db):
-        raise ValueError(f"pretrain: --txt-db has {len(s.txt_db)} paths but --img-db has {len(s.img_db)}")
+        raise SettingsError(f"pretrain: --txt-db has {len(s.txt_db)} paths but --img-db has {len(s.img_db)}")
     train = build_pretrain_data(s.txt_db, s.img_db, s.tasks, rank=rank, world_size=world, train=True, **common)
     val = None
     if s.val_txt_db:
@@ -137,7 +122,18 @@ def build_model(s: PretrainSettings, dims: dict) -> UniterForPretraining:
     cfg = cfg.replace(**over, img_dim=dims["img_dim"], img_label_dim=dims["img_label_dim"] or cfg.img_label_dim)
     model = UniterForPretraining(cfg, cfg.img_dim, cfg.img_label_dim)
     if s.init_checkpoint:
-        state = torch.load(s.init_checkpoint, map_location="cpu", weights_only=True)
+        path = Path(s.init_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"--init-checkpoint {path}: no such file")
+        try:  # tensors only: a pickled object in a file someone handed over is refused, never run
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (UnpicklingError, RuntimeError of a corrupt zip, EOFError ...)
+            raise ckpt.CheckpointError(f"--init-checkpoint {path}: not a loadable state dict of tensors "
+                                       f"({' '.join(str(e).split())[:160]})") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ckpt.CheckpointError(f"--init-checkpoint {path}: not a state dict (name -> tensor)")
         missing, unexpected = model.load_state_dict(state, strict=False)
         print(f"init from {s.init_checkpoint}: {len(missing)} missing, {len(unexpected)} unexpected keys")
     return model
@@ -232,14 +228,24 @@ def evaluate_checkpoint(checkpoint: str | Path, txt_db: list[str] | None = None,
     """The validation metrics of a ``fastvl pretrain`` run folder or one of its ``checkpoints/step_*`` folders, on
     ``txt_db`` / ``img_db`` (default: the synthetic validation split). Returns {'checkpoint', metric: value}."""
     folder = Path(checkpoint)
-    run = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
-    if (folder / "checkpoints").is_dir():
-        folder = ckpt.latest_checkpoint(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"fastvl eval: --checkpoint {folder}: no such file or folder")
+    run = folder if (folder / "checkpoints").is_dir() or (folder / "model_config.json").is_file() \
+        else folder.parent.parent
+    if (run / "finetune.json").is_file():
+        task = json.loads((run / "finetune.json").read_text()).get("task", "?")
+        raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {folder} is a fastvl finetune run (task {task}), not a "
+                                   f"pretrain run: evaluate it with --task {task}")
+    if not (run / "model_config.json").is_file():
+        raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {folder} is not a fastvl pretrain run folder nor one of "
+                                   f"its checkpoints/step_* folders (no model_config.json in {run})")
+    if folder == run:
+        folder = ckpt.latest_checkpoint(run)
         if folder is None:
-            raise SystemExit(f"fastvl eval: no complete checkpoint under {checkpoint}")
+            raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {run} holds no complete checkpoint")
     cfg = UniterConfig.from_json_file(run / "model_config.json")
     model = UniterForPretraining(cfg, cfg.img_dim, cfg.img_label_dim)
-    ckpt.load_checkpoint(folder, model)
+    ckpt.load_checkpoint(folder, model, trainer_state=False)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev).eval()

@@ -20,9 +20,52 @@ from ..adversarial import AdvConfig, adversarial_tasks
 from ..train import checkpoint as ckpt
 from ..train import distributed as D
 from ..train.loop import TrainConfig, Trainer
-from .base import FinetuneSettings, get_recipe, last_losses, load_init_state, save_run
+from .base import FinetuneSettings, SettingsError, get_recipe, last_losses, load_init_state, save_run
 
-__all__ = ["evaluate_finetune", "finetune", "finetune_cpu_threads"]
+__all__ = ["evaluate_finetune", "finetune", "finetune_cpu_threads", "head_lr_mults", "set_dropout"]
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Every dropout of ``model`` to probability ``p``, as the official ``set_dropout`` (every ``nn.Dropout``; here
+    also a rate the fused attention keeps as a plain float ``dropout_p`` attribute, and
+    ``nn.MultiheadAttention.dropout``). Returns the number of modules changed."""
+    if not 0.0 <= p < 1.0:
+        raise SettingsError(f"fastvl finetune: 'dropout' must be in [0, 1), got {p!r}")
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            changed += m.p != p
+            m.p = p
+        elif isinstance(m, nn.MultiheadAttention):
+            changed += m.dropout != p
+            m.dropout = p
+        elif isinstance(getattr(m, "dropout_p", None), float) and \
+                not isinstance(getattr(type(m), "dropout_p", None), property):  # a property reads an nn.Dropout
+            changed += m.dropout_p != p
+            m.dropout_p = p
+    return changed
+
+
+def head_lr_mults(model: nn.Module, tasks: dict[str, nn.Module], mult: float) -> dict[str, float]:
+    """The Trainer's ``lr_mults`` that give ``model``'s heads (its top-level modules other than ``uniter``)
+    learning-rate multiplier ``mult``; {} for ``mult == 1``.
+
+    The Trainer names parameters through its task router (``tasks.<task>.<path to the model>.<head>.*``; an
+    adversarial task wraps the plain one), so the prefixes are found from where ``model`` sits in each task.
+    """
+    if mult == 1.0:
+        return {}
+    heads = sorted({n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith("uniter.")})
+    out: dict[str, float] = {}
+    for name, task in tasks.items():
+        for path, module in task.named_modules(remove_duplicate=False):
+            if module is model:
+                base = f"tasks.{name}." + (f"{path}." if path else "")
+                out.update({f"{base}{h}.": mult for h in heads})
+    if heads and not out:
+        raise SettingsError(f"fastvl finetune: head_lr_mult {mult}: the model is in none of the task modules "
+                            f"{sorted(tasks)}")
+    return out
 
 
 def finetune_cpu_threads(threads: int | None, model: nn.Module, device: torch.device) -> int | None:
@@ -42,6 +85,8 @@ def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> 
     data = spec.build_data(s, info.rank, info.world_size)
     init_state = load_init_state(s.init)[0] if s.init else None
     model = spec.build_model(s, data, init_state)
+    if s.dropout is not None:
+        set_dropout(model, s.dropout)
     tasks = spec.build_tasks(model, s, data)
     plain_tasks = dict(tasks)
     chance = spec.chance_level(data)
@@ -57,8 +102,7 @@ def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> 
         tasks = adversarial_tasks(tasks, adv_cfg)
         if info.is_main:
             log(f"adversarial fine-tuning (VILLA): {adv_cfg}")
-    heads = sorted({n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith("uniter.")})
-    lr_mults = {h: s.head_lr_mult for h in heads} if s.head_lr_mult != 1.0 else {}
+    lr_mults = head_lr_mults(model, tasks, s.head_lr_mult)
     cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                       betas=tuple(s.betas), grad_accum=s.grad_accum, grad_clip=s.grad_clip, seed=s.seed,
                       precision=s.precision, log_every=s.log_every, val_every=s.val_every, ckpt_every=s.ckpt_every,
@@ -96,15 +140,20 @@ def evaluate_finetune(checkpoint: str | Path, task: str | None = None, overrides
     ``val_txt_db`` / ``val_img_db``, ``device``, ``val_batches``). Returns {'task', 'metric', 'chance', 'metrics'}.
     """
     folder = Path(checkpoint)
+    if not folder.exists():
+        raise FileNotFoundError(f"fastvl eval: --checkpoint {folder}: no such file or folder")
     run = folder if (folder / "checkpoints").is_dir() or (folder / "finetune.json").is_file() else folder.parent.parent
     if not (run / "finetune.json").is_file():
-        raise FileNotFoundError(f"fastvl eval: {checkpoint} is not a fastvl finetune run (no finetune.json in {run})")
+        kind = "a fastvl pretrain run: evaluate it with --task pretrain" if (run / "model_config.json").is_file() \
+            else "not a fastvl run folder nor one of its checkpoints/step_* folders"
+        raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {folder} is {kind} (no finetune.json in {run})")
     saved = json.loads((run / "settings.json").read_text())
     saved["betas"] = tuple(saved.get("betas", (0.9, 0.98)))
     meta = json.loads((run / "finetune.json").read_text())
     name = task or meta["task"]
     if name != meta["task"]:
-        raise ValueError(f"fastvl eval: {run} was fine-tuned for task {meta['task']!r}, not {name!r}")
+        raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {run} was fine-tuned for task {meta['task']!r}, not "
+                                   f"{name!r}: evaluate it with --task {meta['task']}")
     spec = get_recipe(name)
     known = {f.name for f in fields(FinetuneSettings)}
     s = FinetuneSettings(**{k: v for k, v in saved.items() if k in known})
@@ -115,7 +164,7 @@ def evaluate_finetune(checkpoint: str | Path, task: str | None = None, overrides
     if folder == run:
         folder = ckpt.latest_checkpoint(run)
         if folder is None:
-            raise FileNotFoundError(f"fastvl eval: no complete checkpoint under {run}")
+            raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {run} holds no complete checkpoint")
     device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if s.device == "auto" else s.device))
     data = spec.build_data(s, 0, 1)
@@ -124,7 +173,7 @@ def evaluate_finetune(checkpoint: str | Path, task: str | None = None, overrides
         s = replace(s, config=str(run / "model_config.json"))
     s = replace(s, init=None)
     model = spec.build_model(s, data, None)
-    ckpt.load_checkpoint(folder, model)
+    ckpt.load_checkpoint(folder, model, trainer_state=False)
     model.to(device).eval()
     tasks = spec.build_tasks(model, s, data)
     if data.val is None:

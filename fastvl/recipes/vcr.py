@@ -7,7 +7,17 @@ from ..data import BadExampleCounter
 from ..data.finetune_data import VCRDataset
 from ..models.uniter import UniterForVisualCommonsenseReasoning
 from ..tasks.vcr import VCRTask
-from .base import COMMON_DEFAULTS, Recipe, build_uniter, bundle, data_paths, model_config, open_split, val_batches
+from .base import (
+    COMMON_DEFAULTS,
+    Recipe,
+    SettingsError,
+    build_uniter,
+    bundle,
+    data_paths,
+    model_config,
+    open_split,
+    val_batches,
+)
 
 __all__ = ["RECIPE"]
 
@@ -18,7 +28,7 @@ def _vcr_data(s, rank, world):
     special = int(s.options.get("special_tokens", 81))
     stages = [x.strip() for x in str(s.options.get("stages", "qa,qar")).split(",") if x.strip()]
     if not stages or set(stages) - {"qa", "qar"}:
-        raise ValueError(f"fastvl finetune vcr: --opt stages must list qa and/or qar, got {s.options['stages']!r}")
+        raise SettingsError(f"fastvl finetune vcr: --opt stages must list qa and/or qar, got {s.options['stages']!r}")
     train, val = {}, {}
     for stage in ("qa", "qar"):
         t, v = open_split(VCRDataset, s, paths, counter, stage=stage, special_tokens=special)

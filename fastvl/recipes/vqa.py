@@ -22,6 +22,7 @@ from .base import (
     FinetuneData,
     FinetuneSettings,
     Recipe,
+    SettingsError,
     build_uniter,
     bundle,
     data_paths,
@@ -52,7 +53,7 @@ def _vqa_data(task: str):
             if d is not None:
                 d.task = task
         if task == "ve" and train.num_answers != 3:
-            raise ValueError(f"fastvl finetune ve: the answer vocabulary has {train.num_answers} entries; SNLI-VE "
+            raise SettingsError(f"fastvl finetune ve: the answer vocabulary has {train.num_answers} entries; SNLI-VE "
                              "needs 3 (contradiction, entailment, neutral)")
         return bundle(s, paths, {task: train}, {task: val} if val else {}, rank, world, counter,
                        num_answers=train.num_answers)
@@ -78,34 +79,6 @@ def _vqa_eval(tasks, data, device, s):
     task = tasks[key]
     scores = [task.evaluate(b.to(device))["score"].cpu() for b in val_batches(data, key, s)]
     return {"accuracy": mean_of(scores)}
-
-
-def _vqa_chance(data: FinetuneData, max_train: int = 50_000) -> float:
-    """The VQA score of a model that reads only the question: for each question text (token ids) the answer with
-    the highest summed score over the training split (the first ``max_train`` questions), the most frequent answer
-    for questions never seen in training; scored on the validation split."""
-    if not data.val:
-        return 0.0
-    key = next(iter(data.val))
-    train: VQADataset = data.sources[key].dataset
-    per_q: dict[tuple, np.ndarray] = {}
-    total = np.zeros(train.num_answers, np.float64)
-    for i in range(min(len(train), max_train)):
-        try:
-            e = train.example(i)
-        except DataError:
-            continue
-        q = tuple(e.rows[0].input_ids.tolist())
-        per_q[q] = per_q.get(q, 0) + e.target
-        total += e.target
-    best = {q: int(np.argmax(v)) for q, v in per_q.items()}
-    fallback = int(np.argmax(total))
-    got, n = 0.0, 0
-    for b in data.val[key].iter_epoch(0):
-        for k, q in enumerate(b.input_ids.split(b.txt_lens)):
-            got += float(b.targets[k, best.get(tuple(q.tolist()), fallback)])
-            n += 1
-    return got / max(n, 1)
 
 
 def _vqa_chance(data: FinetuneData, max_train: int = 50_000) -> float:

@@ -13,8 +13,8 @@ from fastvl import cli
 from fastvl.data import TxtDB, TxtDBWriter
 from fastvl.data.finetune_synthetic import FinetuneSynthConfig, finetune_synthetic
 from fastvl.data.synthetic import SyntheticConfig, synthetic_corpus
-from fastvl.models.uniter.testing import tiny_config
 from fastvl.models.uniter import UniterForPretraining
+from fastvl.models.uniter.testing import tiny_config
 from fastvl.train import checkpoint as ckpt
 
 TASKS = ("vqa", "gqa", "ve", "nlvr2", "itr", "re", "vcr")
@@ -136,5 +136,5 @@ def test_option_parsing():
 
     assert parse_options(["a=1", "b=0.5", "c=triplet", "d=true", "e=[1, 2]"]) == \
         {"a": 1, "b": 0.5, "c": "triplet", "d": True, "e": [1, 2]}
-    with pytest.raises(SystemExit, match="key=value"):
+    with pytest.raises(cli.UserError, match="argument --opt: expects key=value"):
         parse_options(["novalue"])
