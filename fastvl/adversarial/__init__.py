@@ -9,8 +9,8 @@ concrete task.
 
 from ..tasks.base import AdvOutput, AdvView, consistency_loss
 from .config import MODALITIES, MODES, AdvConfig
-from .loop import AdversarialTask, adversarial_tasks, adversarial_view
+from .loop import AdversarialTask, adversarial_tasks, adversarial_view, has_active_dropout
 from .perturbation import Delta, Perturbation
 
 __all__ = ["MODALITIES", "MODES", "AdvConfig", "AdvOutput", "AdvView", "AdversarialTask", "Delta", "Perturbation",
-           "adversarial_tasks", "adversarial_view", "consistency_loss"]
+           "adversarial_tasks", "adversarial_view", "consistency_loss", "has_active_dropout"]

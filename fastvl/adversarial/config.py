@@ -132,11 +132,14 @@ class AdvConfig:
         """From an official VILLA training config (JSON dict); None when ``adv_training`` is off or absent.
 
         Missing adversarial keys take the official script's defaults where REFERENCE.md gives none of its own.
+        The delta starts at zero, as in every official script: none of them reads an ``adv_init_mag`` key (their
+        config loader sets it on the options and nothing uses it), so one in ``opts`` is ignored here too. A
+        random init stays available by name: ``AdvConfig(adv_init_mag=...)`` / :meth:`from_dict`.
         """
         if not opts.get("adv_training", False):
             return None
         values: dict[str, Any] = {"mode": mode_from_official(opts.get("adv_modality", ["text"]))}
-        for key in ("adv_lr_txt", "adv_lr_img", "adv_steps", "adv_max_norm", "adv_kl_weight", "adv_init_mag"):
+        for key in ("adv_lr_txt", "adv_lr_img", "adv_steps", "adv_max_norm", "adv_kl_weight"):
             if key in opts:
                 values[key] = opts[key]
         if "norm_type" in opts:

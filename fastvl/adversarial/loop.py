@@ -30,13 +30,17 @@ accumulation and DDP behave exactly as for a clean task, no trainer hook). How:
   (without reading the device), and the internal parameter gradients are unscaled before they are handed back
   (the trainer's own ``scaler.scale(loss).backward()`` scales them again; an overflow stays inf for the scaler).
 
-Cost reductions (exact: same parameter gradients and delta trajectory as the plain loop, with dropout off):
+Cost reductions (exact: same parameter gradients and delta trajectory as the plain loop; (1) only where it is exact):
 
-1. Clean pass = step 0 (``reuse_clean``, zero init). With delta = 0 the first perturbed pass is the clean pass,
-   so it is run once (alter: once, not twice); its consistency term is 0 with a zero gradient and is skipped.
-   Saves 1 forward (alter: 2). With dropout on, upstream's separate clean pass draws other dropout masks (its
-   step-0 KL is a dropout-consistency term); here it is 0, the one change of algorithm (``reuse_clean=False``
-   restores the separate clean pass). Random init (``adv_init_mag > 0``) always runs a separate clean pass.
+1. Clean pass = step 0 (``reuse_clean``, zero init). With delta = 0 and no dropout the first perturbed pass IS the
+   clean pass, so it is run once (alter: once, not twice); its consistency term is 0 with a zero gradient and is
+   skipped. Saves 1 forward (alter: 2). With dropout active, upstream's step 0 is a separate pass with its own
+   dropout masks (its KL against the clean pass is a dropout-consistency term, not 0), so reusing the clean pass
+   would change the algorithm. Hence ``reuse_clean=None`` (the default) reuses only when the wrapped task has no
+   active dropout (:func:`has_active_dropout`: an ``nn.Dropout`` with p > 0 or an ``nn.MultiheadAttention`` with
+   dropout > 0, in training mode); every official config trains with dropout 0.1, and there the default runs the
+   separate clean pass, as upstream. ``reuse_clean=True`` forces the reuse (with dropout on: an approximation),
+   ``False`` forbids it. Random init (``adv_init_mag > 0``) always runs a separate clean pass.
 2. One backward through the clean graph instead of K. Every step's consistency gradient w.r.t. the clean
    predictions is accumulated on a detached stand-in and sent through the clean graph once, at the end (linear,
    so the same parameter gradient). With (1), step 0's backward is split: the delta gradients now
@@ -49,14 +53,17 @@ Cost reductions (exact: same parameter gradients and delta trajectory as the pla
 5. One packed layout and one set of selected targets per micro-batch, shared by all passes (MLM's masked count
    read once, not per pass); ``kl_weight = 0`` skips the consistency term and (without (1)) the clean pass.
 
-Forward/backward count per micro-batch, K = 3, text/image/both: plain loop 4 forward + 6 backward traversals;
-here 3 forward + 3 backward + 1 input-gradient pass. Counting a backward as 2 forwards and an input-gradient pass
-as 1, that is 10 forward-equivalents against a clean step's 3: 3.33x is the floor of the exact algorithm at K = 3.
+Forward/backward count per micro-batch, K = 3, text/image/both: plain loop 4 forward + 6 backward traversals.
+Counting a backward as 2 forwards and an input-gradient pass as 1: without dropout (the clean pass reused),
+3 forward + 3 backward + 1 input-gradient pass = 10 forward-equivalents against a clean step's 3 (3.33x, the floor
+of the exact algorithm at K = 3); with dropout (the default then runs upstream's separate clean pass),
+4 forward + 4 backward = 12 (4.0x); the plain loop 16.
 
-Measured (``python -m benchmarks.bench_villa --mode both --ablation``, CPU, 1 thread, 4 layers x 256, batch 8;
-time per micro-batch over a clean step, tasks mlm / itm / mrfr): all reductions 3.50 / 3.38 / 3.53x; without (1)
-(a separate clean pass) 4.67 / 4.01 / 4.13x; with the eager delta step instead of (4) 3.60 / 3.42 / 3.53x (the
-step is a small share of a step at these sizes on CPU); the plain loop 6.08 / 5.44 / 5.85x.
+Measured (``python -m benchmarks.bench_villa --mode both --ablation``, CPU, 1 thread, 4 layers x 256, batch 8,
+dropout off, so the default reuses the clean pass; time per micro-batch over a clean step, tasks mlm / itm /
+mrfr): all reductions 3.50 / 3.38 / 3.53x; without (1) (a separate clean pass: the mode a run with dropout gets)
+4.67 / 4.01 / 4.13x; with the eager delta step instead of (4) 3.60 / 3.42 / 3.53x (the step is a small share of a
+step at these sizes on CPU); the plain loop 6.08 / 5.44 / 5.85x.
 
 Opt-in approximation, ``AdvConfig(kl_clean_grad=False)``: the clean predictions are a constant target of the
 consistency term (stop-gradient, as in several later adversarial fine-tuning methods). Step 0 (the clean pass) then
@@ -76,7 +83,7 @@ from ..tasks.base import AdvView
 from .config import AdvConfig
 from .perturbation import Perturbation
 
-__all__ = ["AdversarialTask", "adversarial_tasks"]
+__all__ = ["AdversarialTask", "adversarial_tasks", "has_active_dropout"]
 
 
 class _HandBack(torch.autograd.Function):
@@ -104,7 +111,9 @@ class AdversarialTask(nn.Module):
             pre-training tasks, or any task with an ``adversarial_view()`` method (see
             :mod:`fastvl.adversarial.consistency`). It is a submodule (the trainer sees its parameters).
         config: the adversarial settings (:class:`~fastvl.adversarial.AdvConfig`).
-        reuse_clean: run the clean pass once as step 0 when the init is zero (exact with dropout off).
+        reuse_clean: run the clean pass once as step 0 when the init is zero. None (default): only where that is
+            exact, i.e. when the task has no active dropout at the call (:func:`has_active_dropout`); True: always
+            (with dropout on, an approximation of upstream); False: never (upstream's separate clean pass).
         grad_scaler: a ``torch.amp.GradScaler`` when training in fp16 (see AMP above); None otherwise.
         generator: for the random init (``config.adv_init_mag > 0``).
         backend: force a backend of the fused delta ops.
@@ -113,7 +122,7 @@ class AdversarialTask(nn.Module):
     ``on_step(k, perturbation)``, when set, is called with the deltas used by step k (before their update).
     """
 
-    def __init__(self, task: nn.Module, config: AdvConfig, *, reuse_clean: bool = True,
+    def __init__(self, task: nn.Module, config: AdvConfig, *, reuse_clean: bool | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None, generator: torch.Generator | None = None,
                  backend: str | None = None):
         super().__init__()
@@ -123,7 +132,10 @@ class AdversarialTask(nn.Module):
         self.task = task
         self.config = config
         self.view: AdvView = adversarial_view(task)
-        self.reuse_clean = bool(reuse_clean)
+        if reuse_clean not in (None, True, False):
+            raise ValueError(f"fastvl.adversarial.AdversarialTask: argument 'reuse_clean' must be None (auto), True "
+                             f"or False, got {reuse_clean!r}")
+        self.reuse_clean = reuse_clean
         self.grad_scaler = grad_scaler
         self.generator = generator
         self.backend = backend
@@ -131,6 +143,13 @@ class AdversarialTask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={self.config}, reuse_clean={self.reuse_clean}"
+
+    def reuses_clean_pass(self) -> bool:
+        """Whether the next training call runs the clean pass as step 0 (see ``reuse_clean``): a zero init, and
+        ``reuse_clean`` True, or None with no active dropout in the task now."""
+        if self.config.adv_init_mag != 0 or self.reuse_clean is False:
+            return False
+        return self.reuse_clean is True or not has_active_dropout(self.task)
 
     # ------------------------------------------------------------------------------------------------------
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
@@ -160,7 +179,7 @@ class AdversarialTask(nn.Module):
         pert = Perturbation.packed(cfg, getattr(ctx, "batch", batch), view.hidden_size, generator=self.generator,
                                    backend=self.backend)
         params = [p for p in self.task.parameters() if p.requires_grad]
-        reuse = self.reuse_clean and cfg.adv_init_mag == 0
+        reuse = self.reuses_clean_pass()
         inv = self._inv_scale(pert.active[0].tensor)
         graph_loss = None  # the part of the returned loss whose graph the trainer's backward traverses
         stash: list[torch.Tensor | None] | None = None
@@ -249,6 +268,20 @@ class AdversarialTask(nn.Module):
         if w > 0:
             logs["adv_kl"] = (kl_sum if torch.is_tensor(kl_sum) else torch.tensor(kl_sum)) / max(n_pass, 1)
         return dict(loss=total, logs=logs, count=view.count(getattr(ctx, "batch", batch)))
+
+
+def has_active_dropout(module: nn.Module) -> bool:
+    """True when a forward of ``module`` in its current mode draws dropout: some submodule in training mode is an
+    ``nn.Dropout`` with p > 0 (fastvl keeps every dropout rate, the fused attention's included, in one) or an
+    ``nn.MultiheadAttention`` with dropout > 0."""
+    for m in module.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        if isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            return True
+    return False
 
 
 def adversarial_tasks(tasks: dict[str, nn.Module], config: AdvConfig) -> dict[str, nn.Module]:

@@ -4,7 +4,8 @@ Attribute names (``query``, ``key``, ``value``, ``dense``, ``LayerNorm``, ...) a
 UNITER / VILLA / HERO checkpoints were saved from, so ``state_dict`` keys match them exactly. These modules hold
 parameters and call ``fastvl.ops``; the only math of their own is linear / LayerNorm / activation / residual.
 Dropout is applied as in BERT (hidden dropout after each output projection, attention-probability dropout
-inside the attention op).
+inside the attention op). Every dropout rate lives in an ``nn.Dropout`` module, so code that walks the modules
+(the official ``set_dropout(model, p)``, ``model.eval()``) controls all of them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class BertSelfAttention(nn.Module):
     Args:
         hidden_size, num_attention_heads: hidden_size must be a multiple of the head count.
         attention_probs_dropout_prob: dropout on attention probabilities (training only).
+
+    Attributes:
+        dropout: ``nn.Dropout`` holding the attention-probability rate (the official module name). The fused
+            attention op applies the dropout itself and reads only ``dropout.p`` (and ``self.training``); the
+            module is never called on the probabilities. It has no parameters, so ``state_dict`` keys are the
+            official ones; setting ``dropout.p`` (e.g. the official ``set_dropout``) changes the rate.
     """
 
     def __init__(self, hidden_size: int, num_attention_heads: int, attention_probs_dropout_prob: float = 0.0):
@@ -65,7 +72,12 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
-        self.dropout_p = attention_probs_dropout_prob
+        self.dropout = nn.Dropout(attention_probs_dropout_prob)
+
+    @property
+    def dropout_p(self) -> float:
+        """The attention-probability dropout rate (``dropout.p``; applied in training mode only)."""
+        return self.dropout.p
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size)
@@ -92,7 +104,7 @@ class BertSelfAttention(nn.Module):
         """hidden_states [T, H], cu_seqlens [B+1] int32, max_seqlen Python int -> context [T, H]."""
         q, k, v = self.qkv(hidden_states)
         ctx = cross_modal_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mask=mask,
-                                    prefix_lens=prefix_lens, dropout_p=self.dropout_p if self.training else 0.0)
+                                    prefix_lens=prefix_lens, dropout_p=self.dropout.p if self.training else 0.0)
         return ctx.reshape(hidden_states.shape[0], -1)
 
 

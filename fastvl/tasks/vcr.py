@@ -1,5 +1,11 @@
 """VCR (Q->A or QA->R stage): groups of 4 consecutive (question, choice) rows, ``batch.targets`` [4n]
 long (1 = correct choice), optional ``num_choices``; mean cross-entropy over rows; accuracy per question.
+
+VILLA view (:class:`VCRAdvView`), as the official VCR adversarial loop (VILLA ``train_vcr_adv.py``): every pass
+scores each row with the 2-way head, [4n, 2]; the task loss is the 2-way cross-entropy, mean over rows; the
+consistency term is the symmetric KL between each row's 2-way softmax of the perturbed and the clean scores,
+reduced by the mean over all 4n x 2 elements (not per question, not across the choices), weighted by
+``adv_kl_weight``.
 """
 
 from __future__ import annotations
@@ -8,10 +14,19 @@ import torch
 from torch.nn import functional as F
 
 from ..batch import PackedVLBatch
+from ..ops import symmetric_kl
 from . import metrics
-from .base import FinetuneTask
+from .base import FinetuneAdvView, FinetuneTask
 
-__all__ = ["VCRTask"]
+__all__ = ["VCRAdvView", "VCRTask"]
+
+
+class VCRAdvView(FinetuneAdvView):
+    """The VCR task's VILLA view: predictions are the 2-way scores [4n, 2]; consistency = symmetric KL of each row's
+    2-way softmax, element mean (the official VCR loop's ``kl.mean()``)."""
+
+    def consistency(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return symmetric_kl(pred, clean, "mean")
 
 
 class VCRTask(FinetuneTask):
@@ -39,9 +54,13 @@ class VCRTask(FinetuneTask):
         return batch.batch_size
 
     def adv_loss(self, h, layout, batch):
+        """(2-way cross-entropy, mean over rows; the 2-way scores [B, 2] the consistency term compares)."""
         scores = self.model.vcr_output(self.model.pooled(h, layout))  # [B, 2]
         loss = F.cross_entropy(scores.float(), batch.targets)
-        return loss, scores[:, 1].reshape(-1, self.num_choices)
+        return loss, scores
+
+    def adversarial_view(self) -> VCRAdvView:
+        return VCRAdvView(self)
 
     @torch.no_grad()
     def evaluate(self, batch: PackedVLBatch) -> dict[str, torch.Tensor]:

@@ -43,6 +43,28 @@ def test_from_official_vqa_config():
     assert AdvConfig.from_official({}) is None
 
 
+@pytest.mark.skipif(not OFFICIAL.exists(), reason=f"official VILLA config {OFFICIAL} is absent")
+def test_official_config_starts_from_a_zero_delta():
+    """No official script reads adv_init_mag (their delta is torch.zeros_like): an official config gives a zero init
+    even when the key is present; a random init stays available by name."""
+    import torch
+
+    from fastvl.adversarial import Perturbation
+    from fastvl.batch import PackedVLBatch
+
+    opts = json.loads(OFFICIAL.read_text())
+    for extra in ({}, {"adv_init_mag": 0.5}, {"adv_init_mag": 2, "adv_init_dist": "normal"}):
+        c = AdvConfig.from_official({**opts, **extra})
+        assert c.adv_init_mag == 0.0, extra
+        batch = PackedVLBatch(input_ids=torch.ones(5, dtype=torch.long), txt_lens=[2, 3],
+                              img_feat=torch.rand(4, 6), img_pos=torch.rand(4, 7), img_lens=[1, 3])
+        pert = Perturbation.packed(AdvConfig(**{**c.to_dict(), "mode": "both"}), batch, 8,
+                                   generator=torch.Generator().manual_seed(0))
+        assert all(d.tensor.abs().sum() == 0 for d in pert.active)
+    assert AdvConfig(adv_init_mag=0.5).adv_init_mag == 0.5
+    assert AdvConfig.from_dict({"adv_init_mag": 0.5}).adv_init_mag == 0.5
+
+
 @pytest.mark.parametrize("modality,mode", [
     (["text"], "text"), (["image"], "image"), (["image", "text"], "both"), (["text", "image"], "both"),
     (["alter"], "alter"), (["text", "image", "alter"], "alter"), ("image", "image"),

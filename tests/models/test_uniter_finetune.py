@@ -325,6 +325,34 @@ def test_itr_hard_negatives_rerun_the_top_scored(gen, seed):
     torch.testing.assert_close(model(ob, compute_loss=False).squeeze(-1), s, **TOL)
 
 
+@pytest.mark.parametrize("sample_from", ["t", "i", "packed"])
+def test_itr_hard_negatives_send_no_gradient_to_inputs(sample_from, gen, seed):
+    """The official builds the hard batch inside torch.no_grad: inputs that require grad get none (parameters do)."""
+    model = build("itr-hard", seed).train()
+    model.margin = 10.0  # every hinge active: the parameters get a gradient whatever the scores
+    pb, _ = batches(gen, model.config, 10, txt_lens=[5] * 10, img_lens=[6] * 10)
+    pb.input_ids = pb.input_ids[:5].repeat(10)
+    if sample_from == "i":
+        pb.img_feat, pb.img_pos = pb.img_feat[:6].repeat(10, 1), pb.img_pos[:6].repeat(10, 1)
+    ob = to_official_batch(pb, "none")
+    if sample_from == "packed":
+        feat, pos = pb.img_feat.clone().requires_grad_(), pb.img_pos.clone().requires_grad_()
+        pb.img_feat, pb.img_pos = feat, pos
+        loss = model(pb)
+    else:
+        shared = 1 if sample_from == "i" else None  # the official gives the shared side once
+        feat = ob["img_feat"][:shared].clone().requires_grad_()
+        pos = ob["img_pos_feat"][:shared].clone().requires_grad_()
+        ob.update(img_feat=feat, img_pos_feat=pos)
+        if sample_from == "t":
+            ob["input_ids"] = ob["input_ids"][:1]
+        loss = model(ob, sample_from=sample_from[0])
+    assert loss.shape == (1, 4)
+    (loss.sum() + 1.0).backward()
+    assert feat.grad is None and pos.grad is None, "gradient reached the input features"
+    assert model.rank_output.weight.grad is not None and model.rank_output.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("mlp", [1, 2])
 def test_re_matches_reference(mlp, gen, seed):
     model = build("re" if mlp == 1 else "re-mlp2", seed)

@@ -491,7 +491,9 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
     """Retrieval with hard negatives: in training with ``compute_loss``, one group (positive first, then many
     negatives sharing the positive's text (``sample_from='t'``) or image (``'i'``)) is scored without gradient in
     eval mode, the ``hard_size`` highest-scoring negatives are kept and the positive + those are re-run in train
-    mode for the hinge loss [1, hard_size]. Otherwise as :class:`UniterForImageTextRetrieval`.
+    mode for the hinge loss [1, hard_size]. Otherwise as :class:`UniterForImageTextRetrieval`. As the official, the
+    hard batch is built under ``torch.no_grad``: the loss sends no gradient to the input tensors (image features,
+    boxes), only to the parameters.
     """
 
     def __init__(self, config: UniterConfig, img_dim: int | None = None, margin: float = 0.2, hard_size: int = 16):
@@ -513,18 +515,18 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
         if n < self.hard_size + 1:
             raise ValueError(f"{type(self).__name__}: the group has {n} pairs but hard_size={self.hard_size} needs "
                              f">= {self.hard_size + 1} (1 positive first, then negatives)")
-        with torch.no_grad():
+        with torch.no_grad():  # scoring AND building the hard batch, as the official: no gradient reaches the inputs
             self.eval()
             try:
                 scores = super().forward(batch, compute_loss=False)
             finally:
                 self.train()
-        keep = scores.squeeze(-1)[1:].topk(self.hard_size, sorted=False).indices + 1
-        if isinstance(batch, PackedVLBatch):
-            hard = select_examples(batch, [0, *keep.tolist()])
-            hard.sample_size = self.hard_size + 1
-        else:
-            hard = self._hard_dict(batch, keep, sample_from)
+            keep = scores.squeeze(-1)[1:].topk(self.hard_size, sorted=False).indices + 1
+            if isinstance(batch, PackedVLBatch):
+                hard = select_examples(batch, [0, *keep.tolist()])
+                hard.sample_size = self.hard_size + 1
+            else:
+                hard = self._hard_dict(batch, keep, sample_from)
         return super().forward(hard, True, **kwargs)
 
     @staticmethod

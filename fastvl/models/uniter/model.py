@@ -34,7 +34,7 @@ from ...ops import unpack
 from .config import UniterConfig, resolve_config
 from .layout import PackedLayout, layout_from_official
 
-__all__ = ["UniterConfig", "UniterModel", "UniterPreTrainedModel", "assert_finite"]
+__all__ = ["UniterConfig", "UniterModel", "UniterPreTrainedModel", "assert_finite", "checkpoint_key_map"]
 
 logger = logging.getLogger(__name__)
 POS_DIM = 7  # box feature: normalised x1, y1, x2, y2, w, h, and area
@@ -165,40 +165,83 @@ class UniterPreTrainedModel(nn.Module):
                         *inputs, **kwargs):
         """Build the model from a config and load an official state_dict non-strictly, as the official method.
 
-        Renames ``gamma``/``beta`` to ``weight``/``bias``, maps a ``bert.`` prefix to ``uniter.``, strips (or adds)
-        the ``uniter.`` prefix when the model does (not) have a ``uniter`` attribute, upcasts half-precision
-        tensors, and logs the missing and unexpected keys (also kept in ``model.loading_info``).
+        The official rule first: every key has ``gamma`` / ``beta`` renamed to ``weight`` / ``bias``; then, when the
+        model has no ``bert`` attribute and some key starts with ``bert.``, that prefix is stripped and only the
+        keys that had it are read (``bert.uniter.embeddings.*`` loads into ``uniter.embeddings.*``). Keys this rule
+        leaves unloaded get fastvl's conveniences, and only for parameters the rule left missing: a BERT-style
+        ``bert.X`` loads into ``uniter.X``, and the ``uniter.`` prefix is stripped (or added) when the model does
+        (not) have a ``uniter`` attribute. Half-precision tensors are upcast; the missing and unexpected keys are
+        logged (also kept in ``model.loading_info``). See :func:`checkpoint_key_map` for the mapping alone.
 
         Args:
             config_file: official JSON path, fastvl YAML path / size name, dict or UniterConfig.
-            state_dict: name -> tensor (e.g. ``torch.load`` of an official checkpoint).
+            state_dict: name -> tensor (e.g. ``torch.load`` of an official checkpoint); not modified.
             *inputs, **kwargs: constructor arguments after the config (``img_dim``, ``img_label_dim``).
         """
         config = config_file if isinstance(config_file, UniterConfig) else resolve_config(config_file)
         model = cls(config, *inputs, **kwargs)
-        sd = {}
-        for key, value in state_dict.items():
-            new = key.replace("gamma", "weight").replace("beta", "bias")
-            if new.startswith("bert."):
-                new = "uniter." + new[len("bert."):]
-            sd[new] = value
         own = model.state_dict()
-        has_uniter = hasattr(model, "uniter")
-        if not has_uniter and any(k.startswith("uniter.") for k in sd):
-            sd = {k.removeprefix("uniter."): v for k, v in sd.items()}
-        elif has_uniter and not any(k.startswith("uniter.") for k in sd) and "embeddings.LayerNorm.weight" in sd:
-            sd = {("uniter." + k if "uniter." + k in own else k): v for k, v in sd.items()}
-        for k, v in sd.items():
-            if k in own and v.is_floating_point() and v.dtype != own[k].dtype:
-                sd[k] = v.to(own[k].dtype)
+        mapping = checkpoint_key_map(state_dict.keys(), own.keys(), has_bert=hasattr(model, "bert"),
+                                     has_uniter=hasattr(model, "uniter"))
+        sd = {}
+        for key, target in mapping.items():
+            v = state_dict[key]
+            sd[target] = v.to(own[target].dtype) if v.is_floating_point() and v.dtype != own[target].dtype else v
+        used = set(mapping)
         result = model.load_state_dict(sd, strict=False)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        missing = list(result.missing_keys)
+        unexpected = [k for k in state_dict if k not in used]
         if missing:
             logger.info("Weights of %s not initialized from pretrained model: %s", cls.__name__, missing)
         if unexpected:
             logger.info("Weights from pretrained model not used in %s: %s", cls.__name__, unexpected)
         model.loading_info = {"missing_keys": missing, "unexpected_keys": unexpected}
         return model
+
+
+def _official_rename(key: str) -> str:
+    """The official gamma/beta rename of one key (``beta`` is replaced in the original key, as upstream does)."""
+    if "beta" in key:
+        return key.replace("beta", "bias")
+    return key.replace("gamma", "weight")
+
+
+def checkpoint_key_map(keys, own_keys, has_bert: bool = False, has_uniter: bool = True) -> dict[str, str]:
+    """Checkpoint key -> model key, for the checkpoint keys :meth:`UniterPreTrainedModel.from_pretrained` loads.
+
+    Args:
+        keys: the checkpoint's keys. own_keys: the model's ``state_dict`` keys.
+        has_bert, has_uniter: whether the model has a ``bert`` / ``uniter`` attribute.
+    Returns:
+        the official rule's matches first (gamma/beta renamed; a leading ``bert.`` stripped when the model has no
+        ``bert`` attribute and some key has it, keys without it then unread), then, for model keys still unmatched,
+        fastvl's conveniences on the remaining checkpoint keys (``bert.X`` -> ``uniter.X``; ``uniter.`` stripped
+        or added to fit the model).
+    """
+    keys, own = list(keys), set(own_keys)
+    renamed = {k: _official_rename(k) for k in keys}
+    strip_bert = not has_bert and any(k.startswith("bert.") for k in renamed.values())
+    mapping: dict[str, str] = {}
+    for k, new in renamed.items():
+        if strip_bert:
+            if not new.startswith("bert."):
+                continue
+            new = new[len("bert."):]
+        if new in own:
+            mapping[k] = new
+    taken = set(mapping.values())
+    rest = {k: renamed[k] for k in keys if k not in mapping}
+    if has_uniter:
+        rest = {k: "uniter." + v[len("bert."):] if v.startswith("bert.") else v for k, v in rest.items()}
+        if not any(v.startswith("uniter.") for v in rest.values()):
+            rest = {k: "uniter." + v if "uniter." + v in own else v for k, v in rest.items()}
+    else:
+        rest = {k: v.removeprefix("uniter.") for k, v in rest.items()}
+    for k, new in rest.items():
+        if new in own and new not in taken:
+            mapping[k] = new
+            taken.add(new)
+    return mapping
 
 
 # ----------------------------------------------------------------------------------------------------------
