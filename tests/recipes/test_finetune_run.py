@@ -169,14 +169,15 @@ def test_adversarial_run(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # VILLA on every fine-tuning task vs a plain loop
 # ----------------------------------------------------------------------------------------------------------------
-def _sym_kl(a, b, lens=None):
-    """VILLA's symmetric KL, batchmean; with ``lens`` row i compares its first lens[i] entries only (RE regions)."""
+def _sym_kl(a, b, lens=None, element_mean=False):
+    """VILLA's symmetric KL, batchmean (``element_mean``: the mean over every element, as train_vcr_adv.py); with
+    ``lens`` row i compares its first lens[i] entries only (RE regions)."""
     a, b = a.float(), b.float()
     if lens is not None:
         return sum(_sym_kl(a[i:i + 1, :n], b[i:i + 1, :n]) for i, n in enumerate(lens)) / a.shape[0]
     kl = F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="none") + \
         F.kl_div(F.log_softmax(b, -1), F.softmax(a, -1), reduction="none")
-    return kl.sum() / a.shape[0]
+    return kl.mean() if element_mean else kl.sum() / a.shape[0]
 
 
 def _setup(name, gen):
@@ -211,7 +212,7 @@ def _setup(name, gen):
     t = torch.zeros(8, dtype=torch.long)
     t[[1, 6]] = 1
     batch.targets = t
-    return VCRTask(model), batch, lambda p: p.reshape(-1, 4)
+    return VCRTask(model), batch, lambda p: p
 
 
 def _plain_villa(task, batch, cfg: AdvConfig, shape):
@@ -225,7 +226,11 @@ def _plain_villa(task, batch, cfg: AdvConfig, shape):
 
     def run(txt, img):
         loss = fwd(batch, compute_loss=True, reduction="mean", txt_delta=txt, img_delta=img)
-        pred = fwd(batch, compute_loss=False, txt_delta=txt, img_delta=img)
+        if isinstance(task, VCRTask):  # train_vcr_adv.py compares the 2-way scores [4n, 2] of every row
+            h = model.uniter.forward_packed(batch, txt_delta=txt, img_delta=img)
+            pred = model.vcr_output(model.pooled(h, batch.packed_layout()))
+        else:
+            pred = fwd(batch, compute_loss=False, txt_delta=txt, img_delta=img)
         return loss.float(), shape(pred)
 
     _, clean = run(None, None)
@@ -236,7 +241,8 @@ def _plain_villa(task, batch, cfg: AdvConfig, shape):
         img.requires_grad_()
         loss, pred = run(txt, img)
         lens = batch.img_lens if isinstance(task, RETask) else None
-        ((loss + cfg.adv_kl_weight * _sym_kl(pred, clean, lens)) / cfg.adv_steps).backward(retain_graph=True)
+        kl = _sym_kl(pred, clean, lens, element_mean=isinstance(task, VCRTask))
+        ((loss + cfg.adv_kl_weight * kl) / cfg.adv_steps).backward(retain_graph=True)
         if k < cfg.adv_steps - 1:
             txt = _update(txt, txt.grad, batch.txt_lens, cfg.adv_lr_txt, cfg.norm, cfg.adv_max_norm)
             img = _update(img, img.grad, batch.img_lens, cfg.adv_lr_img, cfg.norm, cfg.adv_max_norm)
