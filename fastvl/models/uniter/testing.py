@@ -20,8 +20,8 @@ from .model import UniterModel
 from .pretrain import UniterForPretraining
 from .reference import UniterReferenceForPretraining, UniterReferenceModel
 
-__all__ = ["assert_nested_close", "assert_same_grads", "grads", "model_pair", "random_pretrain_batch", "tiny_config",
-           "to_official_batch", "weighted_sum"]
+__all__ = ["assert_autocast_rule", "assert_nested_close", "assert_same_grads", "grads", "model_pair",
+           "random_pretrain_batch", "tiny_config", "to_official_batch", "weighted_sum"]
 
 MASK_ID = 3
 
@@ -199,3 +199,48 @@ def assert_nested_close(fast, ref, rel: float = REL, name: str = "output") -> No
     assert len(fast) == len(ref), f"{name}: {len(fast)} parts != reference {len(ref)}"
     for i, (f, r) in enumerate(zip(fast, ref)):
         assert_nested_close(f, r, rel, f"{name}[{i}]")
+
+
+def _flat(outputs) -> torch.Tensor:
+    """Every floating element of (nested) outputs as one float64 vector."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach().double().reshape(-1) if outputs.is_floating_point() else outputs.new_zeros(0).double()
+    parts = [_flat(o) for o in outputs if o is not None]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _cast_floats(batch, dtype: torch.dtype):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    return batch
+
+
+def assert_autocast_rule(fast: torch.nn.Module, ref: torch.nn.Module, batch: dict, task: str, device: str,
+                         dtype: torch.dtype = torch.bfloat16, floor: float = 1e-5) -> dict[str, float]:
+    """The tolerance rule for a model under autocast, on the official batch ``batch`` (predictions, no loss):
+
+    - ``max|fast_lowp - ref64| <= 2 * max|ref_lowp - ref64| + floor * max|ref64|``, where ref64 is the reference model
+      in float64 and ref_lowp / fast_lowp the reference / fastvl under ``torch.autocast(device, dtype)``;
+    - autocast is honoured: ``max|fast_lowp - fast_fp32| >= 0.1 * max|ref_lowp - ref64|`` (a model that ignored
+      autocast would give its fp32 outputs, passing the first check trivially).
+
+    Returns the three errors (``fast``, ``lowp``, ``moved``) for messages. ``fast`` and ``ref`` share weights.
+    """
+    import copy
+
+    ref64 = copy.deepcopy(ref).double()
+    want = _flat(ref64(_cast_floats(batch, torch.float64), task, compute_loss=False))
+    with torch.autocast(device, dtype=dtype):
+        lowp = _flat(ref(batch, task, compute_loss=False))
+        got = _flat(fast(batch, task, compute_loss=False))
+    fp32 = _flat(fast(batch, task, compute_loss=False))
+    err_fast, err_lowp = float((got - want).abs().max()), float((lowp - want).abs().max())
+    moved = float((got - fp32).abs().max())
+    allowed = 2 * err_lowp + floor * float(want.abs().max())
+    assert err_fast <= allowed, (f"{task}: autocast error {err_fast:.3e} > allowed {allowed:.3e} (reference "
+                                 f"{err_lowp:.3e})")
+    assert moved >= 0.1 * err_lowp, (f"{task}: autocast ignored: fastvl under autocast moved {moved:.3e} from its fp32 "
+                                     f"outputs, the reference moved {err_lowp:.3e}")
+    return {"fast": err_fast, "lowp": err_lowp, "moved": moved}
