@@ -22,8 +22,49 @@ _INDEX_FIELDS = ("cu_seqlens", "cu_txt", "cu_img", "txt_rows", "img_rows", "txt_
                  "txt_src", "img_src")
 
 
+class _Lengths:
+    """Sizes derived from the Python-int ``txt_lens`` / ``img_lens`` of a batch or a layout."""
+
+    txt_lens: list[int]
+    img_lens: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.txt_lens)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Joint [text | regions] length per example."""
+        return [t + i for t, i in zip(self.txt_lens, self.img_lens)]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seq_lens, default=0)
+
+    @property
+    def max_txt(self) -> int:
+        return max(self.txt_lens, default=0)
+
+    @property
+    def max_img(self) -> int:
+        return max(self.img_lens, default=0)
+
+    @property
+    def n_txt(self) -> int:
+        return sum(self.txt_lens)
+
+    @property
+    def n_img(self) -> int:
+        return sum(self.img_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        """T: real tokens of the batch (text and regions)."""
+        return self.n_txt + self.n_img
+
+
 @dataclass
-class PackedLayout:
+class PackedLayout(_Lengths):
     """Where every token of a batch lives in the packed [T, H] tensor.
 
     Attributes:
@@ -52,36 +93,8 @@ class PackedLayout:
     img_src: torch.Tensor | None = None
 
     @property
-    def batch_size(self) -> int:
-        return len(self.txt_lens)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return [t + i for t, i in zip(self.txt_lens, self.img_lens)]
-
-    @property
-    def max_seqlen(self) -> int:
-        return max(self.seq_lens, default=0)
-
-    @property
-    def max_txt(self) -> int:
-        return max(self.txt_lens, default=0)
-
-    @property
-    def max_img(self) -> int:
-        return max(self.img_lens, default=0)
-
-    @property
-    def n_txt(self) -> int:
-        return sum(self.txt_lens)
-
-    @property
-    def n_img(self) -> int:
-        return sum(self.img_lens)
-
-    @property
     def total(self) -> int:
-        return self.n_txt + self.n_img
+        return self.num_tokens
 
     @property
     def first_rows(self) -> torch.Tensor:
@@ -169,7 +182,7 @@ def layout_from_lengths(txt_lens: Sequence[int], img_lens: Sequence[int], device
 
 
 @dataclass
-class PackedVLBatch:
+class PackedVLBatch(_Lengths):
     """A packed V+L batch (every tensor on one device).
 
     Core fields:
@@ -242,23 +255,6 @@ class PackedVLBatch:
                                         or self.layout.img_lens != list(self.img_lens)):
             raise ValueError("PackedVLBatch: 'layout' was built for other lengths than 'txt_lens' / 'img_lens' "
                              "(build a new batch, or pass layout=None, when the lengths change)")
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.txt_lens)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        """Joint [text | regions] length per example."""
-        return [t + i for t, i in zip(self.txt_lens, self.img_lens)]
-
-    @property
-    def max_seqlen(self) -> int:
-        return max(self.seq_lens, default=0)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.seq_lens)
 
     def packed_layout(self) -> PackedLayout:
         """The batch's :class:`PackedLayout` on its device: the one collate built (moved by :meth:`to`), else built
