@@ -20,7 +20,7 @@ import torch
 import fastvl
 from benchmarks._harness import Bench, Case
 from fastvl.ops import adv_perturb as A
-from fastvl.ops._testing import adv_inputs, adv_inputs_packed, random_lengths
+from fastvl.ops.testing import adv_inputs, adv_inputs_packed, random_lengths
 
 TEXT = (60, 768)
 IMAGE = (100, 2048)

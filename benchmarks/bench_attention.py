@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 
 from benchmarks._harness import RESULTS, Bench, Case, append_csv, env_summary  # noqa: E402
 from fastvl.ops import attention as A  # noqa: E402
-from fastvl.ops._testing import attention_inputs, random_lengths  # noqa: E402
+from fastvl.ops.testing import attention_inputs, random_lengths  # noqa: E402
 
 PEERS = ("sdpa_padded", "sdpa_varlen", "flex", "xformers", "flash_attn")
 

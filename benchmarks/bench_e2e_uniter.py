@@ -26,7 +26,7 @@ from fastvl.models.uniter import UniterForPretraining
 from fastvl.models.uniter.config import UniterConfig, resolve_config
 from fastvl.models.uniter.reference import UniterReferenceForPretraining
 from fastvl.models.uniter.testing import random_pretrain_batch, to_official_batch
-from fastvl.ops._testing import random_lengths
+from fastvl.ops.testing import random_lengths
 
 TASKS = ("mlm", "mrfr", "mrc-kl", "itm")
 OT_LAMBDA = 0.1

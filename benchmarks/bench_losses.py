@@ -34,7 +34,7 @@ import torch
 from benchmarks._harness import Bench, Case, env_summary
 from fastvl.ops import bce_soft, linear_cross_entropy, linear_kl, masked_regression, sym_kl
 from fastvl.ops._chunked import select_backend
-from fastvl.ops._testing import (
+from fastvl.ops.testing import (
     class_targets,
     linear_head_inputs,
     logit_pair,

@@ -15,7 +15,7 @@ import torch
 import fastvl
 from benchmarks._harness import Bench, Case, env_summary
 from fastvl.ops import ot
-from fastvl.ops._testing import ot_inputs, random_lengths
+from fastvl.ops.testing import ot_inputs, random_lengths
 
 
 def _providers(device: str) -> list[str]:

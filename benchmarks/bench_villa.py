@@ -35,7 +35,7 @@ from fastvl.adversarial.reference import plain_villa_step
 from fastvl.models.uniter import UniterForPretraining
 from fastvl.models.uniter.config import resolve_config
 from fastvl.models.uniter.testing import random_pretrain_batch
-from fastvl.ops._testing import random_lengths
+from fastvl.ops.testing import random_lengths
 from fastvl.tasks import build_task
 
 TASKS = ("mlm", "itm", "mrfr")

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastvl  # noqa: E402
-from fastvl.ops._testing import fresh_seed, poisoned_allocations, triton_test_device  # noqa: E402
+from fastvl.ops.testing import fresh_seed, poisoned_allocations, triton_test_device  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 NO_EXTENSION = "fastvl._C not built: the C++ 'cpu' backend is unavailable (pip install --no-build-isolation -e .)"
@@ -134,7 +134,7 @@ def _triton_guard(request):
 
 @pytest.fixture
 def poisoned():
-    """Every tensor allocated during the test starts as NaN (see ``fastvl.ops._testing.poisoned_allocations``);
+    """Every tensor allocated during the test starts as NaN (see ``fastvl.ops.testing.poisoned_allocations``);
     assert ``poisoned.covers(out)`` to show the poison reached an output."""
     with poisoned_allocations() as state:
         yield state

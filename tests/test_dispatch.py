@@ -102,7 +102,7 @@ def test_triton_launch_without_the_triton_device_fixture_fails():
     """tests/conftest.py's runtime guard: a test here that runs a Triton kernel without taking `triton_device`
     fails, whichever device its tensors are on (this one builds them on the right device, without the fixture)."""
     from fastvl.ops import cross_modal_attention
-    from fastvl.ops._testing import attention_inputs, triton_test_device
+    from fastvl.ops.testing import attention_inputs, triton_test_device
 
     args = attention_inputs([3, 2], device=triton_test_device())
     with pytest.raises(AssertionError, match="does not take the `triton_device` fixture"):
@@ -111,7 +111,7 @@ def test_triton_launch_without_the_triton_device_fixture_fails():
 
 def test_triton_launch_on_another_device_fails(triton_device):
     from fastvl.ops import cross_modal_attention
-    from fastvl.ops._testing import attention_inputs
+    from fastvl.ops.testing import attention_inputs
 
     other = "meta" if triton_device.type == "cpu" else "cpu"
     q, k, v, *rest = attention_inputs([3, 2], device=triton_device)

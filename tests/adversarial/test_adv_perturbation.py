@@ -8,7 +8,7 @@ import fastvl
 from fastvl.adversarial import AdvConfig, Perturbation
 from fastvl.batch import PackedVLBatch
 from fastvl.ops import adv_perturb as A
-from fastvl.ops._testing import cu_seqlens, pad_mask
+from fastvl.ops.testing import cu_seqlens, pad_mask
 
 BACKENDS = ["reference"] + (["cpu"] if fastvl.HAS_C else [])
 H, D_IMG, C = 6, 10, 3

@@ -22,7 +22,7 @@ from fastvl.models.uniter.testing import (
     weighted_sum,
 )
 from fastvl.nn.bert import BertLayer
-from fastvl.ops._testing import assert_rel_close
+from fastvl.ops.testing import assert_rel_close
 
 OFFICIAL_BASE = {  # the official uniter-base.json, verbatim
     "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,

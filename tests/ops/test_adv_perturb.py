@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import fastvl
 from fastvl.ops import BackendUnavailableError
 from fastvl.ops import adv_perturb as A
-from fastvl.ops._testing import adv_inputs, adv_inputs_packed, assert_close_to_ref, assert_rel_close
+from fastvl.ops.testing import adv_inputs, adv_inputs_packed, assert_close_to_ref, assert_rel_close
 
 HAS_CUDA = torch.cuda.is_available()
 NEEDS_C = pytest.mark.needs_c  # skipped, with the reason, when fastvl._C is not built (tests/conftest.py)

@@ -13,7 +13,7 @@ from fastvl.ops import BackendUnavailableError
 from fastvl.ops import _attention_peers as P
 from fastvl.ops import _dispatch as D
 from fastvl.ops import attention as A
-from fastvl.ops._testing import FLOOR_REL, assert_close_to_ref, attention_inputs, cu_seqlens, max_abs_err, tolerance
+from fastvl.ops.testing import FLOOR_REL, assert_close_to_ref, attention_inputs, cu_seqlens, max_abs_err, tolerance
 
 # (lens_q, lens_k or None, prefix_lens or None) per mask: odd lengths 1, 7, 97, 130; a batch of 1; an empty
 # prefix, a prefix covering the whole sequence and one past it; cross rows without keys (text-only) or queries.

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from fastvl.ops import BackendUnavailableError
 from fastvl.ops import _chunked as C
 from fastvl.ops import linear_cross_entropy as M
-from fastvl.ops._testing import assert_close_to_ref, class_targets, linear_head_inputs, value_and_grads
+from fastvl.ops.testing import assert_close_to_ref, class_targets, linear_head_inputs, value_and_grads
 
 FUSED = ["torch_chunked", "triton"]
 NAMES = ["loss", "grad hidden", "grad weight", "grad bias"]

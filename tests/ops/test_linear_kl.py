@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastvl.ops import _chunked as C
 from fastvl.ops import linear_kl as M
-from fastvl.ops._testing import assert_close_to_ref, linear_head_inputs, soft_label_targets, value_and_grads
+from fastvl.ops.testing import assert_close_to_ref, linear_head_inputs, soft_label_targets, value_and_grads
 
 FUSED = ["torch_chunked", "triton"]
 NAMES = ["loss", "grad hidden", "grad weight", "grad bias"]

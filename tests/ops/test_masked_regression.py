@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastvl.ops import _chunked as C
 from fastvl.ops import masked_regression as M
-from fastvl.ops._testing import assert_close_to_ref, linear_head_inputs, value_and_grads
+from fastvl.ops.testing import assert_close_to_ref, linear_head_inputs, value_and_grads
 
 FUSED = ["torch_chunked", "triton"]
 NAMES = ["loss", "grad hidden", "grad weight_t", "grad bias"]

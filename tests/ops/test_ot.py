@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import fastvl
 from fastvl.ops import BackendUnavailableError, ot
-from fastvl.ops._testing import assert_rel_close, cu_seqlens, ot_inputs, pad_mask
+from fastvl.ops.testing import assert_rel_close, cu_seqlens, ot_inputs, pad_mask
 
 # Every backend runnable on this machine; each test builds its tensors on the `device` fixture (the Triton device
 # for 'triton'); 'cpu' is skipped, with the reason, when fastvl._C is not built.

@@ -11,7 +11,7 @@ import torch
 
 from fastvl.kernels.triton import ot as K
 from fastvl.ops import ot
-from fastvl.ops._testing import assert_rel_close, ot_inputs
+from fastvl.ops.testing import assert_rel_close, ot_inputs
 
 LIMIT = K.REGISTER_TILE_MAX
 N_AT = 64  # text length at the limit; the regions fill the rest of the register tile

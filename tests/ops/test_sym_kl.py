@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fastvl.ops import _chunked as C
 from fastvl.ops import sym_kl as M
-from fastvl.ops._testing import assert_close_to_ref, logit_pair, value_and_grads
+from fastvl.ops.testing import assert_close_to_ref, logit_pair, value_and_grads
 
 FUSED = ["torch_chunked", "triton"]
 

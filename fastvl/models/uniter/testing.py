@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ...batch import PackedVLBatch
-from ...ops._testing import assert_rel_close, max_abs_err, random_lengths
+from ...ops.testing import assert_rel_close, max_abs_err, random_lengths
 from .config import UniterConfig
 from .model import UniterModel
 from .pretrain import UniterForPretraining
