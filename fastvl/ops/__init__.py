@@ -16,6 +16,7 @@ from .linear_kl import fused_linear_kl
 from .masked_regression import fused_masked_regression
 from .ot import ipot_plan, optimal_transport_dist, optimal_transport_dist_packed
 from .pack import pack, unpack
+from .spade import spade_norm
 from .sym_kl import symmetric_kl
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "optimal_transport_dist",
     "optimal_transport_dist_packed",
     "pack",
+    "spade_norm",
     "symmetric_kl",
     "unpack",
 ]
