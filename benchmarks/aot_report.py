@@ -158,6 +158,16 @@ def _attention(dt, hd: int, seq: int, mask: str, dropout: float):
     return call
 
 
+def _spade(dt, shape: tuple[int, int, int, int], instance: bool):
+    """SPADE norm forward + backward (training statistics) at a SPADE block's size."""
+    def call():
+        x = torch.zeros(shape, dtype=dt)
+        fwd, bwd = _launcher("spade_norm_fwd_triton"), _launcher("spade_norm_bwd_triton")
+        out, mean, var = fwd(x, x, x, None, None, instance, 1e-5)
+        bwd(out, x, x, mean, var, instance, True, 1e-5)
+    return call
+
+
 def _keep_mask():
     cu = torch.tensor([0, 40, 60], dtype=torch.int32)
     return lambda: _launcher("dropout_keep_mask")(torch.zeros(2, dtype=torch.int64), cu, cu, 40, 40, 12, 0.1)
@@ -183,6 +193,10 @@ def cases(quick: bool = False) -> list[tuple[str, str, Callable[[], object]]]:
                 ("villa symmetric kl C=3129", d, _loss("symmetric_kl_rows", dt, 3129))]
         if not quick:
             out += [("mrfr regression l2 D=2048", d, _loss("regression_rows", dt, 2048, l2=True))]
+        out += [("spade batch norm 4x64x64x64 (two-phase)", d, _spade(dt, (4, 64, 64, 64), False)),
+                ("spade batch norm 4x1024x8x8 (single)", d, _spade(dt, (4, 1024, 8, 8), False))]
+        if not quick:
+            out += [("spade instance norm 2x64x32x32 (single)", d, _spade(dt, (2, 64, 32, 32), True))]
     attn = [("bf16", 64, 160, "bidirectional", 0.1)] if quick else [
         ("bf16", 64, 160, "bidirectional", 0.1), ("bf16", 64, 160, "seq2seq", 0.0), ("fp16", 80, 1024, "cross", 0.0),
         ("bf16", 128, 512, "bidirectional", 0.0), ("fp32", 64, 160, "cross", 0.1)]
