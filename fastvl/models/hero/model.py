@@ -7,8 +7,8 @@ the segments' frame outputs are fused onto their video frames with one ``index_a
 attends over the real frames only (every frame slot, padding slots included, is still a query, as in the official
 padded encoder, so the output equals the official one everywhere).
 
-Not here yet: the pre-training / fine-tuning task forwards (MLM, MFM, FOM, VSM), the query encoder's forward and the
-RoBERTa-init path; they land in later changes.
+The pre-training task forwards MLM, MFFR, MFM-NCE and FOM are in :mod:`.pretrain` (``forward(batch, task,
+compute_loss)``). Not here yet: VSM, the query encoder's forward and the RoBERTa-init path.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .layers import (
     SubEmbeddings,
 )
 from .layout import HeroSegmentLayout
+from .pretrain import PRETRAIN_TASKS, forward_fom, forward_mfm, forward_mlm
 
 __all__ = ["CrossModalTrm", "HeroForPretraining", "HeroModel", "HierarchicalVlModel", "QueryFeatEncoder",
            "TemporalTrm", "init_hero_weights", "load_hero_state_dict"]
@@ -169,12 +170,26 @@ class HierarchicalVlModel(nn.Module):
             raise ValueError(f"fastvl.models.hero: f_config.hidden_size ({f_cfg.hidden_size}) must equal "
                              f"c_config.hidden_size ({c_cfg.hidden_size}) (segment outputs are added onto frames)")
 
-    def forward(self, batch: dict[str, Any], task: str = "repr") -> torch.Tensor:
-        """``task='repr'``: the official collate dict -> temporal transformer output [B, max_frames, H]."""
+    def forward(self, batch: dict[str, Any], task: str = "repr",
+                compute_loss: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The official task dispatch on that task's collate dict (see :mod:`fastvl.models.hero.pretrain`).
+
+        ``'repr'`` -> [B, max_frames, H]; ``'mlm*'`` -> [n_masked] loss or [n_masked, V] scores; ``'mffr'`` ->
+        [n, D] squared error or predictions; ``'mfm-nce'`` -> [n] loss or (predictions, negatives); ``'fom'`` ->
+        scalar loss or logits [B * max_frames, max_clip_len].
+        """
         if task == "repr":
             return self.forward_repr(batch)
-        raise ValueError(f"fastvl.models.hero: v_encoder task must be 'repr' (the task forwards are not in fastvl "
-                         f"yet), got {task!r}")
+        if isinstance(task, str) and task.startswith("mlm"):
+            return forward_mlm(self.f_encoder, batch, compute_loss, task)
+        if task == "mffr":
+            return forward_mfm(self, batch, compute_loss, loss="regression")
+        if task == "mfm-nce":
+            return forward_mfm(self, batch, compute_loss, loss="nce")
+        if task == "fom":
+            return forward_fom(self, batch, compute_loss)
+        raise ValueError(f"fastvl.models.hero: v_encoder task must be 'repr' or one of {list(PRETRAIN_TASKS)} "
+                         f"('mlm*' prefixes included), got {task!r}")
 
     def fuse(self, batch: dict[str, Any], encode_clip: bool = True) -> tuple[torch.Tensor, HeroSegmentLayout]:
         """frame_transform(c_v_feats) + the segments' frame outputs: -> ([B, L, H], layout)."""
@@ -237,7 +252,7 @@ class HeroModel(nn.Module):
 class HeroForPretraining(HeroModel):
     """HERO with the VSM heads, as the official ``HeroForPretraining`` (same arguments, same ``state_dict``).
 
-    The loss weights and ranking options are stored for the task forwards of a later change.
+    The loss weights and ranking options are stored for the VSM forward of a later change.
     """
 
     def __init__(self, config: VideoModelConfig | str | Path | dict, vfeat_dim: int, max_frm_seq_len: int,
@@ -264,3 +279,12 @@ class HeroForPretraining(HeroModel):
         self.video_ed_predictor = nn.Conv1d(**conv)
         self.qfeat_dim = cfg.f_config.hidden_size
         self.q_feat_attn = QueryFeatEncoder(cfg.q_config, self.qfeat_dim)
+
+    def forward(self, batch: dict[str, Any], task: str = "vsm",
+                compute_loss: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The official ``HeroForPretraining.forward`` for ``'mlm*'``, ``'mffr'``, ``'mfm-nce'`` and ``'fom'``
+        (delegated to ``v_encoder``, outputs as there). ``'vsm'`` is not in fastvl yet and raises."""
+        if isinstance(task, str) and (task.startswith("mlm") or task in PRETRAIN_TASKS):
+            return self.v_encoder(batch, task, compute_loss)
+        raise ValueError(f"fastvl.models.hero: HeroForPretraining task must be one of {list(PRETRAIN_TASKS)} "
+                         f"('mlm*' prefixes included; 'vsm' is not in fastvl yet), got {task!r}")

@@ -14,7 +14,8 @@ from torch.nn import functional as F
 
 from .model import HierarchicalVlModel
 
-__all__ = ["bert_layer_padded_reference", "hero_repr_reference"]
+__all__ = ["bert_layer_padded_reference", "cross_modal_padded_reference", "hero_fuse_reference", "hero_repr_reference",
+           "temporal_padded_reference"]
 
 
 def bert_layer_padded_reference(layer: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -37,32 +38,36 @@ def bert_layer_padded_reference(layer: torch.nn.Module, x: torch.Tensor, attn_ma
     return F.layer_norm(oo.dense(inter) + a_out, (hidden,), oo.LayerNorm.weight, oo.LayerNorm.bias, oo.LayerNorm.eps)
 
 
-def hero_repr_reference(v_encoder: HierarchicalVlModel, batch: dict[str, Any]) -> torch.Tensor:
-    """The official ``HierarchicalVlModel.forward_repr`` (eval mode, no dropout), padded: -> [B, max_frames, H]."""
-    fe = v_encoder.f_encoder
-    ids, feats = batch["f_sub_input_ids"], batch["f_v_feats"]
+def cross_modal_padded_reference(f_encoder: torch.nn.Module, ids: torch.Tensor, txt_pos: torch.Tensor | None,
+                                 feats: torch.Tensor, frm_pos: torch.Tensor | None, masks: torch.Tensor | None,
+                                 gather_index: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """The official padded cross-modal pass: ids [N, Lt], feats [N, Lv, D], gather_index / attn_mask [N, Lg]
+    (text then frames embedded, cat([img, txt]) compacted with gather_index, padded layers) -> [N, Lg, H]."""
     n_seg, max_sl = ids.shape
     max_vl = feats.shape[1]
-    emb = fe.embeddings
-    txt_pos = batch.get("f_sub_pos_ids")
+    emb = f_encoder.embeddings
     if txt_pos is None:
         txt_pos = torch.arange(max_sl).clamp(max=511).unsqueeze(0)
     type_row = emb.token_type_embeddings.weight[1]
-    txt = emb.word_embeddings(ids) + emb.position_embeddings(txt_pos) + type_row
-    txt = emb.LayerNorm(txt)
-    ie = fe.img_embeddings
-    f_in = feats
-    if batch.get("f_v_masks") is not None:
-        f_in = f_in + ie.mask_embedding(batch["f_v_masks"].long())
-    frm_pos = batch.get("f_v_pos_ids")
+    txt = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(txt_pos) + type_row)
+    ie = f_encoder.img_embeddings
+    f_in = feats if masks is None else feats + ie.mask_embedding(masks.long())
     if frm_pos is None:
         frm_pos = torch.arange(max_vl).unsqueeze(0)
     img = ie.LayerNorm(ie.img_linear(ie.img_LayerNorm(f_in)) + ie.position_embeddings(frm_pos) + type_row)
-    gather = batch["f_gather_index"].unsqueeze(-1).expand(-1, -1, txt.shape[-1])
+    gather = gather_index.unsqueeze(-1).expand(-1, -1, txt.shape[-1])
     x = torch.gather(torch.cat([img, txt], dim=1), 1, gather)
-    f_mask = batch["f_attn_masks"]
-    for layer in fe.encoder.layer:
-        x = bert_layer_padded_reference(layer, x, f_mask)
+    for layer in f_encoder.encoder.layer:
+        x = bert_layer_padded_reference(layer, x, attn_mask)
+    return x
+
+
+def hero_fuse_reference(v_encoder: HierarchicalVlModel, batch: dict[str, Any]) -> torch.Tensor:
+    """The official ``forward_repr(encode_clip=False)``: frame_transform(c_v_feats) + the per-subtitle loop that
+    adds segment outputs onto frames -> [B, max_frames, H]."""
+    x = cross_modal_padded_reference(v_encoder.f_encoder, batch["f_sub_input_ids"], batch.get("f_sub_pos_ids"),
+                                     batch["f_v_feats"], batch.get("f_v_pos_ids"), batch.get("f_v_masks"),
+                                     batch["f_gather_index"], batch["f_attn_masks"])
     c_feats = batch["c_v_feats"]
     n_vid, n_frm = c_feats.shape[:2]
     matched = torch.zeros(n_vid, n_frm, x.shape[-1], dtype=x.dtype)
@@ -76,9 +81,21 @@ def hero_repr_reference(v_encoder: HierarchicalVlModel, batch: dict[str, Any]) -
             matched[vid, idx] = matched[vid, idx] + segs[sid, :len(frames)]
         start += num_sub
     ft = v_encoder.frame_transform
-    y = torch.relu(ft.net[1](ft.LayerNorm(c_feats))) + matched
-    ce = v_encoder.c_encoder
-    y = ce.embeddings.LayerNorm(y + ce.embeddings.position_embeddings(torch.arange(n_frm).unsqueeze(0)))
-    for layer in ce.encoder.layer:
-        y = bert_layer_padded_reference(layer, y, batch["c_attn_masks"])
+    return torch.relu(ft.net[1](ft.LayerNorm(c_feats))) + matched
+
+
+def temporal_padded_reference(c_encoder: torch.nn.Module, frames: torch.Tensor,
+                              c_attn_masks: torch.Tensor) -> torch.Tensor:
+    """The official padded temporal transformer (positions arange): frames [B, L, H], masks [B, L] -> [B, L, H]."""
+    n_frm = frames.shape[1]
+    y = c_encoder.embeddings.LayerNorm(frames + c_encoder.embeddings.position_embeddings(
+        torch.arange(n_frm).unsqueeze(0)))
+    for layer in c_encoder.encoder.layer:
+        y = bert_layer_padded_reference(layer, y, c_attn_masks)
     return y
+
+
+def hero_repr_reference(v_encoder: HierarchicalVlModel, batch: dict[str, Any]) -> torch.Tensor:
+    """The official ``HierarchicalVlModel.forward_repr`` (eval mode, no dropout), padded: -> [B, max_frames, H]."""
+    return temporal_padded_reference(v_encoder.c_encoder, hero_fuse_reference(v_encoder, batch),
+                                     batch["c_attn_masks"])
