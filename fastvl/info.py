@@ -22,7 +22,7 @@ from fastvl.ops import _dispatch as D
 
 # Importing these registers their ops in the dispatcher. Modules still to come are skipped quietly.
 OP_MODULES = ["attention", "ot", "linear_cross_entropy", "linear_kl", "masked_regression", "sym_kl",
-              "bce_soft", "adv_perturb", "spade"]
+              "bce_soft", "adv_perturb", "spade", "layout_ret"]
 
 
 def load_ops() -> dict[str, D.Op]:

@@ -11,6 +11,7 @@ from ._dispatch import OPS, BackendUnavailableError
 from .adv_perturb import adv_perturb_init, adv_perturb_step, adv_perturb_step_multi, adv_perturb_step_packed
 from .attention import cross_modal_attention
 from .bce_soft import fused_bce_soft
+from .layout_ret import LayoutMemory, layout_retrieval
 from .linear_cross_entropy import fused_linear_cross_entropy
 from .linear_kl import fused_linear_kl
 from .masked_regression import fused_masked_regression
@@ -22,6 +23,7 @@ from .sym_kl import symmetric_kl
 __all__ = [
     "OPS",
     "BackendUnavailableError",
+    "LayoutMemory",
     "adv_perturb_init",
     "adv_perturb_step",
     "adv_perturb_step_multi",
@@ -32,6 +34,7 @@ __all__ = [
     "fused_linear_kl",
     "fused_masked_regression",
     "ipot_plan",
+    "layout_retrieval",
     "optimal_transport_dist",
     "optimal_transport_dist_packed",
     "pack",
