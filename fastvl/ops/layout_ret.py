@@ -117,23 +117,47 @@ def _check_maps(maps: torch.Tensor, num_classes: int, name: str = "memory") -> N
         raise ValueError(_err(name, f"is empty: needs at least one map, got shape {list(maps.shape)}"))
 
 
+def _bad_id(maps: torch.Tensor, index: int, value: int, num_classes: int, ignore_index: int) -> ValueError:
+    """The error for class id ``value`` in map ``index`` (located at its first pixel)."""
+    w = maps.shape[2]
+    pix = int((maps[index].flatten().long() == value).nonzero()[0, 0])
+    return ValueError(_err("memory", f"map {index} has class id {value} at pixel ({pix // w}, {pix % w}): ids must "
+                                     f"be in [0, C) = [0, {num_classes}) or ignore_index ({ignore_index})"))
+
+
 def _class_counts(maps: torch.Tensor, num_classes: int, ignore_index: int, chunk_size: int) -> torch.Tensor:
     """[M, C] int32 pixel count per class of every map; raises (naming 'memory') on a class id outside [0, C) that
-    is not ``ignore_index``. Works through ``chunk_size`` maps at a time."""
+    is not ``ignore_index``. Works through ``chunk_size`` maps at a time: uint8 maps through one 256-bin histogram
+    per map (every id counted, then the ids outside [0, C) checked), int16 maps through C + 1 bins (ids checked
+    first)."""
     m, h, w = maps.shape
     hw, c = h * w, num_classes
     counts = torch.zeros(m, c, dtype=torch.int32, device=maps.device)
+    if maps.dtype == torch.uint8:
+        ids = torch.arange(256, device=maps.device)
+        foreign = (ids >= c) & (ids != ignore_index)  # [256]: ids no map may hold
     for start in range(0, m, chunk_size):
-        v = maps[start:start + chunk_size].reshape(-1, hw).long()  # [B, HW]
-        b = v.shape[0]
+        chunk = maps[start:start + chunk_size].reshape(-1, hw)  # [B, HW]
+        b = chunk.shape[0]
+        if maps.dtype == torch.uint8:
+            rows = torch.arange(b, dtype=torch.int32, device=maps.device)[:, None] * 256
+            hist = torch.bincount((chunk.to(torch.int32) + rows).flatten(), minlength=b * 256).view(b, 256)
+            bad = (hist > 0) & foreign
+            if bool(bad.any()):
+                row, value = (int(i) for i in bad.nonzero()[0])
+                raise _bad_id(maps, start + row, value, c, ignore_index)
+            hist = hist[:, :c]
+            if 0 <= ignore_index < c:
+                hist[:, ignore_index] = 0
+            counts[start:start + b] = hist
+            continue
+        v = chunk.long()
         ignored = v == ignore_index
         valid = (v >= 0) & (v < c) & ~ignored
         bad = ~(valid | ignored)
         if bool(bad.any()):
             row, pix = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(_err("memory", f"map {start + row} has class id {int(v[row, pix])} at pixel "
-                                            f"({pix // w}, {pix % w}): ids must be in [0, C) = [0, {c}) or "
-                                            f"ignore_index ({ignore_index})"))
+            raise _bad_id(maps, start + row, int(v[row, pix]), c, ignore_index)
         slot = torch.where(valid, v, c) + torch.arange(b, device=v.device)[:, None] * (c + 1)
         counts[start:start + b] = torch.bincount(slot.flatten(), minlength=b * (c + 1)).view(b, c + 1)[:, :c]
     return counts
