@@ -75,5 +75,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group: a barrier first, so no rank tears gloo down while another still talks to it (that
+    aborts the other process: 'terminate called without an active exception')."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
