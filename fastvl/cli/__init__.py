@@ -14,7 +14,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from . import bench, finetune, info, make_data, pretrain
+from . import bench, finetune, gan, info, make_data, pretrain, probe
 from . import eval as eval_cmd
 from .errors import USER_ERRORS, UserError, report
 
@@ -24,6 +24,8 @@ COMMANDS: dict[str, ModuleType] = {
     "pretrain": pretrain,
     "finetune": finetune,
     "eval": eval_cmd,
+    "probe": probe,
+    "gan": gan,
     "make-data": make_data,
     "info": info,
     "bench": bench,

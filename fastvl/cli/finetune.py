@@ -13,8 +13,9 @@ import json
 import time
 from dataclasses import fields
 
-from ..recipes import FinetuneSettings, finetune, get_recipe, list_recipes
+from ..recipes import FinetuneSettings, finetune, get_recipe, list_models, list_recipes
 from ..recipes.official import ADV_KEY_FIELDS, finetune_from_official, read_official
+from .errors import UserError
 from .options import (
     RUN_OPTIONS,
     add_adv_arguments,
@@ -38,6 +39,8 @@ HELP = "fine-tune UNITER on a downstream task (default: UNITER-tiny on the task'
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=list_recipes(), help="the downstream task")
+    p.add_argument("--model", default="uniter", choices=list_models(),
+                   help="the model family (default uniter); each (model, task) pair is one registered recipe")
     p.add_argument("--init", default=None,
                    help="pre-trained weights: a `fastvl pretrain` output folder, a checkpoints/step_* folder, a "
                         ".safetensors file or an official .pt (default: random init)")
@@ -71,7 +74,10 @@ _FLAG_FIELDS = (*RUN_OPTIONS, "init", "config", "data", "output", "head_lr_mult"
 def resolve(args: argparse.Namespace) -> tuple[FinetuneSettings, str]:
     """(settings, the table of where each setting came from): defaults, then --train-config, then the flags given,
     then the task's defaults for what is still unset."""
-    spec = get_recipe(args.task)
+    try:
+        spec = get_recipe(args.task, args.model)
+    except ValueError as e:
+        raise UserError(str(e).split(": ", 1)[-1], argument="--task") from None
     json_values: dict = {}
     unused: dict = {}
     cfg: dict = {}
@@ -88,13 +94,13 @@ def resolve(args: argparse.Namespace) -> tuple[FinetuneSettings, str]:
         check_paths("--" + opt.replace("_", "-"), getattr(args, opt))
     values = {k: v for k, v in json_values.items() if k != "adv"}
     values.update(flags)
-    s = FinetuneSettings(task=args.task, txt_db=list(args.txt_db), img_db=list(args.img_db),
+    s = FinetuneSettings(task=args.task, model=args.model, txt_db=list(args.txt_db), img_db=list(args.img_db),
                          val_txt_db=list(args.val_txt_db), val_img_db=list(args.val_img_db), resume=args.resume,
                          skip_bad_examples=args.skip_bad_examples, progress=not args.no_progress,
                          options=parse_options(args.opt), **values)
     adv_fields = [ADV_KEY_FIELDS[k] for k in cfg if k in ADV_KEY_FIELDS]
     s.adv, adv_sources = adv_from_args(args, json_values.get("adv"), adv_fields)
-    sources = {**dict.fromkeys(json_values, "JSON"), **dict.fromkeys(flags, "flag"), "task": "flag"}
+    sources = {**dict.fromkeys(json_values, "JSON"), **dict.fromkeys(flags, "flag"), "task": "flag", "model": "flag"}
     for name in ("txt_db", "img_db", "val_txt_db", "val_img_db", "options"):
         if getattr(s, name):
             sources[name] = "flag"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..recipes.official import ADV_KEY_FIELDS, pretrain_from_official, read_official
 from ..recipes.pretrain import PRESETS, PretrainSettings, pretrain
+from . import pretrain_hero, pretrain_lxmert
 from .errors import UserError
 from .options import (
     RUN_OPTIONS,
@@ -32,7 +33,15 @@ __all__ = ["HELP", "add_arguments", "resolve", "run", "settings_from_args"]
 HELP = "pre-train UNITER (default: UNITER-tiny on the built-in synthetic corpus)"
 
 
+#: ``fastvl pretrain --model NAME`` for the families other than UNITER: a module with ``add_arguments(parser)`` (its
+#: own options, named so they clash with no other family's) and ``run(args) -> exit code``; the run options
+#: (--steps, --lr, --output, --seed, --device, ...) are shared.
+OTHER_MODELS = {"hero": pretrain_hero, "lxmert": pretrain_lxmert}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="uniter", choices=["uniter", *OTHER_MODELS],
+                   help="the model family to pre-train (default uniter)")
     p.add_argument("--config", default=None, help="model config: tiny | base | large | path (.json / .yaml) "
                                                   "(default: tiny; with --train-config: its model_config's size)")
     p.add_argument("--data", default=None, help="folder holding txt_db/ and img_db/ (instead of --txt-db/--img-db)")
@@ -46,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ot-lambda", type=non_negative_float, default=None, help="weight of the OT (WRA) loss in ITM")
     add_run_arguments(p, "tiny default: 1")
     add_adv_arguments(p, "pre-training")
+    for name, module in OTHER_MODELS.items():
+        module.add_arguments(p.add_argument_group(f"--model {name}"))
 
 
 def _data_paths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -123,6 +134,8 @@ def settings_from_args(args: argparse.Namespace) -> PretrainSettings:
 
 def run(args: argparse.Namespace) -> int:
     """Print the resolved settings, train; print the final validation line."""
+    if args.model != "uniter":
+        return OTHER_MODELS[args.model].run(args)
     settings, table = resolve(args)
     print_settings("fastvl pretrain settings (from: flag > JSON > preset / default):", table)
     result = pretrain(settings)

@@ -57,6 +57,7 @@ class FinetuneSettings:
     """
 
     task: str = "vqa"
+    model: str = "uniter"  # the model family (a recipe is registered per (model, task))
     config: str | None = None  # model config (tiny | base | large | path); None: the --init run's, else tiny
     init: str | None = None
     data: str | None = None
@@ -94,7 +95,7 @@ class FinetuneSettings:
 
     def resolved(self, spec: Recipe | None = None) -> FinetuneSettings:
         """A copy with unset fields filled from the task's defaults, then :data:`GENERIC_DEFAULTS`."""
-        spec = spec or get_recipe(self.task)
+        spec = spec or get_recipe(self.task, self.model)
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -103,7 +104,8 @@ class FinetuneSettings:
             values[f.name] = v
         values["options"] = {**spec.defaults.get("options", {}), **(self.options or {})}
         if values["output"] is None:
-            values["output"] = f"runs/finetune-{spec.name}"
+            values["output"] = (f"runs/finetune-{spec.name}" if spec.model == "uniter"
+                                else f"runs/finetune-{spec.model}-{spec.name}")
         return FinetuneSettings(**values)
 
 
@@ -156,27 +158,30 @@ class Recipe:
     defaults: dict[str, Any] = field(default_factory=dict)
     help: str = ""
     model_config: Callable[[FinetuneSettings, dict[str, Any]], Any] | None = None
+    model: str = "uniter"  # the model family: ``fastvl finetune --model MODEL --task NAME``
 
     def chance_level(self, data: FinetuneData) -> float:
         return float(self.chance(data)) if callable(self.chance) else float(self.chance)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry: ``fastvl finetune --task NAME`` runs the recipe registered as NAME
+# registry: ``fastvl finetune --model MODEL --task NAME`` runs the recipe registered as (MODEL, NAME)
 # ----------------------------------------------------------------------------------------------------------------
-_RECIPES: dict[str, Recipe] = {}
+_RECIPES: dict[tuple[str, str], Recipe] = {}
 
 
 def register_recipe(recipe: Recipe, *, replace_existing: bool = False) -> Recipe:
-    """Register ``recipe`` under ``recipe.name`` (ValueError if the name is taken, unless ``replace_existing``).
+    """Register ``recipe`` under ``(recipe.model, recipe.name)`` (ValueError if taken, unless ``replace_existing``).
 
     Unknown keys in ``recipe.defaults`` (not FinetuneSettings fields) are an error. Returns ``recipe``.
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"register_recipe: argument 'recipe' must be a fastvl.recipes.Recipe, got "
                         f"{type(recipe).__name__}")
-    if not recipe.name or not isinstance(recipe.name, str):
-        raise ValueError(f"register_recipe: recipe.name must be a non-empty string, got {recipe.name!r}")
+    for attr in ("name", "model"):
+        value = getattr(recipe, attr)
+        if not value or not isinstance(value, str):
+            raise ValueError(f"register_recipe: recipe.{attr} must be a non-empty string, got {value!r}")
     known = {f.name for f in fields(FinetuneSettings)}
     unknown = sorted(set(recipe.defaults) - known)
     if unknown:
@@ -184,27 +189,35 @@ def register_recipe(recipe: Recipe, *, replace_existing: bool = False) -> Recipe
     for name in ("build_data", "build_model", "build_tasks", "evaluate"):
         if not callable(getattr(recipe, name)):
             raise TypeError(f"register_recipe({recipe.name!r}): recipe.{name} must be callable")
-    if recipe.name in _RECIPES and not replace_existing:
-        raise ValueError(f"register_recipe: recipe {recipe.name!r} is already registered")
-    _RECIPES[recipe.name] = recipe
+    key = (recipe.model, recipe.name)
+    if key in _RECIPES and not replace_existing:
+        raise ValueError(f"register_recipe: recipe {recipe.name!r} of model {recipe.model!r} is already registered")
+    _RECIPES[key] = recipe
     return recipe
 
 
-def list_recipes() -> list[str]:
-    """Registered recipe names, sorted."""
-    return sorted(_RECIPES)
+def list_recipes(model: str | None = None) -> list[str]:
+    """Registered task names (of ``model`` when given), sorted, each once."""
+    return sorted({name for m, name in _RECIPES if model is None or m == model})
 
 
-def get_recipe(name: str) -> Recipe:
-    """The recipe registered as ``name`` (ValueError naming the registered ones otherwise)."""
-    if name not in _RECIPES:
-        raise ValueError(f"fastvl finetune: unknown task {name!r}; registered: {list_recipes()}")
-    return _RECIPES[name]
+def list_models() -> list[str]:
+    """Model families with at least one registered recipe, sorted."""
+    return sorted({m for m, _ in _RECIPES})
 
 
-def unregister_recipe(name: str) -> None:
-    """Remove the recipe registered as ``name`` (nothing if there is none)."""
-    _RECIPES.pop(name, None)
+def get_recipe(name: str, model: str = "uniter") -> Recipe:
+    """The recipe registered as (``model``, ``name``) (ValueError naming the registered ones otherwise)."""
+    if (model, name) not in _RECIPES:
+        if model not in list_models():
+            raise ValueError(f"fastvl finetune: unknown model {model!r}; models with recipes: {list_models()}")
+        raise ValueError(f"fastvl finetune: model {model!r} has no task {name!r}; its tasks: {list_recipes(model)}")
+    return _RECIPES[(model, name)]
+
+
+def unregister_recipe(name: str, model: str = "uniter") -> None:
+    """Remove the recipe registered as (``model``, ``name``) (nothing if there is none)."""
+    _RECIPES.pop((model, name), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,8 +328,8 @@ def save_run(s: FinetuneSettings, data: FinetuneData, recipe: Recipe) -> None:
     out = Path(s.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(asdict(s), indent=2))
-    (out / "finetune.json").write_text(json.dumps({"task": s.task, "dims": data.dims, "info": data.info}, indent=2,
-                                                  default=str))
+    meta = {"task": s.task, "model": s.model, "dims": data.dims, "info": data.info}
+    (out / "finetune.json").write_text(json.dumps(meta, indent=2, default=str))
     if recipe.model_config is not None:
         recipe.model_config(s, data.dims).to_json_file(out / "model_config.json")
 

@@ -78,7 +78,7 @@ def finetune_cpu_threads(threads: int | None, model: nn.Module, device: torch.de
 
 def finetune(settings: FinetuneSettings, log: Callable[[str], None] = print) -> dict:
     """Run fine-tuning; returns {'history', 'validation', 'metric', 'chance', 'checkpoint', 'seconds', ...}."""
-    spec = get_recipe(settings.task)
+    spec = get_recipe(settings.task, settings.model)
     s = settings.resolved(spec)
     info = D.init_distributed(s.device)
     torch.manual_seed(s.seed)
@@ -154,7 +154,7 @@ def evaluate_finetune(checkpoint: str | Path, task: str | None = None, overrides
     if name != meta["task"]:
         raise ckpt.CheckpointError(f"fastvl eval: --checkpoint {run} was fine-tuned for task {meta['task']!r}, not "
                                    f"{name!r}: evaluate it with --task {meta['task']}")
-    spec = get_recipe(name)
+    spec = get_recipe(name, meta.get("model", "uniter"))
     known = {f.name for f in fields(FinetuneSettings)}
     s = FinetuneSettings(**{k: v for k, v in saved.items() if k in known})
     overrides = dict(overrides or {})

@@ -29,6 +29,7 @@ from fastvl.recipes import (
     evaluate_finetune,
     finetune,
     get_recipe,
+    list_models,
     list_recipes,
     register_recipe,
     unregister_recipe,
@@ -65,7 +66,7 @@ def test_registry():
         assert "toy-qa" in list_recipes() and get_recipe("toy-qa") is toy
         assert FinetuneSettings(task="toy-qa").resolved().steps == 7
         assert FinetuneSettings(task="toy-qa").resolved().output == "runs/finetune-toy-qa"
-        with pytest.raises(ValueError, match="'toy-qa' is already registered"):
+        with pytest.raises(ValueError, match="'toy-qa' of model 'uniter' is already registered"):
             register_recipe(replace(vqa, name="toy-qa"))
         register_recipe(replace(vqa, name="toy-qa", metric="x"), replace_existing=True)
         assert get_recipe("toy-qa").metric == "x"
@@ -75,8 +76,18 @@ def test_registry():
         register_recipe(replace(vqa, name="bad", defaults={"stepz": 1}))
     with pytest.raises(TypeError, match="must be a fastvl.recipes.Recipe"):
         register_recipe({"name": "x"})
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; registered: \[.*'vqa'"):
+    with pytest.raises(ValueError, match=r"model 'uniter' has no task 'nope'; its tasks: \[.*'vqa'"):
         get_recipe("nope")
+    with pytest.raises(ValueError, match=r"unknown model 'nomodel'; models with recipes: \[.*'uniter'"):
+        get_recipe("vqa", model="nomodel")
+    other = register_recipe(replace(vqa, model="toy-model"))  # the same task name, another model family
+    try:
+        assert get_recipe("vqa", "toy-model") is other and get_recipe("vqa") is vqa
+        assert "toy-model" in list_models() and list_recipes("toy-model") == ["vqa"]
+        assert FinetuneSettings(task="vqa", model="toy-model").resolved().output == "runs/finetune-toy-model-vqa"
+    finally:
+        unregister_recipe("vqa", model="toy-model")
+    assert "toy-model" not in list_models()
     assert isinstance(vqa, Recipe) and vqa.metric == "accuracy"
 
 
