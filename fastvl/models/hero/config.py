@@ -85,7 +85,8 @@ class HeroSubConfig:
 
 class VideoModelConfig:
     """The HERO model config: ``f_config`` (cross-modal transformer), ``c_config`` (temporal transformer) and
-    ``q_config`` (query encoder; ``None`` when the file has no such block, as in the official class).
+    ``q_config`` (query encoder) and ``d_config`` (the TVC caption decoder); each of the last two is ``None`` when
+    the file has no such block, as in the official class.
 
     Args:
         json_path_or_dict: path to the official JSON file, or the same content as a dict.
@@ -107,6 +108,7 @@ class VideoModelConfig:
         self.f_config = HeroSubConfig(raw["f_config"], "f_config")
         self.c_config = HeroSubConfig(raw["c_config"], "c_config")
         self.q_config = HeroSubConfig(raw["q_config"], "q_config") if "q_config" in raw else None
+        self.d_config = HeroSubConfig(raw["d_config"], "d_config") if "d_config" in raw else None
         if self.f_config.vocab_size <= 0:
             raise ValueError(f"fastvl.models.hero: f_config.vocab_size must be > 0, got {self.f_config.vocab_size}")
         self.initializer_range = self.f_config.initializer_range
@@ -117,8 +119,9 @@ class VideoModelConfig:
         return cls(json_file)
 
     def to_dict(self) -> dict[str, Any]:
-        """The three blocks as a dict (``q_config`` left out when absent)."""
+        """The blocks as a dict (``q_config`` / ``d_config`` left out when absent)."""
         out = {"f_config": self.f_config.to_dict(), "c_config": self.c_config.to_dict()}
-        if self.q_config is not None:
-            out["q_config"] = self.q_config.to_dict()
+        for name in ("q_config", "d_config"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).to_dict()
         return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HeroSegmentLayout", "ragged_rows"]
+__all__ = ["HeroSegmentLayout", "TextLayout", "ragged_rows"]
 
 
 def ragged_rows(lens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -122,9 +122,9 @@ class HeroSegmentLayout:
                                      f"frames) does not fit its segment ({num_subs[vid]} subtitles, segment frames "
                                      f"{frm_lens[seg] if 0 <= int(sid) < num_subs[vid] else 'n/a'})")
                 for j, f in enumerate(frames):
-                    if not 0 <= int(f) < n_frm:
-                        raise ValueError(f"fastvl.models.hero: sub_idx2frame_idx[{vid}] frame {f} outside "
-                                         f"0..{n_frm - 1}")
+                    if not 0 <= int(f) < clip_lens[vid]:
+                        raise ValueError(f"fastvl.models.hero: sub_idx2frame_idx[{vid}] aligns subtitle {sid} to "
+                                         f"frame {f}, outside the video (frames 0..{clip_lens[vid] - 1})")
                     fuse_src.append(seg_start[seg] + j)
                     fuse_dst.append(vid * n_frm + int(f))
             first_seg += num_subs[vid]
@@ -142,3 +142,46 @@ class HeroSegmentLayout:
             frm_dst=ragged_rows(frm_t, cu[:-1]), txt_dst=ragged_rows(txt_t, cu[:-1] + frm_t),
             fuse_src=torch.tensor(fuse_src, **as_long), fuse_dst=torch.tensor(fuse_dst, **as_long),
             clip_rows=ragged_rows(clip_t, torch.arange(n_vid, **as_long) * n_frm), cu_clip=cu_clip.to(torch.int32))
+
+
+@dataclass
+class TextLayout:
+    """Packed rows of a padded text batch (queries, QA / statement text): the rows whose attention mask is 1.
+
+    Attributes (N sequences of padded length L):
+        rows: [T] int64 flat indices (n * L + position) of the real tokens, sequence by sequence.
+        cols: [T] int64 their positions inside the padded sequence.
+        seg_ids: [T] int64 the sequence of every row.
+        lens: Python ints per sequence; cu_seqlens [N+1] int32; max_seqlen the longest.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    seg_ids: torch.Tensor
+    lens: list[int]
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def n(self) -> int:
+        """Number of sequences."""
+        return len(self.lens)
+
+    @classmethod
+    def from_mask(cls, attn_masks: torch.Tensor, name: str = "attn_masks", allow_empty: bool = False
+                  ) -> TextLayout:
+        """attn_masks [N, L] (1 = real token) -> the layout (one host read of the per-sequence counts)."""
+        if not isinstance(attn_masks, torch.Tensor) or attn_masks.dim() != 2:
+            shape = tuple(attn_masks.shape) if isinstance(attn_masks, torch.Tensor) else type(attn_masks).__name__
+            raise ValueError(f"fastvl.models.hero: {name} must be a [N, L] tensor, got {shape}")
+        real = attn_masks.ne(0)
+        lens_t = real.sum(1)
+        lens = [int(v) for v in lens_t.tolist()]
+        if not allow_empty and lens and min(lens) < 1:
+            raise ValueError(f"fastvl.models.hero: every sequence of {name} needs >= 1 token, got lengths {lens}")
+        rows = real.reshape(-1).nonzero().squeeze(1)
+        width = attn_masks.shape[1]
+        cu = torch.zeros(len(lens) + 1, dtype=torch.long, device=attn_masks.device)
+        cu[1:] = torch.cumsum(lens_t, 0)
+        return cls(rows=rows, cols=rows % max(width, 1), seg_ids=rows // max(width, 1), lens=lens,
+                   cu_seqlens=cu.to(torch.int32), max_seqlen=max(lens) if lens else 0)

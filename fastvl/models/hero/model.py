@@ -7,8 +7,9 @@ the segments' frame outputs are fused onto their video frames with one ``index_a
 attends over the real frames only (every frame slot, padding slots included, is still a query, as in the official
 padded encoder, so the output equals the official one everywhere).
 
-The pre-training task forwards MLM, MFFR, MFM-NCE and FOM are in :mod:`.pretrain` (``forward(batch, task,
-compute_loss)``). Not here yet: VSM, the query encoder's forward and the RoBERTa-init path.
+The pre-training task forwards MLM, MFFR, MFM-NCE and FOM are in :mod:`.pretrain`, VSM in :mod:`.vsm`
+(``forward(batch, task, compute_loss)``); the queries run through the text-only pass packed, and the query encoder
+pools them packed. Not here: the RoBERTa-init path.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from .layers import (
     QueryFeatEmbeddings,
     SubEmbeddings,
 )
-from .layout import HeroSegmentLayout
-from .pretrain import PRETRAIN_TASKS, forward_fom, forward_mfm, forward_mlm
+from .layout import HeroSegmentLayout, TextLayout
+from .pretrain import PRETRAIN_TASKS, forward_fom, forward_mfm, forward_mlm, require_key
+from .vsm import VsmMethods
 
 __all__ = ["CrossModalTrm", "HeroForPretraining", "HeroModel", "HierarchicalVlModel", "QueryFeatEncoder",
            "TemporalTrm", "init_hero_weights", "load_hero_state_dict"]
@@ -107,6 +109,47 @@ class CrossModalTrm(nn.Module):
         """All segments of the batch through the transformer as one packed set: -> [T, H] (layout order)."""
         return self.encoder(self.embed_packed(batch, layout), layout.cu_seqlens, layout.max_seqlen)
 
+    def embed_txt_packed(self, input_ids: torch.Tensor, pos_ids: torch.Tensor | None,
+                         layout: TextLayout) -> torch.Tensor:
+        """Text embeddings (type row 1) of the real tokens of a padded text batch: -> [T, H] (layout order)."""
+        n, width = input_ids.shape
+        if pos_ids is None:  # the official SubEmbeddings default: RoBERTa positions from the ids
+            real = input_ids.ne(self.embeddings.padding_idx).long()
+            pos_ids = torch.cumsum(real, 1) * real + self.embeddings.padding_idx
+        ids = input_ids.reshape(-1).index_select(0, layout.rows)
+        pos = pos_ids.expand(n, width).reshape(-1).index_select(0, layout.rows)
+        return self.embeddings(ids, pos)
+
+    def forward_txt_packed(self, input_ids: torch.Tensor, pos_ids: torch.Tensor | None,
+                           attn_masks: torch.Tensor) -> tuple[torch.Tensor, TextLayout]:
+        """The official 'txt' pass (text only) on the real tokens, packed: input_ids / attn_masks [N, L],
+        pos_ids [1 or N, L] -> ([T, H], layout)."""
+        if input_ids.dim() != 2 or attn_masks.shape != input_ids.shape:
+            raise ValueError(f"fastvl.models.hero: text input_ids {tuple(input_ids.shape)} and attn_masks "
+                             f"{tuple(attn_masks.shape)} must both be [N, L]")
+        layout = TextLayout.from_mask(attn_masks)
+        hidden = self.encoder(self.embed_txt_packed(input_ids, pos_ids, layout), layout.cu_seqlens,
+                              layout.max_seqlen)
+        return hidden, layout
+
+    def forward(self, batch: dict[str, Any], task: str = "repr", compute_loss: bool = True) -> Any:
+        """The official dispatch: ``'txt'`` (keys ``input_ids``, ``pos_ids``, ``attn_masks``) -> (sequence output
+        [N, L, H] with every padded row as the official padded encoder computes it, pooled [N, H]); ``'mlm*'``
+        -> see :func:`fastvl.models.hero.pretrain.forward_mlm`."""
+        if task == "txt":
+            ids = require_key(batch, "input_ids", "txt")
+            masks = require_key(batch, "attn_masks", "txt")
+            layout = TextLayout.from_mask(masks)
+            n, width = ids.shape
+            pos_ids = batch.get("pos_ids")
+            all_rows = TextLayout.from_mask(torch.ones_like(masks))
+            emb = self.embed_txt_packed(ids, pos_ids, all_rows).view(n, width, -1)
+            out = self.encoder.forward_all_queries(emb, layout.rows, layout.cu_seqlens, max(layout.max_seqlen, 1))
+            return out, self.pooler(out)
+        if isinstance(task, str) and task.startswith("mlm"):
+            return forward_mlm(self, batch, compute_loss, task)
+        raise ValueError(f"fastvl.models.hero: CrossModalTrm task must be 'txt' or 'mlm*', got {task!r}")
+
 
 class TemporalTrm(nn.Module):
     """The temporal transformer over all frames of a video, ``v_encoder.c_encoder``."""
@@ -127,8 +170,9 @@ class TemporalTrm(nn.Module):
 
 
 class QueryFeatEncoder(nn.Module):
-    """The VSM query encoder (``q_feat_attn``): parameters with the official names. Its forward (a later change)
-    is projection -> positions -> one attention layer without FFN -> attention pooling."""
+    """The VSM query encoder (``q_feat_attn``): LN -> Dropout -> Linear -> ReLU, + position embedding -> LN ->
+    Dropout, one BertAttention layer (no FFN), then attention pooling with ``modular_vector_mapping`` (when
+    ``modularized``)."""
 
     def __init__(self, config: HeroSubConfig, qfeat_dim: int, modularized: bool = True):
         super().__init__()
@@ -140,6 +184,37 @@ class QueryFeatEncoder(nn.Module):
         self.modularized = modularized
         if modularized:
             self.modular_vector_mapping = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward_packed(self, query_feat: torch.Tensor, layout: TextLayout) -> torch.Tensor:
+        """query_feat [T, qfeat_dim] (real tokens, packed as ``layout``) -> [N, H] pooled queries (modularized),
+        else [T, H] the attended tokens."""
+        x = self.query_input_proj(query_feat)
+        pe = self.query_pos_embed
+        x = pe.dropout(pe.LayerNorm(x + pe.position_embeddings(layout.cols)))
+        attended = self.query_self_attention(x, layout.cu_seqlens, max(layout.max_seqlen, 1))
+        if not self.modularized:
+            return attended
+        scores = self.modular_vector_mapping(attended).squeeze(-1)  # [T]
+        seg = layout.seg_ids
+        with torch.no_grad():
+            top = scores.new_full((layout.n,), float("-inf")).scatter_reduce(0, seg, scores, "amax")
+        weights = torch.exp(scores - top.index_select(0, seg))
+        denom = weights.new_zeros(layout.n).index_add(0, seg, weights)
+        weights = weights / denom.index_select(0, seg)
+        return attended.new_zeros(layout.n, attended.shape[-1]).index_add(0, seg, weights.unsqueeze(-1) * attended)
+
+    def forward(self, query_feat: torch.Tensor, query_attn_mask: torch.Tensor,
+                query_pos_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The official signature: query_feat [N, L, D], query_attn_mask [N, L] -> [N, H] (modularized) or the
+        attended tokens [N, L, H] (zeros at padding). Runs packed over the real tokens (``query_pos_ids`` is
+        ignored, as officially)."""
+        layout = TextLayout.from_mask(query_attn_mask, "query_attn_mask")
+        n, width = query_attn_mask.shape
+        out = self.forward_packed(query_feat.reshape(n * width, -1).index_select(0, layout.rows), layout)
+        if self.modularized:
+            return out
+        full = out.new_zeros(n * width, out.shape[-1]).index_copy(0, layout.rows, out)
+        return full.view(n, width, -1)
 
 
 class HierarchicalVlModel(nn.Module):
@@ -249,10 +324,12 @@ class HeroModel(nn.Module):
         return model
 
 
-class HeroForPretraining(HeroModel):
+class HeroForPretraining(VsmMethods, HeroModel):
     """HERO with the VSM heads, as the official ``HeroForPretraining`` (same arguments, same ``state_dict``).
 
-    The loss weights and ranking options are stored for the VSM forward of a later change.
+    ``forward(batch, task, compute_loss)`` for ``'mlm*'``, ``'mffr'``, ``'mfm-nce'``, ``'fom'`` (delegated to
+    ``v_encoder``) and ``'vsm'`` (:meth:`VsmMethods.forward_vsm`). ``gather_gpus`` (default True) gathers the VSM
+    in-batch negatives across ranks under torch.distributed.
     """
 
     def __init__(self, config: VideoModelConfig | str | Path | dict, vfeat_dim: int, max_frm_seq_len: int,
@@ -272,6 +349,7 @@ class HeroForPretraining(HeroModel):
         self.use_hard_negative, self.hard_pool_size = use_hard_negative, hard_pool_size
         self.hard_neg_weight, self.margin = hard_neg_weight, margin
         self.use_all_neg, self.drop_svmr_prob = use_all_neg, drop_svmr_prob
+        self.gather_gpus = True
         conv = dict(in_channels=1, out_channels=1, kernel_size=conv_kernel_size, stride=conv_stride,
                     padding=conv_kernel_size // 2, bias=False)
         self.video_query_linear = nn.Linear(cfg.q_config.hidden_size, cfg.c_config.hidden_size)
@@ -280,11 +358,12 @@ class HeroForPretraining(HeroModel):
         self.qfeat_dim = cfg.f_config.hidden_size
         self.q_feat_attn = QueryFeatEncoder(cfg.q_config, self.qfeat_dim)
 
-    def forward(self, batch: dict[str, Any], task: str = "vsm",
-                compute_loss: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The official ``HeroForPretraining.forward`` for ``'mlm*'``, ``'mffr'``, ``'mfm-nce'`` and ``'fom'``
-        (delegated to ``v_encoder``, outputs as there). ``'vsm'`` is not in fastvl yet and raises."""
+    def forward(self, batch: dict[str, Any], task: str = "vsm", compute_loss: bool = True) -> Any:
+        """The official ``HeroForPretraining.forward``: ``'vsm'`` -> see :meth:`VsmMethods.forward_vsm`;
+        ``'mlm*'``, ``'mffr'``, ``'mfm-nce'``, ``'fom'`` -> delegated to ``v_encoder`` (outputs as there)."""
+        if task == "vsm":
+            return self.forward_vsm(batch, compute_loss)
         if isinstance(task, str) and (task.startswith("mlm") or task in PRETRAIN_TASKS):
             return self.v_encoder(batch, task, compute_loss)
-        raise ValueError(f"fastvl.models.hero: HeroForPretraining task must be one of {list(PRETRAIN_TASKS)} "
-                         f"('mlm*' prefixes included; 'vsm' is not in fastvl yet), got {task!r}")
+        raise ValueError(f"fastvl.models.hero: HeroForPretraining task must be 'vsm' or one of "
+                         f"{list(PRETRAIN_TASKS)} ('mlm*' prefixes included), got {task!r}")
