@@ -1,0 +1,164 @@
+"""HERO pre-training data: per-task batch sources over one (video db, subtitle db) pair.
+
+Tasks: ``mlm``, ``mfm-nce`` and ``mffr`` (both the MFM collate), ``fom``, ``vsm``; official mix 2:2:1:2
+(mlm : mfm-nce : fom : vsm). Batches hold whole videos, grouped by length (``TokenBucketSampler`` over the frame
+count with a frame budget per batch). Each source is a :class:`fastvl.data.PretrainBatchSource` (``next_batch()``,
+``state_dict()``, ``load_state_dict()``) that yields the official collate dict of its task as a
+:class:`~fastvl.data.video.collate.VideoBatch`.
+
+Determinism: every random choice of an example comes from ``(seed, task, epoch, batch position, slot in the global
+batch)``, so batches do not depend on the number of processes, DataLoader workers, or where a run resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import BadExampleCounter, DataError
+from ..pretrain_data import PretrainBatchSource
+from ..sampler import TokenBucketSampler
+from .collate import VideoBatch, fom_collate, mfm_collate, mlm_collate, vsm_collate
+from .dataset import VideoSubData
+from .video_db import SubtitleDB, VideoFeatDB
+
+__all__ = ["VIDEO_TASKS", "DEFAULT_VIDEO_MIX", "VideoPretrainData", "build_video_pretrain_data", "parse_video_tasks",
+           "task_seed"]
+
+VIDEO_TASKS = ("mlm", "mfm-nce", "mffr", "fom", "vsm")
+DEFAULT_VIDEO_MIX = "mlm:2,mfm-nce:2,fom:1,vsm:2"
+
+
+def parse_video_tasks(tasks: str | Sequence[str] | dict[str, float]) -> dict[str, float]:
+    """``"mlm:2,mfm-nce:2,fom:1,vsm:2"``, a list (ratio 1 each) or a dict -> {task: ratio}."""
+    if isinstance(tasks, str):
+        out = {}
+        for part in tasks.split(","):
+            name, _, ratio = part.strip().partition(":")
+            out[name.strip()] = float(ratio) if ratio else 1.0
+        tasks = out
+    elif not isinstance(tasks, dict):
+        tasks = {t: 1.0 for t in tasks}
+    unknown = [t for t in tasks if t not in VIDEO_TASKS]
+    if unknown:
+        raise ValueError(f"parse_video_tasks: unknown tasks {unknown}; expected some of {VIDEO_TASKS}")
+    if not tasks or any(float(r) < 0 for r in tasks.values()) or sum(float(r) for r in tasks.values()) <= 0:
+        raise ValueError(f"parse_video_tasks: ratios must be non-negative with a positive sum, got {tasks}")
+    return {t: float(r) for t, r in tasks.items()}
+
+
+def task_seed(task: str) -> int:
+    return zlib.crc32(task.encode()) & 0x7FFFFFFF
+
+
+class VideoPretrainData:
+    """Per-task batch sources over ``data`` (``sources`` and ``mix`` plug into ``fastvl.train.Trainer``).
+
+    Args:
+        data: the videos.
+        tasks: {task: ratio}.
+        max_frames: frame budget per rank and batch (padded: longest video x videos).
+        seed: fixes the order and every masking choice. rank, world_size: this process's shard.
+        train: shuffled, drop last (False: one deterministic pass in length order).
+        mask_prob: MLM token / MFM frame probability; reorder_prob: FOM; query_per_video: VSM.
+    """
+
+    def __init__(self, data: VideoSubData, tasks: dict[str, float], max_frames: int = 400, seed: int = 42,
+                 rank: int = 0, world_size: int = 1, train: bool = True, mask_prob: float = 0.15,
+                 reorder_prob: float = 0.15, query_per_video: int = 5, bucket_size: int = 8192,
+                 size_multiple: int = 1, num_workers: int = 0):
+        for name, p in (("mask_prob", mask_prob), ("reorder_prob", reorder_prob)):
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"VideoPretrainData: '{name}' must be in (0, 1], got {p}")
+        if query_per_video < 1:
+            raise ValueError(f"VideoPretrainData: 'query_per_video' must be >= 1, got {query_per_video}")
+        self.examples, self.mix, self.seed = data, dict(tasks), seed
+        self.mask_prob, self.reorder_prob, self.query_per_video = mask_prob, reorder_prob, query_per_video
+        self.bad: BadExampleCounter = data.bad
+        self.dims = {"vfeat_dim": data.vfeat_dim, "vocab_size": data.sub_db.vocab_size,
+                     "max_frm_seq_len": max(data.lens), "pad_id": data.sub_db.pad, "cls_id": data.cls_,
+                     "sep_id": data.sep, "mask_id": data.mask}
+        self.task_items: dict[str, list[int]] = {}
+        self.sources: dict[str, PretrainBatchSource] = {}
+        for task in tasks:
+            items = [i for i in range(len(data)) if task not in ("vsm", "mlm") or self._usable(task, i)]
+            if not items:
+                raise DataError(data.sub_db.name, None, f"no video usable for task {task}", "no_examples")
+            self.task_items[task] = items
+            sampler = TokenBucketSampler([data.lens[i] for i in items], max_frames, bucket_size, size_multiple,
+                                         drop_last=train, shuffle=train, seed=seed * 1_000_003 + task_seed(task),
+                                         rank=rank, world_size=world_size)
+            self.sources[task] = PretrainBatchSource(self, task, sampler, num_workers)
+
+    def _usable(self, task: str, i: int) -> bool:
+        """VSM needs a subtitle with frames, MLM a subtitle with text (empty pseudo-subtitles have none)."""
+        vid = self.examples.vids[i]
+        try:
+            ids, pairs = self.examples.subtitles(vid)
+            if task == "vsm":
+                return any(frames for _, frames in pairs)
+            return any(ids[k] for k, _ in pairs)
+        except DataError as e:
+            self.bad.skip_or_raise(e, self.examples.skip)
+            return False
+
+    def batches(self, task: str, epoch: int = 0) -> Iterator[VideoBatch]:
+        """One pass over the data for ``task`` (validation)."""
+        return self.sources[task].iter_epoch(epoch)
+
+    def make_example(self, task: str, vid: str, rng: np.random.Generator):
+        d = self.examples
+        if task == "mlm":
+            segs = d.mlm_example(vid, rng, self.mask_prob)
+            return segs or None
+        if task in ("mfm-nce", "mffr"):
+            return d.mfm_example(vid, rng, self.mask_prob)
+        if task == "fom":
+            return d.fom_example(vid, rng, self.reorder_prob)
+        return d.vsm_example(vid, rng, self.query_per_video)
+
+    def make_batch(self, task: str, epoch: int, pos: int, indices: Sequence[int], rank: int = 0,
+                   world_size: int = 1) -> VideoBatch | None:
+        """The batch of global batch ``pos`` of ``epoch`` holding ``indices`` (this rank's share); None when every
+        video was skipped as bad."""
+        items = self.task_items[task]
+        code = task_seed(task)
+        out = []
+        for k, i in enumerate(indices):
+            rng = np.random.default_rng([self.seed, code, epoch, pos, rank + k * world_size])
+            try:
+                ex = self.make_example(task, self.examples.vids[items[i]], rng)
+            except DataError as err:
+                self.bad.skip_or_raise(err, self.examples.skip)
+                continue
+            if ex is not None:
+                out.append(ex)
+        if not out:
+            return None
+        collate = {"mlm": mlm_collate, "mfm-nce": mfm_collate, "mffr": mfm_collate, "fom": fom_collate,
+                   "vsm": vsm_collate}[task]
+        return collate(out)
+
+
+def build_video_pretrain_data(video_db: str | os.PathLike, sub_db: str | os.PathLike,
+                              tasks: str | Sequence[str] | dict[str, float] = DEFAULT_VIDEO_MIX,
+                              max_frames: int = 400, seed: int = 42, rank: int = 0, world_size: int = 1,
+                              train: bool = True, max_clip_len: int = 100, max_txt_len: int = 60,
+                              vids: Sequence[str] | None = None, skip_bad_examples: bool = False,
+                              **kwargs) -> VideoPretrainData:
+    """Pre-training data over an official (video db, subtitle db) pair.
+
+    Args:
+        video_db, sub_db: the folders. vids: the videos to use (default every video of the subtitle db).
+        tasks: {task: ratio} (see :func:`parse_video_tasks`). max_frames: frame budget per batch and rank.
+        max_clip_len: frames kept per video (official 100). max_txt_len: subtitle tokens in MLM / VSM (60).
+        skip_bad_examples: count and skip bad videos instead of raising.
+        kwargs: :class:`VideoPretrainData` options (mask_prob, reorder_prob, query_per_video, ...).
+    """
+    vdb = VideoFeatDB(video_db, max_clip_len=max_clip_len)
+    sdb = SubtitleDB(sub_db, max_clip_len=max_clip_len)
+    data = VideoSubData(vdb, sdb, max_txt_len=max_txt_len, skip_bad_examples=skip_bad_examples, vids=vids)
+    return VideoPretrainData(data, parse_video_tasks(tasks), max_frames, seed, rank, world_size, train, **kwargs)
