@@ -1,5 +1,6 @@
 """``fastvl make-data``: official UNITER LMDB dbs from per-image npz files + captions jsonl (or the synthetic
-corpus)."""
+corpus); with ``--video`` the official HERO video db + subtitle db from per-video npz frame features + a subtitle
+jsonl (or the synthetic video corpus)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import argparse
 from pathlib import Path
 
 from ..data import make_data, write_synthetic_raw
+from ..data.video import make_video_data, write_video_raw
 from .errors import UserError
-from .options import check_paths, positive_int
+from .options import check_paths, positive_float, positive_int
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "write official UNITER LMDB dbs from per-image npz files + captions jsonl"
+HELP = "write official UNITER LMDB dbs (or, with --video, HERO video + subtitle dbs) from npz + jsonl"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--npz-dir", help="folder of per-image .npz (features, norm_bb, conf, soft_labels)")
     p.add_argument("--captions", nargs="*", default=[], help="captions jsonl file(s): {id, img_fname, caption}")
-    p.add_argument("--output", required=True, help="where the img_db and txt_db folders are written")
-    p.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: the synthetic corpus vocab)")
+    p.add_argument("--output", "--out", required=True, help="where the db folders are written")
+    p.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: the synthetic corpus vocab); with "
+                   "--video a word list (default: the words of the subtitles)")
     p.add_argument("--conf-th", type=float, default=0.2)
     p.add_argument("--max-bb", type=positive_int, default=100)
     p.add_argument("--min-bb", type=positive_int, default=10)
@@ -27,11 +30,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-examples", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--synthetic", action="store_true",
-                   help="write the synthetic corpus's raw npz + captions into --output/raw first and convert those")
+                   help="write the synthetic corpus's raw inputs into --output/raw first and convert those")
+    v = p.add_argument_group("video (HERO)")
+    v.add_argument("--video", action="store_true", help="write a HERO video db + subtitle db")
+    v.add_argument("--frames", help="folder of per-video <vid>.npz: 'features' [n, D] (+ 'interval' seconds)")
+    v.add_argument("--subtitles", help="subtitle jsonl: {vid, start, end, text} per line (seconds)")
+    v.add_argument("--frame-interval", type=positive_float, default=1.5,
+                   help="seconds per frame when an npz has no 'interval' (default 1.5)")
+    v.add_argument("--feat-version", default="resnet_slowfast", help="video LMDB name prefix (official default)")
+    v.add_argument("--fp16", action="store_true", help="store frame features as float16 (read back as float32)")
+
+
+def _run_video(args: argparse.Namespace) -> int:
+    frames, subtitles = args.frames, args.subtitles
+    if args.synthetic:
+        raw = write_video_raw(Path(args.output) / "raw")
+        frames, subtitles = raw["frames"], raw["subtitles"]
+    else:
+        if not frames:
+            raise UserError("give --frames (or --synthetic)", argument="--frames")
+        check_paths("--frames", frames)
+        if subtitles is not None:
+            check_paths("--subtitles", subtitles, kind="file")
+    if args.vocab is not None:
+        check_paths("--vocab", args.vocab, kind="file")
+    result = make_video_data(frames, subtitles, args.output, frame_interval=args.frame_interval,
+                             feat_version=args.feat_version, vocab_file=args.vocab, compress=not args.no_compress,
+                             fp16=args.fp16, skip_bad_examples=args.skip_bad_examples, overwrite=args.overwrite)
+    print(result)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the dbs; print what was written."""
+    if args.video:
+        return _run_video(args)
     npz_dir, captions = args.npz_dir, list(args.captions)
     if not args.synthetic:
         if not npz_dir or not captions:

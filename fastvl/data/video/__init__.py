@@ -37,6 +37,8 @@ from .collate import (
                       vsm_collate,
 )
 from .dataset import VideoSubData
+from .downstream import DOWNSTREAM_TASKS, VideoTaskData, build_video_task_data, moment_frames, tvc_eval_collate
+from .make_data import MakeVideoDataResult, make_video_data
 from .pretrain import DEFAULT_VIDEO_MIX, VIDEO_TASKS, VideoPretrainData, build_video_pretrain_data, parse_video_tasks
 from .query_db import CaptionDB, CaptionDBWriter, QueryDB, QueryDBWriter, paired_statement_id
 from .synthetic import VideoCorpus, VideoSyntheticConfig, video_synthetic_corpus, write_video_raw
@@ -44,10 +46,11 @@ from .video_db import SubtitleDB, SubtitleDBWriter, VideoFeatDB, VideoFeatDBWrit
 from .vocab import WordVocab
 
 __all__ = [
-    "CaptionDB", "CaptionDBWriter", "DEFAULT_VIDEO_MIX", "QueryDB", "QueryDBWriter", "SubtitleDB", "SubtitleDBWriter",
-    "VIDEO_TASKS", "VideoBatch", "VideoCorpus", "VideoFeatDB", "VideoFeatDBWriter", "VideoInput",
-    "VideoPretrainData", "VideoSubData", "VideoSyntheticConfig", "WordVocab", "align_subtitles",
-    "build_video_pretrain_data", "fom_collate", "mfm_collate", "mlm_collate", "paired_statement_id",
-    "parse_video_tasks", "pseudo_subtitles", "temporal_iou", "tvc_collate", "vcmr_collate", "video_collate",
-    "video_qa_collate", "video_synthetic_corpus", "violin_collate", "vsm_collate", "write_video_raw",
+    "align_subtitles", "build_video_pretrain_data", "build_video_task_data", "CaptionDB", "CaptionDBWriter",
+    "DEFAULT_VIDEO_MIX", "DOWNSTREAM_TASKS", "fom_collate", "make_video_data", "MakeVideoDataResult", "mfm_collate",
+    "mlm_collate", "moment_frames", "paired_statement_id", "parse_video_tasks", "pseudo_subtitles", "QueryDB",
+    "QueryDBWriter", "SubtitleDB", "SubtitleDBWriter", "temporal_iou", "tvc_collate", "tvc_eval_collate",
+    "vcmr_collate", "video_collate", "video_qa_collate", "video_synthetic_corpus", "VIDEO_TASKS", "VideoBatch",
+    "VideoCorpus", "VideoFeatDB", "VideoFeatDBWriter", "VideoInput", "VideoPretrainData", "VideoSubData",
+    "VideoSyntheticConfig", "VideoTaskData", "violin_collate", "vsm_collate", "WordVocab", "write_video_raw",
 ]
