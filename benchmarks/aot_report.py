@@ -168,6 +168,14 @@ def _spade(dt, shape: tuple[int, int, int, int], instance: bool):
     return call
 
 
+def _layout_retrieval(n_q: int, n_cls: int, n_maps: int, hw: int, mem_dtype: torch.dtype):
+    """BachGAN retrieval intersections: n_q queries (n_cls classes) against a chunk of n_maps maps of hw pixels."""
+    def call():
+        words = torch.zeros(n_q, (n_cls + 31) // 32, hw, dtype=torch.int32)
+        _launcher("layout_intersections_triton")(words, torch.zeros(n_maps, hw, 1, dtype=mem_dtype))
+    return call
+
+
 def _keep_mask():
     cu = torch.tensor([0, 40, 60], dtype=torch.int32)
     return lambda: _launcher("dropout_keep_mask")(torch.zeros(2, dtype=torch.int64), cu, cu, 40, 40, 12, 0.1)
@@ -197,6 +205,11 @@ def cases(quick: bool = False) -> list[tuple[str, str, Callable[[], object]]]:
                 ("spade batch norm 4x1024x8x8 (single)", d, _spade(dt, (4, 1024, 8, 8), False))]
         if not quick:
             out += [("spade instance norm 2x64x32x32 (single)", d, _spade(dt, (2, 64, 32, 32), True))]
+    out.append(("layout retrieval Q=64 C=35 4096 maps 64x64", "uint8", _layout_retrieval(64, 35, 4096, 4096,
+                                                                                             torch.uint8)))
+    if not quick:
+        out.append(("layout retrieval Q=8 C=300 512 maps 32x32", "int16", _layout_retrieval(8, 300, 512, 1024,
+                                                                                               torch.int16)))
     attn = [("bf16", 64, 160, "bidirectional", 0.1)] if quick else [
         ("bf16", 64, 160, "bidirectional", 0.1), ("bf16", 64, 160, "seq2seq", 0.0), ("fp16", 80, 1024, "cross", 0.0),
         ("bf16", 128, 512, "bidirectional", 0.0), ("fp32", 64, 160, "cross", 0.1)]

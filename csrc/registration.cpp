@@ -20,6 +20,13 @@ TORCH_LIBRARY(fastvl, m) {
   // VILLA random init, in place: noise [B,L,D] + mask, or [T,D] + cu_seqlens (uniform [-1,1] or normal noise)
   // -> scaled, masked perturbation.
   m.def("adv_perturb_init_kernel(Tensor(a!) noise, Tensor mask, float init_mag, str norm, int max_seqlen) -> ()");
+  // SPADE normalisation: x, gamma, beta [N,C,H,W] f32/bf16/f16; mean/var float32 [G] running statistics (eval) or
+  // None (from x); G = C (batch) or N*C (instance) -> (out, mean [G] f32, biased var [G] f32).
+  m.def("spade_norm_fwd_kernel(Tensor x, Tensor gamma, Tensor beta, Tensor? mean, Tensor? var, bool instance, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  // Its backward: dout, x, gamma [N,C,H,W], the forward's mean/var -> (dx, d_gamma, d_beta).
+  m.def("spade_norm_bwd_kernel(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor var, bool instance, "
+        "bool use_input_stats, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

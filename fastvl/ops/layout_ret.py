@@ -13,11 +13,15 @@ division, so both backends produce the same values and the same tie order) and r
 
 Backends (``fastvl.ops.layout_ret.LAYOUT_RETRIEVAL``):
 
-- ``torch_chunked`` (the default): walks the memory in chunks of ``chunk_size`` maps with a fixed buffer, keeping a
-  running top-k. Intersections are per-class matrix products (float32 0/1 values, exact while H W <= 2**24, else
-  float64) restricted to the pixels some query box of that class covers; the per-map class areas |m_c| come from a
-  :class:`LayoutMemory`, which counts them once per memory bank (pass one to reuse the counts across calls; a plain
-  tensor is counted on each call).
+- ``torch_chunked`` (the default for CPU tensors): walks the memory in chunks of ``chunk_size`` maps with a fixed
+  buffer, keeping a running top-k. Intersections are per-class matrix products (float32 0/1 values, exact while
+  H W <= 2**24, else float64) restricted to the pixels some query box of that class covers; the per-map class areas
+  |m_c| come from a :class:`LayoutMemory`, which counts them once per memory bank (pass one to reuse the counts
+  across calls; a plain tensor is counted on each call).
+- ``triton`` (the default for GPU tensors; CPU only under the interpreter): the same chunks and running top-k, the
+  intersections counted exactly by a Triton kernel from per-pixel class bit words of the queries (one program per
+  block of queries x block of maps, see ``fastvl/kernels/triton/layout_ret.py``); the areas from the
+  :class:`LayoutMemory` counts.
 - ``reference``: plain PyTorch with every one-hot map materialised ([M, C, H, W]), written for clarity; the ground
   truth of the tests.
 
@@ -27,6 +31,7 @@ The module is not named after the function (``fastvl.ops.layout_retrieval`` is t
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +42,7 @@ __all__ = ["LAYOUT_RETRIEVAL", "LayoutMemory", "layout_retrieval", "layout_retri
 _OP = "layout_retrieval"
 MEMORY_DTYPES = (torch.uint8, torch.int16)
 BUFFER_ELEMENTS = 1 << 22  # default chunk: about this many memory pixels per chunk (16 MiB of float32 work buffer)
+TRITON_BUFFER_ELEMENTS = 1 << 24  # the triton backend's default chunk (4096 maps at 64 x 64: enough programs for a GPU)
 _EXACT_F32 = 1 << 24  # 0/1 dot products of up to this many pixels are exact in float32
 
 
@@ -44,9 +50,10 @@ def _err(name: str, msg: str) -> str:
     return f"fastvl.ops.{_OP}: argument '{name}' {msg}"
 
 
-def default_chunk_size(height: int, width: int) -> int:
-    """Maps per chunk for the ``torch_chunked`` backend: about :data:`BUFFER_ELEMENTS` pixels, at least 1."""
-    return max(1, BUFFER_ELEMENTS // max(1, height * width))
+def default_chunk_size(height: int, width: int, buffer_elements: int = BUFFER_ELEMENTS) -> int:
+    """Maps per chunk: about ``buffer_elements`` pixels (default :data:`BUFFER_ELEMENTS`, the ``torch_chunked``
+    backend's), at least 1."""
+    return max(1, buffer_elements // max(1, height * width))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,8 +223,14 @@ def _check_chunk(chunk_size: int | None, height: int, width: int) -> int:
 # Backends
 # ----------------------------------------------------------------------------------------------------------
 
-LAYOUT_RETRIEVAL = D.register_op(_OP, ["torch_chunked", "reference"],
+LAYOUT_RETRIEVAL = D.register_op(_OP, ["triton", "torch_chunked", "reference"],
                                  doc="BachGAN background retrieval: top-k class maps by box-layout overlap score")
+
+
+@LAYOUT_RETRIEVAL.backend("triton", doc="Triton: exact intersection counts from class bit words per (query, map) "
+                                                 "block, memory in fixed-size chunks, running top-k")
+def _triton_supports(query, memory, k) -> D.Reasons:
+    return D.triton_reasons(query)
 
 
 @LAYOUT_RETRIEVAL.backend("torch_chunked", kind="reference",
@@ -242,39 +255,26 @@ def _example(device: str, dtype: torch.dtype) -> tuple[tuple, dict]:
 LAYOUT_RETRIEVAL.example = _example
 
 
-def _retrieve_chunked(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``torch_chunked`` backend: query [Q, C, H, W] bool over ``bank`` in chunks of ``chunk_size`` maps.
+def _running_top_k(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None, chunk_size: int,
+                   intersect: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk ``bank`` in chunks of ``chunk_size`` maps keeping a running top-k per query.
 
-    Returns (scores [Q, k] float32, index [Q, k] int64) as :func:`layout_retrieval_reference`."""
+    ``intersect(start, chunk)`` returns the F-restricted intersection sums [Q, B] (float64, exact counts) of the
+    chunk's maps [B, H, W]; the unions come from the cached class areas. Returns (scores [Q, k] float32,
+    index [Q, k] int64) as :func:`layout_retrieval_reference`."""
     maps, counts = bank.maps, bank.counts
-    n_q, _, h, w = query.shape
-    hw, n_mem = h * w, maps.shape[0]
+    n_q = query.shape[0]
+    n_mem = maps.shape[0]
     dev = maps.device
-    mm_dtype = torch.float32 if hw <= _EXACT_F32 else torch.float64
-    qf = query.reshape(n_q, -1, hw)
-    named = qf.any(-1)  # [Q, C]: F(q)
+    qf = query.reshape(n_q, query.shape[1], -1)
+    named_d = qf.any(-1).double()  # [Q, C]: F(q) as 0/1
     q_total = qf.sum((1, 2), dtype=torch.int64).double()  # [Q]: sum_{c in F} |q_c|
-    named_d = named.double()
-    # Per named class: the pixels some query box of that class covers, and the queries' masks there.
-    terms = []
-    for c in named.any(0).nonzero().flatten().tolist():
-        if c == bank.ignore_index:
-            continue  # no memory pixel carries class ignore_index: |q_c & m_c| = 0
-        pix = qf[:, c].any(0).nonzero().flatten()  # [P_c]
-        sub = None if pix.numel() == hw else pix
-        q_c = qf[:, c] if sub is None else qf[:, c, sub]
-        terms.append((c, sub, q_c.to(mm_dtype).t().contiguous()))  # [P_c, Q]
     best_s = torch.empty(n_q, 0, dtype=torch.float64, device=dev)
     best_i = torch.empty(n_q, 0, dtype=torch.int64, device=dev)
     for start in range(0, n_mem, chunk_size):
-        chunk = maps[start:start + chunk_size].reshape(-1, hw)  # [B, HW]
+        chunk = maps[start:start + chunk_size]
         b = chunk.shape[0]
-        inter = torch.zeros(b, n_q, dtype=torch.float64, device=dev)
-        for c, sub, q_c in terms:
-            m_c = (chunk == c) if sub is None else (chunk[:, sub] == c)  # [B, P_c]
-            inter += (m_c.to(mm_dtype) @ q_c).double()
-        inter = inter.t()  # [Q, B]
+        inter = intersect(start, chunk)  # [Q, B]
         m_area = named_d @ counts[start:start + b].double().t()  # [Q, B]: sum_{c in F} |m_c|
         score = inter / (q_total[:, None] + m_area - inter)
         idx = torch.arange(start, start + b, device=dev)
@@ -286,6 +286,48 @@ def _retrieve_chunked(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: 
         ranked, order = torch.sort(cand_s, dim=1, descending=True, stable=True)
         best_s, best_i = ranked[:, :k], cand_i.gather(1, order[:, :k])
     return best_s.float(), best_i
+
+
+def _retrieve_chunked(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch_chunked`` backend: per named class, matrix products over the pixels its query boxes cover."""
+    n_q, _, h, w = query.shape
+    hw = h * w
+    mm_dtype = torch.float32 if hw <= _EXACT_F32 else torch.float64
+    qf = query.reshape(n_q, -1, hw)
+    named = qf.any(-1)  # [Q, C]: F(q)
+    # Per named class: the pixels some query box of that class covers, and the queries' masks there.
+    terms = []
+    for c in named.any(0).nonzero().flatten().tolist():
+        if c == bank.ignore_index:
+            continue  # no memory pixel carries class ignore_index: |q_c & m_c| = 0
+        pix = qf[:, c].any(0).nonzero().flatten()  # [P_c]
+        sub = None if pix.numel() == hw else pix
+        q_c = qf[:, c] if sub is None else qf[:, c, sub]
+        terms.append((c, sub, q_c.to(mm_dtype).t().contiguous()))  # [P_c, Q]
+
+    def intersect(start: int, chunk: torch.Tensor) -> torch.Tensor:
+        flat = chunk.reshape(-1, hw)  # [B, HW]
+        inter = torch.zeros(flat.shape[0], n_q, dtype=torch.float64, device=chunk.device)
+        for c, sub, q_c in terms:
+            m_c = (flat == c) if sub is None else (flat[:, sub] == c)  # [B, P_c]
+            inter += (m_c.to(mm_dtype) @ q_c).double()
+        return inter.t()
+
+    return _running_top_k(query, bank, k, exclude, chunk_size, intersect)
+
+
+def _retrieve_triton(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None,
+                     chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``triton`` backend: exact int32 intersection counts from the Triton kernel, per chunk of maps."""
+    from ..kernels.triton.layout_ret import layout_intersections_triton, query_words
+
+    words = query_words(query, bank.ignore_index)  # [Q, W, HW] int32, packed once
+
+    def intersect(start: int, chunk: torch.Tensor) -> torch.Tensor:
+        return layout_intersections_triton(words, chunk).double()
+
+    return _running_top_k(query, bank, k, exclude, chunk_size, intersect)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,8 +398,9 @@ def layout_retrieval(query: torch.Tensor, memory: torch.Tensor | LayoutMemory, k
         k: maps kept per query, 1 <= k <= M (M - 1 when ``exclude`` removes one).
         exclude: [Q] int64, one memory index removed per query (the query itself), -1 for none; or None.
         ignore_index: memory label that belongs to no class (BachGAN: 255).
-        backend: force 'torch_chunked' or 'reference'; default: 'torch_chunked'.
-        chunk_size: maps per chunk for 'torch_chunked' (default: about 4M pixels per chunk).
+        backend: force 'triton', 'torch_chunked' or 'reference'; default: 'triton' for GPU tensors, else
+            'torch_chunked'.
+        chunk_size: maps per chunk for 'triton' and 'torch_chunked' (default: about 16M / 4M pixels per chunk).
     Returns:
         (scores [Q, k] float32, index [Q, k] int64), best first; equal scores go to the lower memory index.
     """
@@ -379,6 +422,9 @@ def layout_retrieval(query: torch.Tensor, memory: torch.Tensor | LayoutMemory, k
         bank = LayoutMemory(maps, query.shape[1], ignore_index, chunk)  # checks every class id
     if name == "reference":
         return layout_retrieval_reference(query, maps, k, exclude, ignore_index)
+    if name == "triton":
+        return _retrieve_triton(query, bank, k, exclude, chunk if chunk_size is not None else
+                                default_chunk_size(query.shape[2], query.shape[3], TRITON_BUFFER_ELEMENTS))
     if name != "torch_chunked":
         raise AssertionError(f"unhandled backend {name!r}")
     return _retrieve_chunked(query, bank, k, exclude, chunk)

@@ -17,8 +17,9 @@ Statistics are float32 under bf16 / fp16 inputs (float64 in the reference for fl
 gradients have the inputs' dtype.
 
 Backends (``fastvl.ops.spade.SPADE_NORM``): ``triton`` (GPU; one program per statistic group when it fits, else a
-deterministic two-phase reduction, see ``fastvl/kernels/triton/spade.py``) and ``reference`` (the PyTorch
-function below; it serves CPU tensors, there is no C++ backend yet). The module is not named after the function
+deterministic two-phase reduction, see ``fastvl/kernels/triton/spade.py``), ``cpu`` (C++ in fastvl._C,
+``csrc/spade_norm/``: at::parallel_for over the statistic groups, two-pass float64-accumulated statistics) and
+``reference`` (the PyTorch function below; any device and dtype). The module is not named after the function
 (``fastvl.ops.spade_norm`` is the function; see ``fastvl/ops/__init__.py``).
 """
 
@@ -75,7 +76,7 @@ def spade_norm_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
 # Backends
 # ----------------------------------------------------------------------------------------------------------
 
-SPADE_NORM = D.register_op("spade_norm", ["triton", "reference"],
+SPADE_NORM = D.register_op("spade_norm", ["triton", "cpu", "reference"],
                            doc="SPADE: parameter-free batch / instance norm, then x_hat * (1 + gamma) + beta")
 
 
@@ -90,6 +91,11 @@ def _triton_supports(x, gamma, beta, norm, training) -> D.Reasons:
     if x.device.type == "cpu" and x.dtype != torch.float32:
         why.append("the Triton interpreter computes in float32 only")
     return why
+
+
+@SPADE_NORM.backend("cpu", doc="C++ (fastvl._C), parallel over statistic groups, fp32 statistics; fwd + bwd")
+def _cpu_supports(x, gamma, beta, norm, training) -> D.Reasons:
+    return D.needs_device(x, "cpu") + D.needs_dtype(x, FUSED_DTYPES) + D.needs_extension("spade_norm_fwd_kernel")
 
 
 def _example(device: str, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -107,15 +113,21 @@ SPADE_NORM.example = _example
 
 
 def _fused_forward(backend, x, gamma, beta, running_mean, running_var, instance, use_input_stats, eps):
+    mean, var = (None, None) if use_input_stats else (running_mean, running_var)
+    if backend == "cpu":
+        if mean is not None:
+            mean, var = mean.to(torch.float32).contiguous(), var.to(torch.float32).contiguous()
+        return torch.ops.fastvl.spade_norm_fwd_kernel(x, gamma, beta, mean, var, instance, eps)
     if backend != "triton":
         raise AssertionError(f"unhandled backend {backend!r}")
     from ..kernels.triton.spade import spade_norm_fwd_triton
 
-    mean, var = (None, None) if use_input_stats else (running_mean, running_var)
     return spade_norm_fwd_triton(x.contiguous(), gamma.contiguous(), beta.contiguous(), mean, var, instance, eps)
 
 
 def _fused_backward(backend, dout, x, gamma, mean, var, instance, use_input_stats, eps):
+    if backend == "cpu":
+        return torch.ops.fastvl.spade_norm_bwd_kernel(dout, x, gamma, mean, var, instance, use_input_stats, eps)
     if backend != "triton":
         raise AssertionError(f"unhandled backend {backend!r}")
     from ..kernels.triton.spade import spade_norm_bwd_triton
@@ -279,7 +291,7 @@ def spade_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *, norm
         running_mean, running_var: [C] float buffers on x's device, batch norm only; updated in place in training
             (unbiased variance for running_var, as ``F.batch_norm``), required and read with ``training=False``.
         momentum: running-statistics update factor (SPADE: 0.1). training: batch (True) or running statistics.
-        backend: force a backend ('triton', 'reference'); default: the first that fits.
+        backend: force a backend ('triton', 'cpu', 'reference'); default: the first that fits.
     Returns:
         [N, C, H, W] in x's dtype, differentiable w.r.t. x, gamma and beta.
     """

@@ -1,5 +1,6 @@
-"""ops.layout_retrieval (BachGAN background retrieval): torch_chunked vs the reference, a hand-computed example, tie
-order, exclude, int16 memory with C > 255, and every bad input."""
+"""ops.layout_retrieval (BachGAN background retrieval): the triton (interpreter on CPU, the `triton_device` fixture)
+and torch_chunked backends vs the reference, a hand-computed example, tie order, exclude, ignore_index, int16 memory
+with C > 255 (several class words in the Triton kernel), the query bit packing, and every bad input."""
 
 import pytest
 import torch
@@ -12,7 +13,19 @@ from fastvl.ops.layout_ret import (
     layout_retrieval_scores_reference,
 )
 
-BACKENDS = ["torch_chunked", "reference"]
+BACKENDS = ["triton", "torch_chunked", "reference"]
+FAST = ["triton", "torch_chunked"]
+
+
+def retrieve(query, memory, *args, backend, device, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """layout_retrieval with every tensor argument moved to ``device`` (the `device` fixture: triton_device for the
+    triton backend), the results back on the CPU."""
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    s, i = layout_retrieval(move(query), move(memory), *map(move, args), backend=backend,
+                            **{key: move(v) for key, v in kwargs.items()})
+    return s.cpu(), i.cpu()
 
 
 def random_layouts(n_q: int, n_mem: int, n_cls: int, h: int, w: int, gen: torch.Generator, *,
@@ -52,46 +65,55 @@ def assert_same(got: tuple, want: tuple) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 1000, None])
-@pytest.mark.parametrize("shape", [(5, 17, 4, 7, 9), (3, 11, 1, 5, 5), (6, 23, 9, 13, 6)])
-def test_chunked_matches_reference(shape, chunk, gen):
+SMALL = [(5, 17, 4, 7, 9), (3, 11, 1, 5, 5), (6, 23, 9, 13, 6)]
+BLOCKS = (19, 37, 35, 9, 7)  # Q > BLOCK_Q, M > BLOCK_M of the Triton kernel, 35 classes = two class words
+MATCH_CASES = ([("torch_chunked", c, s) for s in [*SMALL, BLOCKS] for c in [1, 3, 7, 1000, None]]
+               + [("triton", c, s) for s in SMALL for c in [3, None]]
+               + [("triton", 16, BLOCKS), ("triton", None, BLOCKS)])
+
+
+@pytest.mark.parametrize("backend,chunk,shape", MATCH_CASES)
+def test_fast_backends_match_reference(backend, shape, chunk, gen, device):
+    """Exact scores and indices (integer counts, one float64 division); the last shape spans two query blocks and
+    two map blocks of the Triton kernel and 35 classes (two class words)."""
     n_q, n_mem, n_cls, h, w = shape
     query, memory = random_layouts(n_q, n_mem, n_cls, h, w, gen)
     k = min(4, n_mem)
     want = layout_retrieval_reference(query, memory, k)
-    assert_same(layout_retrieval(query, memory, k, backend="torch_chunked", chunk_size=chunk), want)
-    bank = LayoutMemory(memory, n_cls, chunk_size=chunk)
-    assert_same(layout_retrieval(query, bank, k, chunk_size=chunk), want)
+    assert_same(retrieve(query, memory, k, backend=backend, device=device, chunk_size=chunk), want)
+    bank = LayoutMemory(memory.to(device), n_cls, chunk_size=chunk)
+    assert_same(retrieve(query, bank, k, backend=backend, device=device, chunk_size=chunk), want)
     exclude = torch.randint(-1, n_mem, (n_q,), generator=gen)
     want = layout_retrieval_reference(query, memory, k, exclude)
     assert not (want[1] == exclude[:, None]).any()
-    assert_same(layout_retrieval(query, bank, k, exclude, chunk_size=chunk), want)
+    assert_same(retrieve(query, bank, k, exclude, backend=backend, device=device, chunk_size=chunk), want)
 
 
 def test_default_backend_is_chunked_and_reference_is_forced():
     query = torch.ones(1, 2, 3, 3, dtype=torch.bool)
     memory = torch.zeros(2, 3, 3, dtype=torch.uint8)
-    assert LAYOUT_RETRIEVAL.select(query, memory, 1) == "torch_chunked"
+    assert LAYOUT_RETRIEVAL.select(query, memory, 1) == "torch_chunked"  # CPU tensors: Triton only when forced
     assert LAYOUT_RETRIEVAL.select(query, memory, 1, backend="reference") == "reference"
     assert default_chunk_size(64, 64) == 1024 and default_chunk_size(4096, 4096) == 1
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("ignore_index", [255, 0, 2])
-def test_ignore_index_inside_the_class_range(ignore_index, gen):
-    """An ignore_index < C makes that class empty in every map; both backends agree."""
+def test_ignore_index_inside_the_class_range(backend, ignore_index, gen, device):
+    """An ignore_index < C makes that class empty in every map; the backends agree with the reference."""
     query, memory = random_layouts(4, 9, 3, 6, 5, gen, ignore_index=ignore_index, ignore_frac=0.3)
     want = layout_retrieval_reference(query, memory, 3, ignore_index=ignore_index)
-    got = layout_retrieval(query, memory, 3, ignore_index=ignore_index, chunk_size=2)
+    got = retrieve(query, memory, 3, ignore_index=ignore_index, chunk_size=2, backend=backend, device=device)
     assert_same(got, want)
 
 
-def test_ignore_pixels_belong_to_no_class():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_pixels_belong_to_no_class(backend, device):
     query = torch.zeros(1, 2, 1, 4, dtype=torch.bool)
     query[0, 0] = True  # class 0 over all 4 pixels
     memory = torch.tensor([[[0, 0, 255, 255]], [[0, 0, 1, 1]]], dtype=torch.uint8)
-    for backend in BACKENDS:
-        s, i = layout_retrieval(query, memory, 2, backend=backend)
-        assert s.tolist() == [[0.5, 0.5]] and i.tolist() == [[0, 1]]
+    s, i = retrieve(query, memory, 2, backend=backend, device=device)
+    assert s.tolist() == [[0.5, 0.5]] and i.tolist() == [[0, 1]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,13 +156,13 @@ def test_hand_scores_reference():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_hand_example(backend, chunk):
+def test_hand_example(backend, chunk, device):
     query, memory = hand_example()
-    s, i = layout_retrieval(query, memory, 3, backend=backend, chunk_size=chunk)
+    s, i = retrieve(query, memory, 3, backend=backend, device=device, chunk_size=chunk)
     assert i.tolist() == [[0, 2, 1], [0, 2, 1]]
     want = torch.tensor([[2 / 3, 1 / 4, 0.0], [4 / 7, 2 / 7, 2 / 9]], dtype=torch.float64).float()
     assert torch.equal(s, want)
-    s, i = layout_retrieval(query, memory, 2, torch.tensor([0, -1]), backend=backend, chunk_size=chunk)
+    s, i = retrieve(query, memory, 2, torch.tensor([0, -1]), backend=backend, device=device, chunk_size=chunk)
     assert i.tolist() == [[2, 1], [0, 2]]
     assert torch.equal(s, torch.tensor([[1 / 4, 0.0], [4 / 7, 2 / 7]], dtype=torch.float64).float())
 
@@ -152,37 +174,38 @@ def test_hand_example(backend, chunk):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk", [1, 2, 3, 100])
-def test_ties_go_to_the_lower_index(backend, chunk):
+def test_ties_go_to_the_lower_index(backend, chunk, device):
     query = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
     query[0, 0, :2, :2] = True
     query[1, 2, 1:3, 1:3] = True  # class 2 appears in no map: every score of q1 is 0
     good = torch.zeros(4, 4, dtype=torch.uint8)  # class 0 everywhere: score 4/16 for q0
     other = torch.ones(4, 4, dtype=torch.uint8)  # class 1 everywhere: score 0
     memory = torch.stack([other, good, other, good, good, other, other])
-    s, i = layout_retrieval(query, memory, 4, backend=backend, chunk_size=chunk)
+    s, i = retrieve(query, memory, 4, backend=backend, device=device, chunk_size=chunk)
     assert i.tolist() == [[1, 3, 4, 0], [0, 1, 2, 3]]
     assert s.tolist() == [[0.25, 0.25, 0.25, 0.0], [0.0] * 4]
-    s, i = layout_retrieval(query, memory, 4, torch.tensor([3, 0]), backend=backend, chunk_size=chunk)
+    s, i = retrieve(query, memory, 4, torch.tensor([3, 0]), backend=backend, device=device, chunk_size=chunk)
     assert i.tolist() == [[1, 4, 0, 2], [1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exclude_removes_the_query_itself(backend, gen):
+def test_exclude_removes_the_query_itself(backend, gen, device):
     """BachGAN excludes the query's own map: a query built from map j's boxes would retrieve j first."""
     _, memory = random_layouts(1, 12, 4, 8, 8, gen, ignore_frac=0.0)
     query = torch.stack([torch.stack([memory[j] == c for c in range(4)]) for j in (3, 7, 10)])
-    s, i = layout_retrieval(query, memory, 3, backend=backend, chunk_size=5)
+    s, i = retrieve(query, memory, 3, backend=backend, device=device, chunk_size=5)
     assert i[:, 0].tolist() == [3, 7, 10] and (s[:, 0] == 1).all()
-    s, i = layout_retrieval(query, memory, 3, torch.tensor([3, 7, -1]), backend=backend, chunk_size=5)
+    s, i = retrieve(query, memory, 3, torch.tensor([3, 7, -1]), backend=backend, device=device, chunk_size=5)
     assert 3 not in i[0].tolist() and 7 not in i[1].tolist() and i[2, 0] == 10
     ref = layout_retrieval_reference(query, memory, 3, torch.tensor([3, 7, -1]))
     assert_same((s, i), ref)
-    s, i = layout_retrieval(query, memory, 11, torch.tensor([0, 1, 2]), backend=backend)  # k = M - 1: all others
+    s, i = retrieve(query, memory, 11, torch.tensor([0, 1, 2]), backend=backend, device=device)  # k = M - 1
     assert [sorted(r) for r in i.tolist()] == [[j for j in range(12) if j != e] for e in range(3)]
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("chunk", [1, 4, None])
-def test_int16_memory_with_many_classes(chunk, gen):
+def test_int16_memory_with_many_classes(backend, chunk, gen, device):
     n_cls = 300
     query, memory = random_layouts(4, 10, n_cls, 6, 7, gen, ignore_index=-1, dtype=torch.int16)
     assert int(memory.max()) > 255
@@ -191,7 +214,7 @@ def test_int16_memory_with_many_classes(chunk, gen):
     query[0, 280] = True
     want = layout_retrieval_reference(query, memory, 3, ignore_index=-1)
     assert want[1][0, 0] == 0 and want[0][0, 0] == 1.0
-    assert_same(layout_retrieval(query, memory, 3, ignore_index=-1, chunk_size=chunk), want)
+    assert_same(retrieve(query, memory, 3, ignore_index=-1, chunk_size=chunk, backend=backend, device=device), want)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,10 +281,10 @@ BAD = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,build,exc,match", BAD, ids=[b[0] for b in BAD])
-def test_bad_inputs_name_the_argument(name, build, exc, match, backend):
+def test_bad_inputs_name_the_argument(name, build, exc, match, backend, device):
     args, kwargs = build()
     with pytest.raises(exc, match=match):
-        layout_retrieval(*args, backend=backend, **kwargs)
+        retrieve(*args, backend=backend, device=device, **kwargs)
 
 
 def test_more_than_255_classes_need_int16():
@@ -294,5 +317,21 @@ def test_layout_memory_must_match_and_stay_unchanged():
 
 def test_unknown_backend():
     query, memory = _ok()
-    with pytest.raises(BackendUnavailableError, match="unknown backend 'triton'"):
-        layout_retrieval(query, memory, 1, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'cuda'"):
+        layout_retrieval(query, memory, 1, backend="cuda")
+
+
+def test_query_words_pack_one_bit_per_class(gen):
+    """Bit c % 32 of word c // 32 is query channel c (bit 31 included: the words are signed int32), except the
+    ignore_index class."""
+    from fastvl.kernels.triton.layout_ret import query_words
+
+    query = torch.rand(3, 70, 2, 5, generator=gen) < 0.5
+    query[:, 31] = True  # the sign bit of word 0
+    words = query_words(query, ignore_index=40)
+    assert words.shape == (3, 3, 10) and words.dtype == torch.int32
+    bits = torch.stack([(words[:, c // 32] >> (c % 32)) & 1 for c in range(70)], 1).bool()  # [Q, C, HW]
+    want = query.reshape(3, 70, 10).clone()
+    want[:, 40] = False
+    assert torch.equal(bits, want)
+    assert torch.equal((words[:, 2] >> 6) & 0x3FFFFFF, torch.zeros_like(words[:, 2]))  # classes >= 70: no bits
