@@ -24,8 +24,12 @@ Functions:
 - :func:`read_boxes_json` -- user-drawn boxes from ``{"size": [H, W], "boxes": [{"class": name-or-id, "box":
   [x0, y0, x1, y1]}, ...]}`` (errors name the file and the box);
 - :func:`instance_boxes` / :func:`region_boxes` -- boxes from a Cityscapes instance map / from connected regions.
+
+``LAYOUT_SETS`` maps the names ``synthetic``, ``cityscapes``, ``ade20k`` to the classes (the readers take ``root``
+first; the synthetic set takes ``split`` and a :class:`SyntheticLayoutConfig`).
 """
 
+from .ade20k_classes import ADE20K_CLASS_NAMES, ADE20K_FOREGROUND, ADE20K_STUFF
 from .base import IGNORE_INDEX, LayoutSet, collate_layouts, label_dtype, memory_bank_labels
 from .boxes import (
            boxes_to_mask,
@@ -36,8 +40,15 @@ from .boxes import (
            read_boxes_json,
            region_boxes,
 )
+from .readers import CITYSCAPES_CLASS_NAMES, CITYSCAPES_FOREGROUND, ADE20KLayoutSet, CityscapesLayoutSet
 from .synthetic import SyntheticLayoutConfig, SyntheticLayoutSet, generate_scene
 
-__all__ = ["IGNORE_INDEX", "LayoutSet", "SyntheticLayoutConfig", "SyntheticLayoutSet", "boxes_to_mask",
-           "check_boxes", "collate_layouts", "connected_boxes", "flip_boxes", "generate_scene", "instance_boxes",
-           "label_dtype", "memory_bank_labels", "read_boxes_json", "region_boxes"]
+LAYOUT_SETS = {"synthetic": SyntheticLayoutSet, "cityscapes": CityscapesLayoutSet, "ade20k": ADE20KLayoutSet}
+
+__all__ = [
+    "ADE20KLayoutSet", "ADE20K_CLASS_NAMES", "ADE20K_FOREGROUND", "ADE20K_STUFF", "CITYSCAPES_CLASS_NAMES",
+    "CITYSCAPES_FOREGROUND", "CityscapesLayoutSet", "IGNORE_INDEX", "LAYOUT_SETS", "LayoutSet",
+    "SyntheticLayoutConfig", "SyntheticLayoutSet", "boxes_to_mask", "check_boxes", "collate_layouts",
+    "connected_boxes", "flip_boxes", "generate_scene", "instance_boxes", "label_dtype", "memory_bank_labels",
+    "read_boxes_json", "region_boxes",
+]
