@@ -22,10 +22,9 @@ import torch
 
 from ..errors import BadExampleCounter, DataError
 from ..pretrain_data import PretrainBatchSource
-from ..sampler import TokenBucketSampler
 from .collate import VideoBatch, VideoInput, tvc_collate, vcmr_collate, video_collate, video_qa_collate, violin_collate
 from .dataset import VideoSubData
-from .pretrain import task_seed
+from .pretrain import task_seed, video_sampler
 from .query_db import CaptionDB, QueryDB, paired_statement_id
 from .video_db import SubtitleDB, VideoFeatDB
 
@@ -112,8 +111,8 @@ class VideoTaskData:
         lens = [data.video_db.nframes(v) * copies for _, v in self.items]
         self.dims = {"vfeat_dim": data.vfeat_dim, "vocab_size": data.sub_db.vocab_size,
                      "max_frm_seq_len": max(data.lens), "pad_id": data.sub_db.pad}
-        sampler = TokenBucketSampler(lens, max_frames, bucket_size, size_multiple, drop_last=train, shuffle=train,
-                                     seed=seed * 1_000_003 + task_seed(task), rank=rank, world_size=world_size)
+        sampler = video_sampler(lens, max_frames, bucket_size, size_multiple, train,
+                                seed * 1_000_003 + task_seed(task), rank, world_size)
         self.sources = {task: PretrainBatchSource(self, task, sampler, num_workers)}
 
     def __len__(self) -> int:

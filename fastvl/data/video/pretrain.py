@@ -26,7 +26,7 @@ from .dataset import VideoSubData
 from .video_db import SubtitleDB, VideoFeatDB
 
 __all__ = ["VIDEO_TASKS", "DEFAULT_VIDEO_MIX", "VideoPretrainData", "build_video_pretrain_data", "parse_video_tasks",
-           "task_seed"]
+           "task_seed", "video_sampler"]
 
 VIDEO_TASKS = ("mlm", "mfm-nce", "mffr", "fom", "vsm")
 DEFAULT_VIDEO_MIX = "mlm:2,mfm-nce:2,fom:1,vsm:2"
@@ -48,6 +48,18 @@ def parse_video_tasks(tasks: str | Sequence[str] | dict[str, float]) -> dict[str
     if not tasks or any(float(r) < 0 for r in tasks.values()) or sum(float(r) for r in tasks.values()) <= 0:
         raise ValueError(f"parse_video_tasks: ratios must be non-negative with a positive sum, got {tasks}")
     return {t: float(r) for t, r in tasks.items()}
+
+
+def video_sampler(lens: Sequence[int], max_frames: int, bucket_size: int, size_multiple: int, train: bool, seed: int,
+                  rank: int, world_size: int) -> TokenBucketSampler:
+    """Length-bucketed batches of videos under a frame budget; in training each bucket's last batch is dropped
+    unless that would leave no batch at all (small datasets)."""
+    def make(drop_last: bool) -> TokenBucketSampler:
+        return TokenBucketSampler(lens, max_frames, bucket_size, size_multiple, drop_last=drop_last, shuffle=train,
+                                  seed=seed, rank=rank, world_size=world_size)
+
+    sampler = make(train)
+    return make(False) if train and sampler.num_batches(0) == 0 else sampler
 
 
 def task_seed(task: str) -> int:
@@ -88,9 +100,8 @@ class VideoPretrainData:
             if not items:
                 raise DataError(data.sub_db.name, None, f"no video usable for task {task}", "no_examples")
             self.task_items[task] = items
-            sampler = TokenBucketSampler([data.lens[i] for i in items], max_frames, bucket_size, size_multiple,
-                                         drop_last=train, shuffle=train, seed=seed * 1_000_003 + task_seed(task),
-                                         rank=rank, world_size=world_size)
+            sampler = video_sampler([data.lens[i] for i in items], max_frames, bucket_size, size_multiple, train,
+                                    seed * 1_000_003 + task_seed(task), rank, world_size)
             self.sources[task] = PretrainBatchSource(self, task, sampler, num_workers)
 
     def _usable(self, task: str, i: int) -> bool:

@@ -11,7 +11,7 @@ import lmdb
 from ..errors import DataError
 from ..lmdb_db import release_db
 
-__all__ = ["LazyEnv", "LmdbWriter", "open_env"]
+__all__ = ["LazyEnv", "LmdbWriter", "open_env", "release"]
 
 _INITIAL_MAP = 1 << 26
 _ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
