@@ -1,10 +1,14 @@
-"""``fastvl probe``: VALUE probes of a pre-trained UNITER or LXMERT (what the model learned)."""
+"""``fastvl probe``: VALUE probes of a pre-trained UNITER or LXMERT (what the model learned), each beside a
+random-weights control of the same architecture; writes probes.json, probes.csv and PNG plots."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..probe.run import probe_checkpoint
+from ..probe.suite import ProbeSettings
 from .errors import UserError
+from .options import check_paths, positive_int
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -13,7 +17,41 @@ HELP = "VALUE probes of a pre-trained UNITER or LXMERT (what the model learned)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``fastvl probe``."""
+    p.add_argument("--model", default="uniter", choices=["uniter", "lxmert"], help="model family (default uniter)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a fastvl pretrain run folder (or its checkpoints/step_*), or a checkpoint file (.pt / "
+                        ".safetensors, e.g. an official one)")
+    p.add_argument("--out", required=True, help="folder for probes.json, probes.csv and the plots")
+    p.add_argument("--config", default=None, help="model config JSON for a checkpoint file (default: sizes read "
+                                                  "from the weights)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="synthetic-corpus split to probe on")
+    p.add_argument("--examples", type=positive_int, default=None, help="captions to probe (default: the whole split)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds of the linear probes")
+    p.add_argument("--seed", type=int, default=0, help="control weights, k-means, folds, negative sampling")
+    p.add_argument("--compare", nargs="*", default=[], help="probes.json of other runs to draw in the NMI plot")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("the VALUE probes are being built (issue tracker); not available in this version")
+    """Probe the checkpoint and print the headline figures."""
+    check_paths("--checkpoint", args.checkpoint, kind="any")
+    check_paths("--compare", args.compare)
+    if args.folds < 2:
+        raise UserError(f"must be >= 2, got {args.folds}", argument="--folds")
+    if args.model != "uniter":
+        raise UserError("LXMERT probes need fastvl.models.lxmert, which is not available in this version",
+                        argument="--model")
+    s = ProbeSettings(batch_size=args.batch_size, seed=args.seed, folds=args.folds)
+    doc = probe_checkpoint(args.model, args.checkpoint, args.out, s, args.split, args.examples, args.device,
+                           args.compare, not args.no_progress, args.config)
+    print(f"{'figure':34s} {'trained':>8s} {'control':>8s} {'chance':>8s}")
+    for name, v in doc["headline"].items():
+        cells = [v.get(k) for k in ("trained", "control", "chance")]
+        text = " ".join(f"{c:8.3f}" if isinstance(c, float) else f"{'' if c is None else c!s:>8s}" for c in cells)
+        print(f"{name:34s} {text}" + (f"  (layer {v['layer']})" if "layer" in v else "")
+              + (f"  of {v['of']} heads" if "of" in v else "") + (f"  skipped: {v['skipped']}" if "skipped" in v
+                                                                     else ""))
+    print("plots:\n  " + "\n  ".join(doc["plots"]))
+    return 0

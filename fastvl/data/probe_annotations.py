@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .lmdb_db import ImageDB, TxtDB
+from .lmdb_db import ImageDB, ImageRecord, TxtDB
 from .synthetic import CLASSES, COLOURS, SIZES
 
 __all__ = ["GroundedCaption", "Phrase", "Relation", "box_iou", "check_grounding", "flickr30k_grounding",
@@ -170,8 +170,8 @@ def _synthetic_caption(id_: str, img_fname: str, sent: str, classes: list[int], 
 
 
 def synthetic_grounding(txt_db: str | os.PathLike | TxtDB, img_db: str | os.PathLike | ImageDB,
-                        n_classes: int, limit: int | None = None) -> Iterator[tuple[GroundedCaption, np.ndarray]]:
-    """``(caption, kept-region norm_bb [n, 6])`` for the captions of a synthetic-corpus txt_db, in db order.
+                        n_classes: int, limit: int | None = None) -> Iterator[tuple[GroundedCaption, ImageRecord]]:
+    """``(caption, its image's kept regions)`` for the captions of a synthetic-corpus txt_db, in db order.
 
     The region of each object phrase is the kept region whose detector class (argmax of its soft labels past the
     background) is the phrase's object word (object classes are distinct within a synthetic scene).
@@ -189,7 +189,7 @@ def synthetic_grounding(txt_db: str | os.PathLike | TxtDB, img_db: str | os.Path
         classes = (rec.soft_labels[:, 1:].argmax(1)).tolist()
         cap = _synthetic_caption(str(id_), ex["img_fname"], ex["sent"], classes, rec.norm_bb, n_classes, txt.name)
         check_grounding(cap, rec.nbb, txt.name)
-        yield cap, rec.norm_bb
+        yield cap, rec
 
 
 # ---------------------------------------------------------------------------------------------------- Flickr30k

@@ -1,9 +1,17 @@
 """VALUE: probes of what pre-trained V+L models learned (fusion degree, modality importance, cross-modal heads and
 visual coreference, visual relations, linguistic knowledge), each beside a random-weights control.
 
-    extract     every layer's attention and hidden states in the official order (:func:`attention_maps`)
+    extract     every layer's attention and hidden states in the official order (:func:`attention_maps`), streamed
+                to disk by :func:`write_maps`
+    scoring     the probes' scoring on plain arrays (k-means NMI, [CLS] mass, cross-modal flags, linear probes)
+    dataset     probe examples (grounded caption + regions) and their official padded batches
+    suite       one streaming pass per model, then the five probes (:func:`run_suite`)
+    load        models from run folders / checkpoint files, random-weights controls
+    report      probes.json, probes.csv and the plots
+    run         :func:`probe_checkpoint`, what ``fastvl probe`` runs
 """
 
+from .dataset import ProbeExample, make_example, official_batch
 from .extract import (
     ProbeOutputs,
     attention_maps,
@@ -14,6 +22,23 @@ from .extract import (
     read_maps,
     write_maps,
 )
+from .load import checkpoint_family, load_uniter, random_control
+from .run import probe_checkpoint, synthetic_examples
+from .scoring import (
+    cross_modal_flags,
+    fusion_nmi,
+    linear_probe,
+    modality_mass,
+    nmi,
+    phrase_region_features,
+    region_pair_features,
+)
+from .suite import ProbeSettings, collect, run_suite, score
 
-__all__ = ["ProbeOutputs", "attention_maps", "encoder_of", "eval_mode", "hidden_states", "probe_forward",
-           "read_maps", "write_maps"]
+__all__ = [
+    "ProbeExample", "ProbeOutputs", "ProbeSettings", "attention_maps", "checkpoint_family", "collect",
+    "cross_modal_flags", "encoder_of", "eval_mode", "fusion_nmi", "hidden_states", "linear_probe", "load_uniter",
+    "make_example", "modality_mass", "nmi", "official_batch", "phrase_region_features", "probe_checkpoint",
+    "probe_forward", "random_control", "read_maps", "region_pair_features", "run_suite", "score",
+    "synthetic_examples", "write_maps",
+]

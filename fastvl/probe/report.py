@@ -1,0 +1,226 @@
+"""Probe outputs: ``probes.json`` and ``probes.csv`` with every figure (trained model beside its random-weights
+control) and the PNG plots (matplotlib, Agg backend, imported when plotting)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["csv_rows", "headline", "plot_all", "write_report"]
+
+
+def _acc(r: dict | None) -> float | None:
+    return None if not r or "accuracy" not in r else r["accuracy"]
+
+
+def headline(trained: dict, control: dict) -> dict:
+    """The figures the report leads with: {name: {'trained', 'control', 'chance'}} (chance: majority-class
+    accuracy over the same folds for the linear probes)."""
+    out: dict = {}
+    if "fusion_nmi" in trained:
+        out["fusion_nmi_last_layer"] = {"trained": trained["fusion_nmi"][-1], "control": control["fusion_nmi"][-1]}
+    out["cls_text_mass_mean"] = {"trained": float(np.mean(trained["cls_text_mass"])),
+                                 "control": float(np.mean(control["cls_text_mass"])),
+                                 "chance": trained["uniform_text_share"]}
+    for k in ("img2txt_heads", "txt2img_heads"):
+        out[k] = {"trained": len(trained[k]), "control": len(control[k]), "of": trained["layers"] * trained["heads"]}
+    if "coreference" in trained:
+        out["coreference_accuracy"] = {"trained": _acc(trained["coreference"]), "control": _acc(control["coreference"]),
+                                       "chance": trained["coreference"].get("majority")}
+    for name, r in trained.get("relations", {}).items():
+        out[f"relation_{name.replace(' ', '_')}_accuracy"] = {"trained": _acc(r),
+                                                             "control": _acc(control["relations"][name]),
+                                                             "chance": r.get("majority"), **(
+                                                                 {"skipped": r["skipped"]} if "skipped" in r else {})}
+    for name, per_layer in trained.get("linguistic", {}).items():
+        best = max(range(len(per_layer)), key=lambda n: _acc(per_layer[n]) or -1.0)
+        out[f"linguistic_{name}_best_layer"] = {"layer": best, "trained": _acc(per_layer[best]),
+                                                "control": _acc(control["linguistic"][name][best]),
+                                                "chance": per_layer[best].get("majority")}
+    return out
+
+
+def csv_rows(trained: dict, control: dict) -> list[dict]:
+    """Every figure as rows {probe, measure, layer, head, trained, control, chance} (layer 0 of the per-layer
+    outputs is the embedding layer; attention layers count from 0 too)."""
+    rows = []
+
+    def add(probe, measure, layer, head, t, c, chance=None):
+        rows.append({"probe": probe, "measure": measure, "layer": "" if layer is None else layer,
+                     "head": "" if head is None else head, "trained": t, "control": c,
+                     "chance": "" if chance is None else chance})
+
+    for n, (t, c) in enumerate(zip(trained.get("fusion_nmi", []), control.get("fusion_nmi", []))):
+        add("fusion", "nmi", n, None, t, c)
+    for key, probe in (("cls_text_mass", "modality_importance"), ("cls_image_mass", "modality_importance"),
+                       ("img2txt_share", "cross_modal"), ("txt2img_share", "cross_modal")):
+        for n, (tr, cr) in enumerate(zip(trained[key], control[key])):
+            for h, (t, c) in enumerate(zip(tr, cr)):
+                add(probe, key, n, h, t, c, trained["uniform_text_share"] if key == "cls_text_mass" else None)
+    if "coreference" in trained:
+        add("coreference", "accuracy", None, None, _acc(trained["coreference"]), _acc(control["coreference"]),
+            trained["coreference"].get("majority"))
+    for name, r in trained.get("relations", {}).items():
+        add("relations", f"{name} accuracy", None, None, _acc(r), _acc(control["relations"][name]), r.get("majority"))
+    for name, per_layer in trained.get("linguistic", {}).items():
+        for n, r in enumerate(per_layer):
+            add("linguistic", f"{name} accuracy", n, None, _acc(r), _acc(control["linguistic"][name][n]),
+                r.get("majority"))
+    return rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _heat(ax, values, title, vmin=0.0, vmax=1.0):
+    v = np.asarray(values)
+    im = ax.imshow(v, vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(v.shape[1]))
+    ax.set_yticks(range(v.shape[0]))
+    ax.set_title(title, fontsize=9)
+    if v.size <= 64:
+        for (i, j), x in np.ndenumerate(v):
+            ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=7, color="w" if x < 0.6 else "k")
+    return im
+
+
+def plot_nmi(results: dict[str, dict], path: Path) -> Path:
+    """NMI per layer for every {label: figures} (trained models and controls)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, fig_r in results.items():
+        nmi = fig_r.get("fusion_nmi")
+        if nmi:
+            ax.plot(range(len(nmi)), nmi, marker="o", ls="--" if "random" in label else "-", label=label)
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("NMI(k-means k=2, modality)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("fusion degree (lower = more fused)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_modality(trained: dict, control: dict, name: str, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    im = _heat(axes[0], trained["cls_text_mass"], f"{name} trained:\n[CLS] attention mass on text")
+    _heat(axes[1], control["cls_text_mass"], f"{name} random weights:\n(uniform share of text keys "
+                                             f"{trained['uniform_text_share']:.2f})")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cross_modal(trained: dict, control: dict, name: str, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6.5), constrained_layout=True)
+    for row, (fig_r, who) in enumerate(((trained, "trained"), (control, "random weights"))):
+        im = _heat(axes[row, 0], fig_r["img2txt_share"], f"{name} {who}:\nshare with a region > 0.5 on text")
+        _heat(axes[row, 1], fig_r["txt2img_share"], f"{name} {who}:\nshare with a word > 0.5 on regions")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def chosen_head(trained: dict) -> tuple[int, int]:
+    """The head whose phrase -> region attention best separates coreferent from other regions (else layer 0,
+    head 0)."""
+    gap = trained.get("coreference_head_gap")
+    if not gap:
+        return 0, 0
+    layer, head = np.unravel_index(int(np.argmax(np.asarray(gap))), np.asarray(gap).shape)
+    return int(layer), int(head)
+
+
+def plot_regions(item: dict, layer: int, head: int, name: str, path: Path) -> Path:
+    """One example: the chosen head's attention from each grounded phrase to the image's regions, drawn as boxes on
+    a unit canvas (opacity = attention), beside the word x region attention matrix of that head."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    attn = np.asarray(item["attentions"])[layer, head]
+    tl, words, spans = item["txt_len"], item["words"], item["word_tokens"]
+    boxes = np.asarray(item["norm_bb"])
+    n = len(boxes)
+    w2r = np.stack([attn[s:e, tl:tl + n].mean(0) for s, e in spans])  # [words, regions]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    ax = axes[0]
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)
+    ax.set_aspect("equal")
+    colours = plt.cm.tab10.colors
+    grounded = [p for p in item["phrases"] if p["regions"]]
+    for k, p in enumerate(grounded):
+        a = w2r[p["start"]:p["end"]].mean(0)
+        top = max(float(a.max()), 1e-9)
+        for r in range(n):
+            x1, y1, x2, y2 = boxes[r, :4]
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=True, alpha=0.15 + 0.6 * float(a[r]) / top,
+                                   color=colours[k % 10], lw=2 if r in p["regions"] else 0.5))
+            mark = "*" if r in p["regions"] else ""
+            ax.text(x1 + 0.01, y1 + 0.04 + 0.05 * k, f"{mark}{' '.join(words[p['start']:p['end']])}: {a[r]:.2f}",
+                    fontsize=6, color=colours[k % 10])
+    ax.set_title(f"{name} layer {layer} head {head}: phrase -> region attention\n(* = the region the phrase names)",
+                 fontsize=8)
+    ax = axes[1]
+    im = ax.imshow(w2r, aspect="auto", cmap="magma")
+    ax.set_yticks(range(len(words)))
+    ax.set_yticklabels(words, fontsize=6)
+    ax.set_xticks(range(n))
+    ax.set_xlabel("region")
+    ax.set_title("word -> region attention (same head)", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.suptitle(" ".join(words), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_all(result: dict, name: str, out: Path, compare: dict[str, dict] | None = None) -> list[str]:
+    """Every plot of one probe run into ``out``; ``compare``: other models' {label: figures} for the NMI plot."""
+    trained, control = result["model"], result["control"]
+    nmi = {f"{name} trained": trained, f"{name} random weights": control, **(compare or {})}
+    paths = [plot_nmi(nmi, out / "nmi_per_layer.png"),
+             plot_modality(trained, control, name, out / "modality_importance.png"),
+             plot_cross_modal(trained, control, name, out / "cross_modal_heads.png")]
+    if result.get("maps"):
+        layer, head = chosen_head(trained)
+        paths.append(plot_regions(result["maps"][0], layer, head, name, out / "attention_regions.png"))
+    return [str(p) for p in paths]
+
+
+def write_report(result: dict, out: str | os.PathLike, meta: dict) -> dict:
+    """``probes.json`` (meta, settings, headline, trained and control figures) and ``probes.csv`` in ``out``;
+    returns the JSON document."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {**meta, "settings": result.get("settings"), "headline": headline(result["model"], result["control"]),
+           "trained": result["model"], "control": result["control"]}
+    tmp = out / "probes.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out / "probes.json")
+    rows = csv_rows(result["model"], result["control"])
+    with open(out / "probes.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["probe", "measure", "layer", "head", "trained", "control", "chance"])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / "probes.csv.tmp", out / "probes.csv")
+    return doc

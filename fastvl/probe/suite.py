@@ -1,0 +1,207 @@
+"""The five VALUE probes over a dataset: one streaming pass per model collects small per-example features (never
+the maps of the whole dataset), then each probe is scored, for the model and for its random-weights control.
+
+:func:`collect` runs a model over probe examples batch by batch and keeps, per example, only what the probes need:
+token outputs of the first ``fusion_examples`` examples, running sums of [CLS] modality mass and cross-modal head
+flags, phrase<->region and region<->region attention vectors, per-layer mean text embeddings, and the full maps of a
+few examples for the pictures. :func:`score` turns one collection into the probe figures; :func:`run_suite` does
+both for a model and its control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .dataset import ProbeExample, batches_of, official_batch
+from .extract import probe_forward
+from .scoring import (
+    bin_values,
+    cross_modal_flags,
+    fusion_nmi,
+    linear_probe,
+    modality_mass,
+    phrase_region_features,
+    region_pair_features,
+)
+
+__all__ = ["Collected", "ProbeSettings", "collect", "run_suite", "score"]
+
+
+@dataclass
+class ProbeSettings:
+    """Knobs of the probe suite."""
+
+    batch_size: int = 32
+    seed: int = 0  # k-means init, cross-validation split, negative sampling, control weights
+    folds: int = 5
+    fusion_examples: int = 200  # examples whose tokens enter the per-layer k-means
+    cross_threshold: float = 0.5  # a region (text) query with more attention than this on text (regions)
+    head_fraction: float = 0.5  # a head is cross-modal when the above happens in at least this share of examples
+    keep_maps: int = 4  # examples whose full maps are kept for the attention picture
+    negatives_per_phrase: int = 3  # non-coreferent regions per phrase (sampled; 0: all)
+    binary_predicates: tuple[str, ...] = ("bigger than", "same colour as")
+
+
+@dataclass
+class Collected:
+    """What one pass of a model over the probe examples keeps (see module doc)."""
+
+    layers: int = 0
+    heads: int = 0
+    fusion_tokens: list[list[np.ndarray]] = field(default_factory=list)  # per layer (0 = embeddings)
+    fusion_modality: list[np.ndarray] = field(default_factory=list)
+    cls_text: np.ndarray | None = None  # [layers, heads] summed over examples
+    cls_image: np.ndarray | None = None
+    uniform_text: float = 0.0  # summed share of text keys in each example (the uniform-attention text mass)
+    img2txt: np.ndarray | None = None  # [layers, heads] count of examples
+    txt2img: np.ndarray | None = None
+    examples: int = 0
+    coref_x: list[np.ndarray] = field(default_factory=list)
+    coref_y: list[int] = field(default_factory=list)
+    coref_group: list[str] = field(default_factory=list)
+    rel_x: list[np.ndarray] = field(default_factory=list)
+    rel_predicates: list[list[str]] = field(default_factory=list)
+    rel_group: list[str] = field(default_factory=list)
+    sent_x: list[list[np.ndarray]] = field(default_factory=list)  # per layer
+    sent_props: list[dict] = field(default_factory=list)
+    sent_group: list[str] = field(default_factory=list)
+    maps: list[dict] = field(default_factory=list)
+
+
+def _example_features(c: Collected, e: ProbeExample, attn: np.ndarray, hid: np.ndarray, s: ProbeSettings,
+                      rng: np.random.Generator) -> None:
+    tl, n = e.txt_len, e.n_regions
+    seq = tl + n
+    attn, hid = attn[:, :, :seq, :seq], hid[:, :seq]
+    if len(c.fusion_modality) < s.fusion_examples and n:
+        for layer in range(hid.shape[0]):
+            c.fusion_tokens[layer].append(hid[layer])
+        c.fusion_modality.append(np.r_[np.zeros(tl, np.int64), np.ones(n, np.int64)])
+    text, image = modality_mass(attn, tl)
+    c.cls_text += text
+    c.cls_image += image
+    c.uniform_text += tl / seq
+    i2t, t2i = cross_modal_flags(attn, tl, s.cross_threshold)
+    c.img2txt += i2t
+    c.txt2img += t2i
+    c.examples += 1
+    group = e.caption.img_fname
+    if n >= 2:
+        for p in e.caption.phrases:
+            if not p.regions:
+                continue
+            span = e.phrase_tokens(p.start, p.end)
+            negatives = [r for r in range(n) if r not in p.regions]
+            if s.negatives_per_phrase and len(negatives) > s.negatives_per_phrase:
+                negatives = sorted(rng.choice(negatives, s.negatives_per_phrase, replace=False).tolist())
+            for r in list(p.regions) + negatives:
+                c.coref_x.append(phrase_region_features(attn, tl, span, r))
+                c.coref_y.append(int(r in p.regions))
+                c.coref_group.append(group)
+    pairs: dict[tuple[int, int], list[str]] = {}
+    for rel in e.caption.relations:
+        pairs.setdefault((rel.subject, rel.object), []).append(rel.predicate)
+    for (subj, obj), preds in pairs.items():
+        c.rel_x.append(region_pair_features(attn, tl, subj, obj))
+        c.rel_predicates.append(preds)
+        c.rel_group.append(group)
+    if e.caption.properties:
+        for layer in range(hid.shape[0]):
+            c.sent_x[layer].append(hid[layer, :tl].mean(0))
+        c.sent_props.append(dict(e.caption.properties))
+        c.sent_group.append(group)
+    if len(c.maps) < s.keep_maps and n >= 2 and any(p.regions for p in e.caption.phrases):
+        c.maps.append({"id": e.caption.id, "words": list(e.caption.words), "word_tokens": list(e.word_tokens),
+                       "norm_bb": e.norm_bb.tolist(), "txt_len": tl, "attentions": attn.astype(np.float32),
+                       "phrases": [asdict(p) for p in e.caption.phrases]})
+
+
+@torch.no_grad()
+def collect(model: nn.Module, examples: Iterable[ProbeExample], settings: ProbeSettings | None = None,
+            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> Collected:
+    """One streaming pass of ``model`` (a UNITER model, see :func:`~fastvl.probe.probe_forward`) over
+    ``examples``; ``progress(n)`` is called after every batch with its size."""
+    s = settings or ProbeSettings()
+    rng = np.random.default_rng(s.seed)
+    c = Collected()
+    for chunk in batches_of(examples, s.batch_size):
+        out = probe_forward(model, official_batch(chunk, device))
+        att = out.attentions.float().cpu().numpy()
+        hid = out.hidden_states.float().cpu().numpy()
+        if c.cls_text is None:
+            c.layers, c.heads = att.shape[0], att.shape[2]
+            c.cls_text, c.cls_image = np.zeros((c.layers, c.heads)), np.zeros((c.layers, c.heads))
+            c.img2txt, c.txt2img = np.zeros((c.layers, c.heads)), np.zeros((c.layers, c.heads))
+            c.fusion_tokens = [[] for _ in range(hid.shape[0])]
+            c.sent_x = [[] for _ in range(hid.shape[0])]
+        for i, e in enumerate(chunk):
+            _example_features(c, e, att[:, i], hid[:, i], s, rng)
+        if progress is not None:
+            progress(len(chunk))
+    if c.examples == 0:
+        raise ValueError("fastvl.probe.collect: no examples")
+    return c
+
+
+def _relation_tasks(c: Collected, s: ProbeSettings) -> dict[str, list[str]]:
+    if not c.rel_predicates:
+        return {}
+    tasks = {"predicate": [p[0] for p in c.rel_predicates]}
+    for name in s.binary_predicates:
+        tasks[name] = ["yes" if name in p else "no" for p in c.rel_predicates]
+    return tasks
+
+
+def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
+    """The probe figures of one collection: fusion NMI per layer, [CLS] modality mass per head, cross-modal head
+    shares, and the linear probes (coreference, relations, sentence properties per layer)."""
+    s = settings or ProbeSettings()
+    out: dict = {"examples": c.examples, "layers": c.layers, "heads": c.heads}
+    if c.fusion_modality:
+        modality = np.concatenate(c.fusion_modality)
+        out["fusion_nmi"] = [fusion_nmi(np.concatenate(toks), modality, s.seed) for toks in c.fusion_tokens]
+        out["fusion_tokens"] = int(len(modality))
+    out["cls_text_mass"] = (c.cls_text / c.examples).tolist()
+    out["cls_image_mass"] = (c.cls_image / c.examples).tolist()
+    out["uniform_text_share"] = c.uniform_text / c.examples
+    img2txt, txt2img = c.img2txt / c.examples, c.txt2img / c.examples
+    out["img2txt_share"], out["txt2img_share"] = img2txt.tolist(), txt2img.tolist()
+    out["img2txt_heads"] = [[int(a), int(b)] for a, b in zip(*np.nonzero(img2txt >= s.head_fraction))]
+    out["txt2img_heads"] = [[int(a), int(b)] for a, b in zip(*np.nonzero(txt2img >= s.head_fraction))]
+    if c.coref_x:
+        out["coreference"] = linear_probe(np.stack(c.coref_x), c.coref_y, c.coref_group, s.seed, s.folds)
+        x, y = np.stack(c.coref_x), np.asarray(c.coref_y)
+        if y.min() == 0 and y.max() == 1:  # per head: mean phrase->region attention, coreferent minus not
+            half = x.shape[1] // 2
+            gap = x[y == 1, :half].mean(0) - x[y == 0, :half].mean(0)
+            out["coreference_head_gap"] = gap.reshape(c.layers, c.heads).tolist()
+    if c.rel_x:
+        x = np.stack(c.rel_x)
+        out["relations"] = {name: linear_probe(x, labels, c.rel_group, s.seed, s.folds)
+                            for name, labels in _relation_tasks(c, s).items()}
+    if c.sent_props:
+        keys = sorted({k for p in c.sent_props for k in p})
+        ling = {}
+        for k in keys:
+            labels = bin_values([p.get(k, "") for p in c.sent_props])
+            ling[k] = [linear_probe(np.stack(layer), labels, c.sent_group, s.seed, s.folds) for layer in c.sent_x]
+        out["linguistic"] = ling
+    return out
+
+
+def run_suite(model: nn.Module, control: nn.Module, examples: Callable[[], Iterable[ProbeExample]],
+              settings: ProbeSettings | None = None, device: torch.device | str = "cpu",
+              progress: Callable[[int], None] | None = None) -> dict:
+    """Collect and score ``model`` and its random-weights ``control`` on the same examples (``examples()`` is
+    called once per model). Returns {'model': figures, 'control': figures, 'maps': the kept maps of the model,
+    'control_maps': those of the control, 'settings': ...}."""
+    s = settings or ProbeSettings()
+    got = collect(model, examples(), s, device, progress)
+    ctrl = collect(control, examples(), s, device, progress)
+    return {"model": score(got, s), "control": score(ctrl, s), "maps": got.maps, "control_maps": ctrl.maps,
+            "settings": asdict(s)}

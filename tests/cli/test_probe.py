@@ -1,0 +1,110 @@
+"""``fastvl probe``: a run folder in, probes.json / probes.csv / plots out; wrong checkpoints -> one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastvl import cli
+from fastvl.data import synthetic_corpus
+from fastvl.models.uniter import UniterForPretraining, UniterModel
+from fastvl.models.uniter.testing import tiny_config
+from fastvl.probe import attention_maps, official_batch, synthetic_examples
+from fastvl.train import checkpoint as ckpt
+
+
+def _run(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    corpus = synthetic_corpus()
+    cfg = tiny_config(vocab_size=corpus.vocab_size, img_dim=corpus.img_dim, img_label_dim=corpus.img_label_dim,
+                      hidden_size=24, num_attention_heads=3)
+    torch.manual_seed(1)
+    model = UniterForPretraining(cfg, cfg.img_dim, cfg.img_label_dim)
+    run = tmp_path_factory.mktemp("probe") / "run"
+    run.mkdir()
+    cfg.to_json_file(run / "model_config.json")
+    ckpt.save_checkpoint(run, 5, model, {"step": 5})
+    return run, model, cfg
+
+
+@pytest.mark.slow
+def test_probe_cli_writes_every_figure(run_folder, tmp_path, capsys):
+    run, model, cfg = run_folder
+    out = tmp_path / "out"
+    code, stdout, err = _run(["probe", "--checkpoint", str(run), "--out", str(out), "--examples", "40",
+                              "--folds", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "coreference_accuracy" in stdout and "nmi_per_layer.png" in stdout
+    doc = json.loads((out / "probes.json").read_text())
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    for who in ("trained", "control"):
+        f = doc[who]
+        assert f["examples"] == 40 and (f["layers"], f["heads"]) == (layers, heads)
+        assert len(f["fusion_nmi"]) == layers + 1 and all(0 <= x <= 1 for x in f["fusion_nmi"])
+        np.testing.assert_allclose(np.add(f["cls_text_mass"], f["cls_image_mass"]), 1.0, rtol=1e-5)
+        assert set(f["relations"]) == {"predicate", "bigger than", "same colour as"}
+        assert set(f["linguistic"]) == {"length", "objects", "opening", "relation_clause"}
+        assert all(len(v) == layers + 1 for v in f["linguistic"].values())
+    # the [CLS] text mass of the report = the mean over the same captions of attention_maps' [CLS] rows
+    exs = list(synthetic_examples(synthetic_corpus(), "val", 40))
+    mass = []
+    for k in range(0, 40, 16):
+        chunk = exs[k:k + 16]
+        att = attention_maps(model, official_batch(chunk))
+        mass += [att[:, i, :, 0, :e.txt_len].sum(-1) for i, e in enumerate(chunk)]
+    np.testing.assert_allclose(doc["trained"]["cls_text_mass"], torch.stack(mass).mean(0).numpy(), rtol=1e-4)
+    with open(out / "probes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["probe"] == "fusion" for r in rows) == layers + 1
+    assert sum(r["measure"] == "cls_text_mass" for r in rows) == layers * heads
+    assert sum(r["probe"] == "linguistic" for r in rows) == 4 * (layers + 1)
+    assert {r["measure"] for r in rows if r["probe"] == "coreference"} == {"accuracy"}
+    for name in ("nmi_per_layer", "modality_importance", "cross_modal_heads", "attention_regions"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    assert doc["plots"] == [str(out / f"{n}.png") for n in ("nmi_per_layer", "modality_importance",
+                                                             "cross_modal_heads", "attention_regions")]
+
+
+def test_probe_cli_wrong_checkpoints(run_folder, tmp_path, capsys):
+    run, model, cfg = run_folder
+    lx = tmp_path / "lxmert.pt"
+    torch.save({"lxmert.encoder.x_layers.0.visual_attention.att.query.weight": torch.zeros(2, 2)}, lx)
+    hero = tmp_path / "hero.pt"
+    torch.save({"v_encoder.f_encoder.img_embeddings.img_linear.weight": torch.zeros(2, 2)}, hero)
+    pickled = tmp_path / "obj.pt"
+    torch.save({"x": object()}, pickled)
+    lx_run = tmp_path / "lxmert-run"
+    lx_run.mkdir()
+    (lx_run / "model_config.json").write_text(json.dumps({"l_layers": 9, "x_layers": 5, "r_layers": 5}))
+    fin = tmp_path / "finetune-run"
+    fin.mkdir()
+    cfg.to_json_file(fin / "model_config.json")
+    (fin / "finetune.json").write_text(json.dumps({"task": "vqa"}))
+    big = tmp_path / "uniter-2048.pt"
+    torch.save(UniterModel(tiny_config(img_dim=2048)).state_dict(), big)
+    cases = {lx: "is an LXMERT checkpoint, not UNITER (use --model lxmert)",
+             hero: "is a HERO checkpoint, not UNITER",
+             pickled: "not a loadable state dict of tensors",
+             lx_run: "is a LXMERT run, not UNITER: use --model lxmert",
+             fin: "is a fastvl finetune run (task vqa)",
+             big: "the model takes 2048-d region features",
+             tmp_path / "missing": "no such file"}
+    for path, message in cases.items():
+        code, _, err = _run(["probe", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
+                            capsys)
+        assert code == 2, (path, err)
+        assert err.startswith("fastvl probe: error: argument --checkpoint") and message in err, err
+        assert len(err.strip().splitlines()) == 1
