@@ -17,24 +17,25 @@ API summary:
   ``tvc`` (``tvc_collate``); same source interface.
 - Dbs: :class:`VideoFeatDB` / :class:`VideoFeatDBWriter`, :class:`SubtitleDB` / :class:`SubtitleDBWriter`,
   :class:`QueryDB` / :class:`QueryDBWriter`, :class:`CaptionDB` / :class:`CaptionDBWriter`;
-  ``align_subtitles`` (temporal-IoU frame alignment) and ``make_video_data`` (npz + subtitles jsonl -> dbs).
+  ``align_subtitles`` (temporal-IoU frame alignment) and ``make_video_data`` (npz + subtitles jsonl -> dbs;
+  ``fastvl make-data --video --frames DIR --subtitles subs.jsonl --out DIR``).
 - Bad records raise :class:`fastvl.data.DataError` naming the db and key, or are counted in ``data.bad`` with
   ``skip_bad_examples=True``.
 """
 
 from .align import align_subtitles, pseudo_subtitles, temporal_iou
 from .collate import (
-                      VideoBatch,
-                      VideoInput,
-                      fom_collate,
-                      mfm_collate,
-                      mlm_collate,
-                      tvc_collate,
-                      vcmr_collate,
-                      video_collate,
-                      video_qa_collate,
-                      violin_collate,
-                      vsm_collate,
+    VideoBatch,
+    VideoInput,
+    fom_collate,
+    mfm_collate,
+    mlm_collate,
+    tvc_collate,
+    vcmr_collate,
+    video_collate,
+    video_qa_collate,
+    violin_collate,
+    vsm_collate,
 )
 from .dataset import VideoSubData
 from .downstream import DOWNSTREAM_TASKS, VideoTaskData, build_video_task_data, moment_frames, tvc_eval_collate

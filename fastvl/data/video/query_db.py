@@ -67,6 +67,15 @@ class QueryDB:
     def ids(self) -> list[str]:
         return list(self.id2len)
 
+    @property
+    def query_data(self) -> dict[str, dict]:
+        """The raw rows of ``query_data.jsonl`` by query id (``desc_id`` / ``qid``); {} when the file is absent."""
+        path = self.db_dir / "query_data.jsonl"
+        if not path.is_file():
+            return {}
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {str(r.get("desc_id", r.get("qid"))): r for r in rows}
+
     def __len__(self) -> int:
         return len(self.id2len)
 

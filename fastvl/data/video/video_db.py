@@ -248,7 +248,10 @@ class SubtitleDB:
         self.cls_, self.eos, self.pad, self.bos = (int(self.meta[k]) for k in ("CLS", "EOS", "PAD", "BOS"))
         self.sep, self.mask = int(self.meta["SEP"]), int(self.meta["MASK"])
         self.v_range = (int(self.meta["v_range"][0]), int(self.meta["v_range"][1]))
-        self.vocab_size = int(self.meta.get("vocab_size", 0)) or None
+        # the model's vocabulary: meta's vocab_size (fastvl dbs), else one past the largest id the meta names
+        # (RoBERTa: <mask> 50264 -> 50265)
+        self.vocab_size = int(self.meta.get("vocab_size", 0)) or max(
+            [self.v_range[1]] + [int(self.meta[k]) + 1 for k in META_KEYS if k != "v_range"])
         self.max_clip_len = max_clip_len
         self.vid2len = {str(k): int(v) for k, v in read_json(self.db_dir / "vid2len.json", self.name).items()}
         self.vid2max_len = read_json(self.db_dir / "vid2max_frame_sub_len.json", self.name)

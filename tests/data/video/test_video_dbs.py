@@ -63,7 +63,7 @@ def test_subtitle_and_query_dbs_round_trip(hand_dbs):
     assert tvr.id2len == {"qa": 2, "qb": 1} and tvr.query2video == {"qa": "A", "qb": "B"}
     assert tvr["qa"]["input_ids"] == [13, 14] and tvr["qa"]["target"] == [0.1, 2.9]
     assert tvr.video2query == {"A": ["qa"], "B": ["qb"]}
-    assert len((hand_dbs["tvr_db"] / "query_data.jsonl").read_text().splitlines()) == 2
+    assert set(tvr.query_data) == {"qa", "qb"} and tvr.query_data["qb"]["vid_name"] == "B"
     tvqa = QueryDB(hand_dbs["tvqa_db"])
     assert tvqa.id2len == {"q1": [1, 1, 1, 2, 1, 1]} and tvqa["q1"]["ts"] == "1.5-4.4"
     assert QueryDB(hand_dbs["tvqa_db"], max_txt_len=2).id2len == {}  # question + longest answer = 3 > 2
@@ -74,6 +74,16 @@ def test_subtitle_and_query_dbs_round_trip(hand_dbs):
     assert c["input_ids"] == [0, 20, 21] and c["tgt_ids"] == [20, 21, 2] and c["ts"] == [1.6, 6.1]
     assert cap.vid2caps == {"C": ["1_0"]} and cap.vid2clips == {"C": ["1"]}
     assert cap.clip("1")["captions"] == [{"text": "w15 w16"}]
+
+
+def test_official_roberta_meta(tmp_path):
+    """An official subtitle db's meta.json (RoBERTa ids, no vocab_size): the model vocabulary is <mask> + 1."""
+    meta = {"BOS": 0, "EOS": 2, "SEP": 2, "CLS": 0, "PAD": 1, "MASK": 50264, "UNK": 3, "v_range": [4, 50257],
+            "toker": "roberta-base"}
+    with SubtitleDBWriter(tmp_path / "sub", meta) as w:
+        w.put("v", [[50263, 4]], [(0, [0])], [], 1)
+    db = SubtitleDB(tmp_path / "sub")
+    assert db.vocab_size == 50265 and db.read("v")[0] == [[50263, 4]]
 
 
 def test_alignment_by_temporal_iou():
