@@ -9,8 +9,9 @@
 - FID: :func:`frechet_distance` is ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` in float64, the trace
   term via eigen-decompositions (``tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``, no scipy).
   Features come from a :class:`FeatureNet`:
-  (i) :func:`load_feature_net` -- a TorchScript file the user gives (e.g. an Inception-v3 pool3 network scripted
-  from its weights) mapping images [N, 3, H, W] in [-1, 1] to features [N, D]; labelled "FID (feature net: file)";
+  (i) :func:`load_feature_net` -- an exported program or TorchScript file the user gives (e.g. an Inception-v3
+  pool3 network exported from its weights) mapping images [N, 3, H, W] in [-1, 1] to features [N, D]; labelled
+  "FID (feature net: file)";
   (ii) :func:`segmenter_feature_net` -- by default, the segmenter fastvl trains on the real images (mean-pooled
   encoder and decoder features), labelled "FID (fastvl feature net)". Neither is ever called FID-Inception: this
   package ships no Inception weights.
@@ -21,6 +22,7 @@ Training is deterministic from a seed, runs on CPU in seconds to a minute at 64 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,13 @@ class SmallSegmenter(nn.Module):
         return torch.cat([c.mean((2, 3)), d.mean((2, 3))], 1)
 
 
+def _device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module that has neither)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def _check_images(fn: str, images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -177,7 +186,7 @@ def segmentation_scores(segmenter: nn.Module, images: torch.Tensor, labels: torc
         raise _err("segmentation_scores", "num_classes", "is needed when the segmenter has no num_classes")
     was_training = segmenter.training
     segmenter.eval()
-    dev = next(segmenter.parameters()).device
+    dev = _device(segmenter)
     cm = torch.zeros(c, c, dtype=torch.int64)
     for s in range(0, images.shape[0], batch_size):
         pred = segmenter(images[s:s + batch_size].to(dev)).argmax(1).cpu()
@@ -242,7 +251,7 @@ class FeatureNet:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         _check_images("FeatureNet", images)
-        dev = next(iter(self.net.parameters()), torch.empty(0)).device
+        dev = _device(self.net)
         out = []
         for s in range(0, images.shape[0], batch_size):
             x = images[s:s + batch_size].to(dev).float()
@@ -269,19 +278,28 @@ def segmenter_feature_net(segmenter: SmallSegmenter) -> FeatureNet:
 
 
 def load_feature_net(path: str | Path, resize_to: Sequence[int] | None = (299, 299)) -> FeatureNet:
-    """A user-given feature network: a TorchScript file (``torch.jit.save``) mapping images [N, 3, H, W] in
-    [-1, 1] to [N, D] or [N, D, 1, 1] -- e.g. Inception-v3 up to its 2048-d pool3 output, scripted from the user's
-    weights. Inputs are resized to ``resize_to`` (None keeps them). A plain state_dict is refused with a message:
-    this package does not rebuild Inception-v3 from weights."""
+    """A user-given feature network: an exported program (``torch.export.save``, ``.pt2``) or a TorchScript file
+    (``torch.jit.save``) mapping images [N, 3, H, W] in [-1, 1] to [N, D] or [N, D, 1, 1] -- e.g. Inception-v3 up
+    to its 2048-d pool3 output, exported from the user's weights. Inputs are resized to ``resize_to`` (None keeps
+    them; an exported program needs the size it was exported with and a dynamic batch dimension). A plain
+    state_dict is refused with a message: this package does not rebuild Inception-v3 from weights."""
     p = Path(path)
     if not p.is_file():
         raise _err("load_feature_net", "path", f"{p} is not a file")
+    hint = ("a plain state_dict cannot be used: export the feature network (torch.export.export + torch.export.save, "
+            "or torch.jit.script + save) and pass that file")
+    if p.suffix == ".pt2":
+        try:
+            net = torch.export.load(str(p)).module()
+        except Exception as e:  # noqa: BLE001 - any load failure is the user's file: say which and why
+            raise _err("load_feature_net", "path", f"{p} is not a torch.export program ({hint}): {e}") from e
+        return FeatureNet(net, f"FID (feature net: {p.name})", resize_to)
     try:
-        net = torch.jit.load(str(p), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(p), map_location="cpu")
     except RuntimeError as e:
-        raise _err("load_feature_net", "path", f"{p} is not a TorchScript module (a plain state_dict cannot be used: "
-                                               "script the feature network with torch.jit.script / trace and save "
-                                               f"it): {e}") from e
+        raise _err("load_feature_net", "path", f"{p} is not a TorchScript module ({hint}): {e}") from e
     return FeatureNet(net.eval(), f"FID (feature net: {p.name})", resize_to)
 
 
