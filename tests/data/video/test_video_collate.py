@@ -4,7 +4,7 @@ a subtitle with no frame, a frame of no subtitle, empty pseudo-subtitles), and t
 import numpy as np
 import pytest
 import torch
-from conftest import frame_features
+from hero_dbs import frame_features
 
 from fastvl.data.video import (
     QueryDB,

@@ -6,7 +6,7 @@ import json
 import lmdb
 import numpy as np
 import pytest
-from conftest import INTERVAL, NFRAMES, VOCAB, frame_features, write_hand_dbs
+from hero_dbs import INTERVAL, NFRAMES, VOCAB, frame_features, write_hand_dbs
 
 from fastvl.data import DataError
 from fastvl.data.lmdb_db import dumps_msgpack
