@@ -27,6 +27,9 @@ TORCH_LIBRARY(fastvl, m) {
   // Its backward: dout, x, gamma [N,C,H,W], the forward's mean/var -> (dx, d_gamma, d_beta).
   m.def("spade_norm_bwd_kernel(Tensor dout, Tensor x, Tensor gamma, Tensor mean, Tensor var, bool instance, "
         "bool use_input_stats, float eps) -> (Tensor, Tensor, Tensor)");
+  // BachGAN layout retrieval intersections of one chunk of maps: table int64 [NB,HW,S1] per-pixel query masks of
+  // 64-query blocks, lut int32 [65536] id -> slot, maps uint8/int16 [B,HW] -> inter int32 [Q,B].
+  m.def("layout_intersections_kernel(Tensor table, Tensor lut, Tensor maps, int num_queries) -> Tensor");
 }
 
 namespace {

@@ -13,11 +13,15 @@ division, so both backends produce the same values and the same tie order) and r
 
 Backends (``fastvl.ops.layout_ret.LAYOUT_RETRIEVAL``):
 
-- ``torch_chunked`` (the default for CPU tensors): walks the memory in chunks of ``chunk_size`` maps with a fixed
-  buffer, keeping a running top-k. Intersections are per-class matrix products (float32 0/1 values, exact while
-  H W <= 2**24, else float64) restricted to the pixels some query box of that class covers; the per-map class areas
-  |m_c| come from a :class:`LayoutMemory`, which counts them once per memory bank (pass one to reuse the counts
-  across calls; a plain tensor is counted on each call).
+- ``cpu`` (the default for CPU tensors; C++ in fastvl._C, ``csrc/layout_retrieval/``): the same chunks and running
+  top-k; per block of 64 queries a per-pixel table of 64-bit query masks for every named class
+  (:func:`query_tables`), so each memory pixel costs one lookup and one increment per query it hits; parallel over
+  the maps of a chunk.
+- ``torch_chunked`` (pure PyTorch; the CPU default without fastvl._C): walks the memory in chunks of
+  ``chunk_size`` maps with a fixed buffer, keeping a running top-k. Intersections are per-class matrix products
+  (float32 0/1 values, exact while H W <= 2**24, else float64) restricted to the pixels some query box of that class
+  covers; the per-map class areas |m_c| come from a :class:`LayoutMemory`, which counts them once per memory bank
+  (pass one to reuse the counts across calls; a plain tensor is counted on each call).
 - ``triton`` (the default for GPU tensors; CPU only under the interpreter): the same chunks and running top-k, the
   intersections counted exactly by a Triton kernel from per-pixel class bit words of the queries (one program per
   block of queries x block of maps, see ``fastvl/kernels/triton/layout_ret.py``); the areas from the
@@ -37,12 +41,12 @@ import torch
 
 from . import _dispatch as D
 
-__all__ = ["LAYOUT_RETRIEVAL", "LayoutMemory", "layout_retrieval", "layout_retrieval_reference"]
+__all__ = ["LAYOUT_RETRIEVAL", "LayoutMemory", "layout_retrieval", "layout_retrieval_reference", "query_tables"]
 
 _OP = "layout_retrieval"
 MEMORY_DTYPES = (torch.uint8, torch.int16)
 BUFFER_ELEMENTS = 1 << 22  # default chunk: about this many memory pixels per chunk (16 MiB of float32 work buffer)
-TRITON_BUFFER_ELEMENTS = 1 << 24  # the triton backend's default chunk (4096 maps at 64 x 64: enough programs for a GPU)
+KERNEL_BUFFER_ELEMENTS = 1 << 24  # the triton and cpu backends' default chunk (4096 maps at 64 x 64)
 _EXACT_F32 = 1 << 24  # 0/1 dot products of up to this many pixels are exact in float32
 
 
@@ -223,7 +227,7 @@ def _check_chunk(chunk_size: int | None, height: int, width: int) -> int:
 # Backends
 # ----------------------------------------------------------------------------------------------------------
 
-LAYOUT_RETRIEVAL = D.register_op(_OP, ["triton", "torch_chunked", "reference"],
+LAYOUT_RETRIEVAL = D.register_op(_OP, ["triton", "cpu", "torch_chunked", "reference"],
                                  doc="BachGAN background retrieval: top-k class maps by box-layout overlap score")
 
 
@@ -231,6 +235,12 @@ LAYOUT_RETRIEVAL = D.register_op(_OP, ["triton", "torch_chunked", "reference"],
                                                  "block, memory in fixed-size chunks, running top-k")
 def _triton_supports(query, memory, k) -> D.Reasons:
     return D.triton_reasons(query)
+
+
+@LAYOUT_RETRIEVAL.backend("cpu", doc="C++ (fastvl._C): per-pixel 64-query masks, one lookup per memory pixel, parallel "
+                                              "over maps; chunked memory, running top-k")
+def _cpu_supports(query, memory, k) -> D.Reasons:
+    return D.needs_device(query, "cpu") + D.needs_extension("layout_intersections_kernel")
 
 
 @LAYOUT_RETRIEVAL.backend("torch_chunked", kind="reference",
@@ -317,6 +327,45 @@ def _retrieve_chunked(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: 
     return _running_top_k(query, bank, k, exclude, chunk_size, intersect)
 
 
+def query_tables(query: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``cpu`` backend's query side: per block of 64 queries and pixel, the 64-bit mask of the queries whose box
+    of each named class covers the pixel.
+
+    Args:
+        query: [Q, C, H, W] bool. ignore_index: label of no class (never a slot).
+    Returns:
+        (table [ceil(Q / 64), H W, S + 1] int64 with S = the classes some query names (minus ``ignore_index``), slot
+        S all zero; lut [65536] int32: the slot of a class id by its low 16 bits, S for every other id).
+    """
+    n_q, n_cls = query.shape[:2]
+    qf = query.reshape(n_q, n_cls, -1)
+    classes = [c for c in qf.any(-1).any(0).nonzero().flatten().tolist() if c != ignore_index]
+    n_slots = len(classes)
+    lut = torch.full((65536,), n_slots, dtype=torch.int32, device=query.device)
+    for s, c in enumerate(classes):
+        lut[c & 0xFFFF] = s
+    blocks = []
+    for j in range(0, n_q, 64):
+        qb = qf[j:j + 64, classes].to(torch.int64)  # [<=64, S, HW]
+        bits = torch.arange(qb.shape[0], dtype=torch.int64, device=query.device)[:, None, None]
+        masks = (qb << bits).sum(0)  # [S, HW]: distinct bits, so the sum is their OR (bit 63 included)
+        blocks.append(torch.cat([masks.t(), masks.new_zeros(masks.shape[1], 1)], 1))  # [HW, S + 1]
+    return torch.stack(blocks).contiguous(), lut
+
+
+def _retrieve_cpu(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``cpu`` backend: exact int32 intersection counts from the C++ kernel (per-pixel query masks), per chunk."""
+    table, lut = query_tables(query, bank.ignore_index)
+    n_q, hw = query.shape[0], query.shape[2] * query.shape[3]
+
+    def intersect(start: int, chunk: torch.Tensor) -> torch.Tensor:
+        flat = chunk.reshape(chunk.shape[0], hw)
+        return torch.ops.fastvl.layout_intersections_kernel(table, lut, flat, n_q).double()
+
+    return _running_top_k(query, bank, k, exclude, chunk_size, intersect)
+
+
 def _retrieve_triton(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None,
                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``triton`` backend: exact int32 intersection counts from the Triton kernel, per chunk of maps."""
@@ -398,9 +447,10 @@ def layout_retrieval(query: torch.Tensor, memory: torch.Tensor | LayoutMemory, k
         k: maps kept per query, 1 <= k <= M (M - 1 when ``exclude`` removes one).
         exclude: [Q] int64, one memory index removed per query (the query itself), -1 for none; or None.
         ignore_index: memory label that belongs to no class (BachGAN: 255).
-        backend: force 'triton', 'torch_chunked' or 'reference'; default: 'triton' for GPU tensors, else
-            'torch_chunked'.
-        chunk_size: maps per chunk for 'triton' and 'torch_chunked' (default: about 16M / 4M pixels per chunk).
+        backend: force 'triton', 'cpu', 'torch_chunked' or 'reference'; default: 'triton' for GPU tensors, 'cpu'
+            for CPU tensors (when fastvl._C is built, else 'torch_chunked').
+        chunk_size: maps per chunk (default: about 16M pixels per chunk for 'triton' and 'cpu', 4M for
+            'torch_chunked').
     Returns:
         (scores [Q, k] float32, index [Q, k] int64), best first; equal scores go to the lower memory index.
     """
@@ -422,9 +472,10 @@ def layout_retrieval(query: torch.Tensor, memory: torch.Tensor | LayoutMemory, k
         bank = LayoutMemory(maps, query.shape[1], ignore_index, chunk)  # checks every class id
     if name == "reference":
         return layout_retrieval_reference(query, maps, k, exclude, ignore_index)
-    if name == "triton":
-        return _retrieve_triton(query, bank, k, exclude, chunk if chunk_size is not None else
-                                default_chunk_size(query.shape[2], query.shape[3], TRITON_BUFFER_ELEMENTS))
+    if name in ("triton", "cpu"):
+        run = _retrieve_triton if name == "triton" else _retrieve_cpu
+        return run(query, bank, k, exclude, chunk if chunk_size is not None else
+                   default_chunk_size(query.shape[2], query.shape[3], KERNEL_BUFFER_ELEMENTS))
     if name != "torch_chunked":
         raise AssertionError(f"unhandled backend {name!r}")
     return _retrieve_chunked(query, bank, k, exclude, chunk)

@@ -13,8 +13,8 @@ from fastvl.ops.layout_ret import (
     layout_retrieval_scores_reference,
 )
 
-BACKENDS = ["triton", "torch_chunked", "reference"]
-FAST = ["triton", "torch_chunked"]
+BACKENDS = ["triton", "cpu", "torch_chunked", "reference"]
+FAST = ["triton", "cpu", "torch_chunked"]
 
 
 def retrieve(query, memory, *args, backend, device, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +67,8 @@ def assert_same(got: tuple, want: tuple) -> None:
 
 SMALL = [(5, 17, 4, 7, 9), (3, 11, 1, 5, 5), (6, 23, 9, 13, 6)]
 BLOCKS = (19, 37, 35, 9, 7)  # Q > BLOCK_Q, M > BLOCK_M of the Triton kernel, 35 classes = two class words
-MATCH_CASES = ([("torch_chunked", c, s) for s in [*SMALL, BLOCKS] for c in [1, 3, 7, 1000, None]]
+MATCH_CASES = ([(b, c, s) for b in ("cpu", "torch_chunked") for s in [*SMALL, BLOCKS] for c in [1, 3, 7, 1000, None]]
+               + [("cpu", None, (130, 29, 6, 5, 4))]  # three 64-query blocks
                + [("triton", c, s) for s in SMALL for c in [3, None]]
                + [("triton", 16, BLOCKS), ("triton", None, BLOCKS)])
 
@@ -89,10 +90,10 @@ def test_fast_backends_match_reference(backend, shape, chunk, gen, device):
     assert_same(retrieve(query, bank, k, exclude, backend=backend, device=device, chunk_size=chunk), want)
 
 
-def test_default_backend_is_chunked_and_reference_is_forced():
+def test_default_backend_is_cpu_and_reference_is_forced():
     query = torch.ones(1, 2, 3, 3, dtype=torch.bool)
     memory = torch.zeros(2, 3, 3, dtype=torch.uint8)
-    assert LAYOUT_RETRIEVAL.select(query, memory, 1) == "torch_chunked"  # CPU tensors: Triton only when forced
+    assert LAYOUT_RETRIEVAL.select(query, memory, 1) == "cpu"  # CPU tensors: the C++ kernel; Triton only when forced
     assert LAYOUT_RETRIEVAL.select(query, memory, 1, backend="reference") == "reference"
     assert default_chunk_size(64, 64) == 1024 and default_chunk_size(4096, 4096) == 1
 
@@ -319,6 +320,43 @@ def test_unknown_backend():
     query, memory = _ok()
     with pytest.raises(BackendUnavailableError, match="unknown backend 'cuda'"):
         layout_retrieval(query, memory, 1, backend="cuda")
+
+
+def test_query_tables_hold_one_bit_per_query(gen):
+    """table[j, p, s] bit i is query 64 j + i's mask of class classes[s] at pixel p (bit 63 included: int64); the
+    last slot is empty; lut maps the named classes (not ignore_index) to their slots, every other id to S."""
+    from fastvl.ops.layout_ret import query_tables
+
+    query = torch.rand(70, 6, 3, 4, generator=gen) < 0.3
+    query[:, 4] = False  # class 4 named by no query: no slot
+    query[63, 1, 0, 0] = True  # bit 63 of block 0
+    table, lut = query_tables(query, ignore_index=2)
+    classes = [0, 1, 3, 5]
+    assert table.shape == (2, 12, 5) and table.dtype == torch.int64 and lut.shape == (65536,)
+    assert [int(lut[c]) for c in range(6)] == [0, 1, 4, 2, 4, 3] and int(lut[255]) == int(lut[65535]) == 4
+    assert (table[:, :, 4] == 0).all()
+    for j in range(2):
+        for i in range(64 if j == 0 else 6):
+            bits = ((table[j] >> i) & 1).bool()  # [HW, S + 1]
+            want = query[64 * j + i].reshape(6, 12)[classes].t()
+            assert torch.equal(bits[:, :4], want), (j, i)
+    assert ((table[1] >> 6) == 0).all()  # block 1 has 6 queries: no higher bits
+
+
+def test_cpu_kernel_checks_its_arguments():
+    table = torch.zeros(1, 12, 3, dtype=torch.int64)
+    lut = torch.full((65536,), 2, dtype=torch.int32)
+    maps = torch.zeros(4, 12, dtype=torch.uint8)
+    k = torch.ops.fastvl.layout_intersections_kernel
+    assert k(table, lut, maps, 5).shape == (5, 4)
+    with pytest.raises(ValueError, match="'maps' must have H W = 12 pixels"):
+        k(table, lut, maps[:, :11], 5)
+    with pytest.raises(ValueError, match="'maps' must be uint8 or int16"):
+        k(table, lut, maps.int(), 5)
+    with pytest.raises(ValueError, match=r"'num_queries' must be in \[0, 64 x blocks\] = \[0, 64\]"):
+        k(table, lut, maps, 65)
+    with pytest.raises(ValueError, match=r"'lut' entries must be slots in \[0, 3\)"):
+        k(table, lut.clone().fill_(3), maps, 5)
 
 
 def test_query_words_pack_one_bit_per_class(gen):
