@@ -108,7 +108,7 @@ class SmallSegmenter(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False), nn.BatchNorm2d(cout),
                                  nn.ReLU(inplace=True))
 
-        self.num_classes = num_classes
+        self.num_classes, self.width = num_classes, width
         self.stem = block(3, w)
         self.down = nn.Sequential(block(w, 2 * w, 2), block(2 * w, 2 * w), block(2 * w, 4 * w, 2))
         self.context = nn.Sequential(block(4 * w, 4 * w, dilation=2), block(4 * w, 2 * w))
@@ -127,6 +127,20 @@ class SmallSegmenter(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         c, d = self._forward(images)
         return torch.cat([c.mean((2, 3)), d.mean((2, 3))], 1)
+
+    def to_state(self) -> dict[str, object]:
+        """Everything needed to rebuild the segmenter (tensors and ints only: loads with ``weights_only=True``)."""
+        return {"num_classes": self.num_classes, "width": self.width, "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, object]) -> SmallSegmenter:
+        """Rebuild a segmenter saved with :meth:`to_state` (in eval mode)."""
+        for key in ("num_classes", "width", "state_dict"):
+            if key not in state:
+                raise _err("SmallSegmenter.from_state", "state", f"has no {key!r} (expected a to_state() dict)")
+        model = cls(int(state["num_classes"]), int(state["width"]))
+        model.load_state_dict(state["state_dict"])
+        return model.eval()
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -112,10 +112,15 @@ def test_segmentation_scores_hand_example():
         segmentation_scores(seg, torch.zeros(1, 2, 3), HAND_TARGET)
 
 
-def test_segmenter_shapes(seed):
-    m = SmallSegmenter(5, width=4)
+def test_segmenter_shapes_and_state(seed, tmp_path):
+    m = SmallSegmenter(5, width=4).eval()
     x = torch.randn(2, 3, 19, 23)
     assert m(x).shape == (2, 5, 19, 23) and m.features(x).shape == (2, 12)
+    torch.save(m.to_state(), tmp_path / "seg.pt")
+    back = SmallSegmenter.from_state(torch.load(tmp_path / "seg.pt", weights_only=True))
+    assert torch.equal(back(x), m(x))
+    with pytest.raises(ValueError, match="'width'"):
+        SmallSegmenter.from_state({"num_classes": 5, "state_dict": {}})
 
 
 def test_train_segmenter_deterministic(seed):
