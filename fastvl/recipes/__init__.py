@@ -6,7 +6,7 @@ explicit line each: a broken one fails the import, never silently disappears. A 
 itself with :func:`register_recipe` (see the README, "Adding a task").
 """
 
-from . import caption, gqa, itr, nlvr2, re, vcr, ve, vqa
+from . import caption, gqa, hero_finetune, itr, nlvr2, re, vcr, ve, violin_baseline, vqa
 from .base import (
            FinetuneData,
            FinetuneSettings,
@@ -31,3 +31,8 @@ register_recipe(itr.RECIPE)
 register_recipe(re.RECIPE)
 register_recipe(vcr.RECIPE)
 register_recipe(caption.RECIPE)
+register_recipe(hero_finetune.TVR_RECIPE)
+register_recipe(hero_finetune.VIDEOQA_RECIPE)
+register_recipe(hero_finetune.VIOLIN_RECIPE)
+register_recipe(hero_finetune.TVC_RECIPE)
+register_recipe(violin_baseline.RECIPE)

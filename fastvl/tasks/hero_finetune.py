@@ -131,28 +131,32 @@ def evaluate_vcmr(model: nn.Module, batches: Iterable[dict[str, Any]], device: t
                   ks: tuple[int, ...] = (1, 5, 10), max_moment_len: int | None = None, top_videos: int = 10,
                   nms_iou: float = 0.7, temperature: float = 0.1) -> dict[str, float]:
     """Moment retrieval metrics of ``model`` (a HeroForVcmr in eval mode) over validation ``vcmr_collate`` batches
-    (every video of the corpus once; queries with their own video's index ``q_vidx`` and ``targets`` [Q, 2] = start
-    / end frame, inclusive).
+    (queries with their own video's index ``q_vidx`` and ``targets`` [Q, 2] = start / end frame, inclusive; a video
+    named in ``vids`` more than once, in a batch or across batches, is one corpus entry).
 
     Returns vr_r{k}, svmr_r{k}_iou{t}, vcmr_r{k}_iou{t} (fractions of queries) and n_queries / n_videos.
     """
     frames, lens, qs, gts = [], [], [], []
-    n_vid = 0
+    index: dict[Any, int] = {}  # video name -> corpus position (a video repeated across batches is encoded once)
     for batch in batches:
         batch = batch.to(device) if hasattr(batch, "to") else batch
         emb = model.v_encoder(batch, "repr")  # [B, L, H]
         c_attn = batch["c_attn_masks"]
+        names = batch.get("vids") or [("batch", len(frames), b) for b in range(emb.shape[0])]
+        pos = []
         for b in range(emb.shape[0]):
-            n = int(c_attn[b].sum())
-            frames.append(emb[b, :n])
-            lens.append(n)
+            if names[b] not in index:
+                n = int(c_attn[b].sum())
+                index[names[b]] = len(frames)
+                frames.append(emb[b, :n])
+                lens.append(n)
+            pos.append(index[names[b]])
         query = model.encode_txt_inputs(batch["query_input_ids"], batch.get("query_pos_ids"),
                                         batch["query_attn_masks"], attn_layer=model.q_feat_attn)
         qs.append(query)
         tgt = batch["targets"].long().tolist()
         for i, v in enumerate(batch["q_vidx"].tolist()):
-            gts.append((n_vid + v, tgt[i][0], tgt[i][1] + 1))
-        n_vid += emb.shape[0]
+            gts.append((pos[v], tgt[i][0], tgt[i][1] + 1))
     if not frames or not gts:
         raise ValueError("fastvl.tasks.evaluate_vcmr: the validation data holds no video or no query")
     L = max(lens)
@@ -179,7 +183,7 @@ def evaluate_vcmr(model: nn.Module, batches: Iterable[dict[str, Any]], device: t
 
 
 def vcmr_chance(video_lens: list[int], ground_truth: list[tuple[int, int, int]], ks: tuple[int, ...] = (1, 5, 10),
-                trials: int = 5, seed: int = 0) -> dict[str, float]:
+                trials: int = 2, seed: int = 0) -> dict[str, float]:
     """The metrics of :func:`evaluate_vcmr` for random scores (uniform start / end and video scores), averaged over
     ``trials``: the chance level of a model that ignores its input. ground_truth: (video, st, ed_inclusive)."""
     g = torch.Generator().manual_seed(seed)

@@ -29,15 +29,16 @@ def temporal_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def temporal_nms(moments: Sequence[tuple], iou_threshold: float, max_after_nms: int = 100) -> list[tuple]:
     """Greedy NMS over ``(start, end, score, *extra)`` tuples: highest score first, a moment is dropped when its IoU
     with a kept moment (of the same extra key, e.g. the video id, when given) is >= ``iou_threshold``."""
-    order = sorted(moments, key=lambda m: -float(m[2]))
     kept: list[tuple] = []
-    for m in order:
+    for m in sorted(moments, key=lambda m: -float(m[2])):
+        s0, e0 = float(m[0]), float(m[1])
         ok = True
         for k in kept:
             if k[3:] != m[3:]:
                 continue
-            iou = float(temporal_iou(torch.tensor([[m[0], m[1]]]), torch.tensor([[k[0], k[1]]]))[0, 0])
-            if iou >= iou_threshold:
+            inter = max(0.0, min(e0, float(k[1])) - max(s0, float(k[0])))
+            union = (e0 - s0) + (float(k[1]) - float(k[0])) - inter
+            if union > 0 and inter / union >= iou_threshold:
                 ok = False
                 break
         if ok:
