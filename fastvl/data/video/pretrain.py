@@ -54,6 +54,13 @@ def video_sampler(lens: Sequence[int], max_frames: int, bucket_size: int, size_m
                   rank: int, world_size: int) -> TokenBucketSampler:
     """Length-bucketed batches of videos under a frame budget; in training each bucket's last batch is dropped
     unless that would leave no batch at all (small datasets)."""
+    longest = max(lens, default=0)
+    if longest * min(size_multiple, max(len(lens), 1)) > max_frames * world_size:
+        raise ValueError(f"'max_frames' {max_frames} (x world_size {world_size}) cannot hold {size_multiple} "
+                         f"example(s) of the longest, {longest} frames (every copy of a video counts: 5 per TVQA "
+                         f"question, 2 per VIOLIN pair); raise max_frames to at least "
+                         f"{-(-longest * size_multiple // world_size)}")
+
     def make(drop_last: bool) -> TokenBucketSampler:
         return TokenBucketSampler(lens, max_frames, bucket_size, size_multiple, drop_last=drop_last, shuffle=train,
                                   seed=seed, rank=rank, world_size=world_size)

@@ -4,6 +4,7 @@ inside the videos, valid answers, paired statements, alignment rules, pseudo-sub
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from fastvl.data.video import (
@@ -116,3 +117,5 @@ def test_downstream_sources_run(tiny_video_corpus):
             assert ((b["targets"][:, 0] <= b["targets"][:, 1]) & (b["targets"][:, 1] < n)).all()
         if task == "videoqa":
             assert b["qa_input_ids"].shape[0] == 5 * b["targets"].shape[0] and (b["targets"] < 5).all()
+    with pytest.raises(ValueError, match=r"'max_frames' 20 .* 5 per TVQA question"):
+        build_video_task_data("videoqa", c.video_db, c.sub_db, c.query_db("tvqa", "train"), max_frames=20)
