@@ -173,3 +173,50 @@ def test_subtitle_past_the_video_and_moment_outside(tmp_path):
     batches = list(lenient.batches())
     assert [b["qids"] for b in batches] == [["ok"]]
     assert lenient.bad.as_dict() == {"moment_outside_video": 1}
+
+
+def test_reads_dbs_encoded_as_the_official_scripts_write_them(tmp_path):
+    """Values encoded as the official converters do (msgpack-numpy features; savez_compressed with the stray
+    ``allow_pickle`` member; lz4(msgpack) subtitle records with tuples) and the official side-file names."""
+    import io
+
+    import lz4.frame
+    import msgpack
+    import msgpack_numpy
+
+    feats = {"v0": np.arange(6, dtype=np.float16).reshape(3, 2), "v1": np.ones((1, 2), np.float32)}
+    for compress in (False, True):
+        folder = tmp_path / f"vdb{compress}"
+        folder.mkdir()
+        env = lmdb.open(str(folder / ("slowfast_2" + ("_compressed" if compress else ""))), map_size=1 << 24)
+        with env.begin(write=True) as txn:
+            for vid, f in feats.items():
+                if compress:
+                    with io.BytesIO() as buf:
+                        np.savez_compressed(buf, features=f, allow_pickle=True)
+                        value = buf.getvalue()
+                else:
+                    value = msgpack.dumps({"features": f}, default=msgpack_numpy.encode, use_bin_type=True)
+                txn.put(vid.encode(), value)
+        env.close()
+        (folder / "id2nframe.json").write_text(json.dumps({"v0": 3, "v1": 1}))
+        db = VideoFeatDB(folder, "slowfast", 2)
+        assert db.frame_interval == 2.0
+        for vid, f in feats.items():
+            got = db.get(vid)
+            assert got.dtype == np.float32 and np.array_equal(got, f.astype(np.float32))
+    sub = tmp_path / "sub"
+    env = lmdb.open(str(sub), map_size=1 << 24)
+    example = {"vid_name": "v0", "sub": [{"text": "hi", "start": 0.1, "end": 2.5}], "input_ids": [[20, 21], [22]],
+               "unique_sub2frames": [(0, [0, 1]), (1, [])], "sub2frames": [(0, [0, 1]), (1, [1])],
+               "unmatched_frames": [2], "v_id": "v0", "duration": 3, "max_mtached_sub_len": 4}
+    with env.begin(write=True) as txn:
+        txn.put(b"v0", lz4.frame.compress(msgpack.dumps(example, use_bin_type=True)))
+    env.close()
+    meta = {"annotation": "x.jsonl", "BOS": 0, "EOS": 2, "SEP": 2, "CLS": 0, "PAD": 1, "MASK": 50264, "UNK": 3,
+            "v_range": [4, 50265]}
+    (sub / "meta.json").write_text(json.dumps(meta))
+    (sub / "vid2len.json").write_text(json.dumps({"v0": 3}))
+    (sub / "vid2max_frame_sub_len.json").write_text(json.dumps({"v0": 4}))
+    ids, pairs, unmatched = SubtitleDB(sub).read("v0", 3)
+    assert ids == [[20, 21], [22]] and pairs == [(0, [0, 1]), (1, [])] and unmatched == [2]
