@@ -344,13 +344,14 @@ def query_tables(query: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, 
     lut = torch.full((65536,), n_slots, dtype=torch.int32, device=query.device)
     for s, c in enumerate(classes):
         lut[c & 0xFFFF] = s
-    blocks = []
+    hw = qf.shape[2]
+    table = torch.zeros(-(-n_q // 64), hw, n_slots + 1, dtype=torch.int64, device=query.device)
     for j in range(0, n_q, 64):
-        qb = qf[j:j + 64, classes].to(torch.int64)  # [<=64, S, HW]
-        bits = torch.arange(qb.shape[0], dtype=torch.int64, device=query.device)[:, None, None]
-        masks = (qb << bits).sum(0)  # [S, HW]: distinct bits, so the sum is their OR (bit 63 included)
-        blocks.append(torch.cat([masks.t(), masks.new_zeros(masks.shape[1], 1)], 1))  # [HW, S + 1]
-    return torch.stack(blocks).contiguous(), lut
+        bits = torch.arange(min(64, n_q - j), dtype=torch.int64, device=query.device)[:, None]
+        for s, c in enumerate(classes):  # one [<=64, HW] int64 buffer at a time
+            # distinct bits, so the sum is their OR (bit 63 included: int64 two's complement)
+            table[j // 64, :, s] = (qf[j:j + 64, c].to(torch.int64) << bits).sum(0)
+    return table, lut
 
 
 def _retrieve_cpu(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: torch.Tensor | None,
