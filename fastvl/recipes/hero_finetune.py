@@ -81,10 +81,16 @@ def _build_data(task: str):
         p = video_paths(s, task)
         frames = int(s.options.get("max_frames", 200))
         kw = dict(max_frames=frames, max_txt_len=s.max_txt_len, skip_bad_examples=s.skip_bad_examples)
-        train = build_video_task_data(task, p["video_db"], p["sub_db"], p["train"], seed=s.seed, rank=rank,
-                                      world_size=world, train=True, **kw)
-        val = (build_video_task_data(task, p["video_db"], p["sub_db"], p["val"], seed=0, train=False, **kw)
-               if p["val"] else None)
+        try:
+            train = build_video_task_data(task, p["video_db"], p["sub_db"], p["train"], seed=s.seed, rank=rank,
+                                          world_size=world, train=True, **kw)
+            val = (build_video_task_data(task, p["video_db"], p["sub_db"], p["val"], seed=0, train=False, **kw)
+                   if p["val"] else None)
+        except ValueError as e:
+            if "max_frames" not in str(e) or isinstance(e, SettingsError):
+                raise
+            raise SettingsError(f"fastvl finetune --model hero --task {task}: --opt max_frames={frames}: "
+                                f"{str(e).split(': ', 1)[-1]}") from None
         info = {"source": p["source"], "train_examples": len(train), "val_examples": len(val) if val else 0,
                 "vocab_file": p["vocab"]}
         dims = {**train.dims, "synthetic": p["synthetic"]}
