@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per frame when an npz has no 'interval' (default 1.5)")
     v.add_argument("--feat-version", default="resnet_slowfast", help="video LMDB name prefix (official default)")
     v.add_argument("--fp16", action="store_true", help="store frame features as float16 (read back as float32)")
+    v.add_argument("--queries", help="annotation jsonl of --query-task, written as <out>/<task>_db (TVR {desc_id, "
+                   "desc, vid_name, ts}, TVQA {qid, q, a0..a4, answer_idx, vid_name, ts}, VIOLIN {qid, statement, "
+                   "vid_name}, TVC {clip_id, vid_name, ts, descs})")
+    v.add_argument("--query-task", choices=["tvr", "tvqa", "violin", "tvc"], help="the task of --queries")
 
 
 def _run_video(args: argparse.Namespace) -> int:
@@ -54,9 +58,14 @@ def _run_video(args: argparse.Namespace) -> int:
             check_paths("--subtitles", subtitles, kind="file")
     if args.vocab is not None:
         check_paths("--vocab", args.vocab, kind="file")
+    if (args.queries is None) != (args.query_task is None):
+        raise UserError("give --queries together with --query-task", argument="--queries")
+    if args.queries is not None:
+        check_paths("--queries", args.queries, kind="file")
     result = make_video_data(frames, subtitles, args.output, frame_interval=args.frame_interval,
                              feat_version=args.feat_version, vocab_file=args.vocab, compress=not args.no_compress,
-                             fp16=args.fp16, skip_bad_examples=args.skip_bad_examples, overwrite=args.overwrite)
+                             fp16=args.fp16, skip_bad_examples=args.skip_bad_examples, overwrite=args.overwrite,
+                             queries=args.queries, query_task=args.query_task)
     print(result)
     return 0
 

@@ -84,3 +84,51 @@ def test_make_data_video_bad_input(tmp_path, capsys, case):
     reason = {"past_end": "frame_past_video", "wrong_dim": "wrong_dim", "unknown_video": "missing_video",
               "bad_line": "corrupt_record"}[case]
     assert f"skipped={{'{reason}': 1}}" in stdout
+
+
+QUERY_ROWS = {
+    "tvr": [{"desc_id": 1, "desc": "the cup appears", "vid_name": "v1", "ts": [0.5, 3.9]},
+            {"desc_id": 2, "desc": "late query", "vid_name": "v2", "ts": [5.0, 6.0]}],  # v2 lasts 2 s
+    "tvqa": [{"qid": 7, "q": "what appears ?", "a0": "a cup", "a1": "a hat", "a2": "a ball", "a3": "a lamp",
+              "a4": "a box", "answer_idx": 0, "vid_name": "v1", "ts": "0.5-3.9"},
+             {"qid": 8, "q": "what moves ?", "a0": "x", "a1": "y", "a2": "z", "a3": "w", "a4": "v", "answer_idx": 1,
+              "vid_name": "v2", "ts": "4.5-6.0"}],
+    "violin": [{"id": "s1", "label": 1, "statement": "a cup appears", "vid_name": "v1"},
+               {"id": "s1", "label": 0, "statement": "a hat appears", "vid_name": "v1"},
+               {"qid": "s2-1", "statement": "late", "vid_name": "v9"},  # unknown video: its pair goes too
+               {"qid": "s2-0", "statement": "later", "vid_name": "v2"}],
+    "tvc": [{"clip_id": 3, "vid_name": "v3", "ts": [2.0, 8.0], "descs": [{"desc": "nothing happens"}]},
+            {"clip_id": 4, "vid_name": "v2", "ts": [3.0, 4.0], "descs": [{"desc": "too late"}]}],
+}
+
+
+@pytest.mark.parametrize("task", ["tvr", "tvqa", "violin", "tvc"])
+def test_make_data_video_queries(tmp_path, capsys, task):
+    from fastvl.data.video import build_video_task_data
+
+    frames, subs = _inputs(tmp_path)
+    queries = tmp_path / f"{task}.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in QUERY_ROWS[task]))
+    out = tmp_path / "out"
+    argv = ["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out", str(out),
+            "--queries", str(queries), "--query-task", task]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and f"{task}.jsonl, key '" in err.strip().splitlines()[-1]
+    code, stdout, err = _run(argv + ["--skip-bad-examples", "--overwrite"], capsys)
+    assert code == 0, err
+    kind = "missing_video" if task == "violin" else "moment_outside_video"
+    assert f"skipped={{'{kind}': 1}}" in stdout and f"query_db=PosixPath('{out}/{task}_db')" in stdout
+    data = build_video_task_data("videoqa" if task == "tvqa" else task, out / "video_db", out / "sub_db",
+                                 out / f"{task}_db", train=False, max_frames=40)
+    batch = next(iter(data.batches()))
+    vocab = WordVocab.from_file(out / "vocab.txt")
+    if task == "tvr":
+        assert batch["qids"] == ["1"] and batch["targets"].tolist() == [[0, 1]]
+        assert vocab.decode(batch["query_input_ids"][0, 1:].tolist()) == "the cup appears"
+    elif task == "tvqa":
+        assert batch["targets"].tolist() == [[0]] and batch["ts_targets"].tolist() == [[0, 1]]
+        assert vocab.decode(batch["qa_input_ids"][1].tolist()) == "</s> what appears ? </s> a hat"
+    elif task == "violin":
+        assert len(data) == 2 and batch["qids"] == ["s1-1", "s1-0"] and batch["targets"].tolist() == [[1], [0]]
+    else:
+        assert batch["clip_ranges"] == (((1, 4),),) and batch["gts"] == ["nothing happens"]

@@ -18,7 +18,7 @@ API summary:
 - Dbs: :class:`VideoFeatDB` / :class:`VideoFeatDBWriter`, :class:`SubtitleDB` / :class:`SubtitleDBWriter`,
   :class:`QueryDB` / :class:`QueryDBWriter`, :class:`CaptionDB` / :class:`CaptionDBWriter`;
   ``align_subtitles`` (temporal-IoU frame alignment) and ``make_video_data`` (npz + subtitles jsonl -> dbs;
-  ``fastvl make-data --video --frames DIR --subtitles subs.jsonl --out DIR``).
+  ``fastvl make-data --video --frames DIR --subtitles subs.jsonl --out DIR [--queries a.jsonl --query-task tvr]``).
 - Bad records raise :class:`fastvl.data.DataError` naming the db and key, or are counted in ``data.bad`` with
   ``skip_bad_examples=True``.
 """
@@ -40,6 +40,7 @@ from .collate import (
 from .dataset import VideoSubData
 from .downstream import DOWNSTREAM_TASKS, VideoTaskData, build_video_task_data, moment_frames, tvc_eval_collate
 from .make_data import MakeVideoDataResult, make_video_data
+from .make_queries import QUERY_TASKS, read_query_rows, write_query_db
 from .pretrain import DEFAULT_VIDEO_MIX, VIDEO_TASKS, VideoPretrainData, build_video_pretrain_data, parse_video_tasks
 from .query_db import CaptionDB, CaptionDBWriter, QueryDB, QueryDBWriter, paired_statement_id
 from .synthetic import VideoCorpus, VideoSyntheticConfig, video_synthetic_corpus, write_video_raw
@@ -47,6 +48,7 @@ from .video_db import SubtitleDB, SubtitleDBWriter, VideoFeatDB, VideoFeatDBWrit
 from .vocab import WordVocab
 
 __all__ = [
+    "QUERY_TASKS", "read_query_rows", "write_query_db",
     "align_subtitles", "build_video_pretrain_data", "build_video_task_data", "CaptionDB", "CaptionDBWriter",
     "DEFAULT_VIDEO_MIX", "DOWNSTREAM_TASKS", "fom_collate", "make_video_data", "MakeVideoDataResult", "mfm_collate",
     "mlm_collate", "moment_frames", "paired_statement_id", "parse_video_tasks", "pseudo_subtitles", "QueryDB",

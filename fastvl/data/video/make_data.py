@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..errors import BadExampleCounter, DataError
 from .align import align_subtitles
+from .make_queries import QUERY_TASKS, query_texts, read_query_rows, write_query_db
 from .synthetic import video_vocab
 from .video_db import SubtitleDBWriter, VideoFeatDBWriter
 from .vocab import WordVocab
@@ -46,6 +47,8 @@ class MakeVideoDataResult:
     n_pseudo: int
     frame_interval: float
     vfeat_dim: int
+    query_db: Path | None = None
+    n_queries: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
 
@@ -117,10 +120,12 @@ def _first_interval(files: list[Path], default: float) -> float:
 def make_video_data(frames: str | os.PathLike, subtitles: str | os.PathLike | None, out: str | os.PathLike,
                     frame_interval: float = 1.5, feat_version: str = "resnet_slowfast", vocab_file: str | None = None,
                     compress: bool = True, fp16: bool = False, skip_bad_examples: bool = False,
-                    overwrite: bool = False, progress: bool = True) -> MakeVideoDataResult:
+                    overwrite: bool = False, progress: bool = True, queries: str | os.PathLike | None = None,
+                    query_task: str | None = None) -> MakeVideoDataResult:
     """Write the official video db + subtitle db from ``frames`` (npz folder) and ``subtitles`` (jsonl; None: every
-    video gets pseudo-subtitles). ``vocab_file``: a word list (default: every word of the subtitles, plus the
-    synthetic corpus words when the subtitles are empty)."""
+    video gets pseudo-subtitles). ``vocab_file``: a word list (default: every word of the subtitles and queries,
+    or the synthetic corpus words when there are none). ``queries`` + ``query_task`` (tvr / tvqa / violin / tvc):
+    an annotation jsonl written as ``<out>/<query_task>_db`` (see :mod:`~fastvl.data.video.make_queries`)."""
     frames, out = Path(frames), Path(out)
     if not frames.is_dir():
         raise FileNotFoundError(f"make_video_data: frames folder {str(frames)!r} does not exist")
@@ -129,7 +134,11 @@ def make_video_data(frames: str | os.PathLike, subtitles: str | os.PathLike | No
         raise DataError(str(frames), None, "no .npz files", "no_examples")
     if frame_interval <= 0:
         raise ValueError(f"make_video_data: 'frame_interval' must be > 0, got {frame_interval}")
-    for sub in ("video_db", "sub_db"):
+    if (queries is None) != (query_task is None) or (query_task is not None and query_task not in QUERY_TASKS):
+        raise ValueError(f"make_video_data: give 'queries' with 'query_task' (one of {QUERY_TASKS}), got "
+                         f"{queries!r}, {query_task!r}")
+    outputs = ("video_db", "sub_db") + ((f"{query_task}_db",) if query_task else ())
+    for sub in outputs:
         if (out / sub).exists():
             if not overwrite:
                 raise FileExistsError(f"make_video_data: {out / sub} exists (pass overwrite=True / --overwrite)")
@@ -141,10 +150,12 @@ def make_video_data(frames: str | os.PathLike, subtitles: str | os.PathLike | No
         err = DataError(str(subtitles), vid, f"subtitles of a video with no npz in {frames}", "missing_video")
         bad.skip_or_raise(err, skip_bad_examples)
         del subs[vid]
+    qrows = read_query_rows(queries, query_task, skip_bad_examples, bad) if queries is not None else []
     if vocab_file is not None:
         vocab = WordVocab.from_file(vocab_file)
     else:
-        words = sorted({w for rows in subs.values() for s in rows for w in WordVocab.split(s["text"])})
+        texts = [s["text"] for rows in subs.values() for s in rows] + query_texts(qrows, query_task or "tvr")
+        words = sorted({w for t in texts for w in WordVocab.split(t)})
         vocab = WordVocab(words, name="fastvl-word") if words else video_vocab()
     out.mkdir(parents=True, exist_ok=True)
     vocab_path = vocab.save(out / "vocab.txt")
@@ -188,6 +199,12 @@ def make_video_data(frames: str | os.PathLike, subtitles: str | os.PathLike | No
                 n_pseudo += 1
         if dim is None:
             raise DataError(str(frames), None, "every video was skipped as bad", "no_examples")
+    query_db, n_queries = None, 0
+    if queries is not None:
+        query_db = out / f"{query_task}_db"
+        n_queries = write_query_db(qrows, query_task, query_db, vocab, vw.name2nframe, interval, str(queries),
+                                   skip_bad_examples, bad)
     return MakeVideoDataResult(video_db=out / "video_db", sub_db=out / "sub_db", vocab=vocab_path,
                                n_videos=len(vw.name2nframe), n_subtitles=n_subs, n_pseudo=n_pseudo,
-                               frame_interval=interval, vfeat_dim=dim, skipped=bad.as_dict())
+                               frame_interval=interval, vfeat_dim=dim, query_db=query_db, n_queries=n_queries,
+                               skipped=bad.as_dict())
