@@ -217,3 +217,15 @@ def test_bad_padded_input_is_named(gen):
     bad["attention_mask"] = torch.zeros_like(x["attention_mask"])
     with pytest.raises(ValueError, match="no token"):
         ours(**bad)
+
+
+def test_from_pretrained_reads_the_port_save_pretrained_folder(tmp_path, gen):
+    port, _ = port_pair("LxmertForPreTraining")
+    port.save_pretrained(tmp_path / "port")
+    ours = LxmertForPreTraining.from_pretrained(tmp_path / "port").eval()
+    port.eval()
+    x, am, _ = inputs(gen)
+    assert rel(ours(**x).prediction_logits[am], port(**x).prediction_logits[am]) < 1e-4
+    assert ours.cls.predictions.decoder.weight is ours.lxmert.embeddings.word_embeddings.weight
+    base = LxmertModel.from_pretrained(tmp_path / "port", strict=False)  # heads of the file are left out
+    assert torch.equal(base.pooler.dense.weight, ours.lxmert.pooler.dense.weight)

@@ -123,8 +123,9 @@ def test_with_no_padding_mrfr_equals_the_port_loss(gen):
     assert torch.allclose(out.loss, tasks["mrfr"](b)["loss"] + tasks["mrc"](b)["loss"], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "itm", "qa"])
-def test_villa_view_and_adversarial_loop(name, gen):
+@pytest.mark.parametrize(("name", "mode"), [("mlm", "text"), ("mrfr", "image"), ("mrc", "both"), ("itm", "alter"),
+                                            ("qa", "both")])
+def test_villa_view_and_adversarial_loop(name, mode, gen):
     m = model()
     b = batch(gen)
     task = LxmertPretrainTask(m, name)
@@ -138,8 +139,14 @@ def test_villa_view_and_adversarial_loop(name, gen):
     assert not torch.allclose(pert.pred, clean.pred)
     assert float(view.consistency(clean.pred, clean.pred).detach()) == pytest.approx(0.0, abs=1e-6)
     m.train()
-    adv = AdversarialTask(task, AdvConfig(adv_steps=2, adv_lr_txt=1e-2, adv_lr_img=1e-2))
+    deltas = []
+    adv = AdversarialTask(task, AdvConfig(mode=mode, adv_steps=2, adv_lr_txt=1e-2, adv_lr_img=1e-2))
+    adv.on_step = lambda k, pert: deltas.append([None if d is None else d.tensor.detach().clone()
+                                                 for d in (pert.text, pert.image)])
     out = adv(b)
+    # the perturbed modalities: the image delta [T_img, visual_feat_dim] reaches LXMERT's raw features
+    used = {m for d in deltas for m, t in zip(("text", "image"), d) if t is not None and t.abs().sum() > 0}
+    assert used == {"text": {"text"}, "image": {"image"}}.get(mode, {"text", "image"})
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     grads = [p.grad for p in m.parameters() if p.grad is not None]

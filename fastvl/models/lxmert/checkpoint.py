@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LxmertCheckpointError", "adapt_lxmert_state", "load_lxmert_state", "read_state_file"]
+__all__ = ["LxmertCheckpointError", "adapt_lxmert_state", "load_lxmert_state", "lxmert_from_pretrained",
+           "read_state_file"]
+
+_TIED = ("cls.predictions.decoder.weight", "lxmert.embeddings.word_embeddings.weight")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt", "model.pt")
 
 #: key prefixes that give away another family's checkpoint
 _FAMILIES = (("uniter.", "UNITER"), ("img_embeddings.", "UNITER"), ("v_encoder.", "HERO"), ("c_encoder.", "HERO"),
@@ -65,6 +69,8 @@ def adapt_lxmert_state(model: nn.Module, state: Mapping[str, torch.Tensor], sour
     elif has_prefix and not any(k.startswith("lxmert.") for k in state) \
             and any(k.startswith("encoder.") for k in state):
         state = {f"lxmert.{k}": v for k, v in state.items()}
+    if _TIED[0] in want and _TIED[0] not in state and _TIED[1] in state:  # tied: files saved with ties drop it
+        state = {**state, _TIED[0]: state[_TIED[1]]}
     marker = "lxmert.encoder.x_layers" if has_prefix else "encoder.x_layers"
     core = "lxmert.embeddings.word_embeddings.weight" if has_prefix else "embeddings.word_embeddings.weight"
     if core not in state or not any(k.startswith(marker) or k.startswith("lxmert.encoder.visn_fc")
@@ -99,3 +105,28 @@ def load_lxmert_state(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
                                     f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     model.load_state_dict(state, strict=False)
     return missing, unexpected
+
+
+def lxmert_from_pretrained(cls: type, path: str | Path, config=None, strict: bool = True) -> nn.Module:
+    """``cls(config)`` with the weights of ``path``: a folder in the port's layout (``config.json`` beside
+    ``model.safetensors`` or ``pytorch_model.bin``, as ``save_pretrained`` writes it and the hub holds it) or a weights
+    file (then ``config``, an LxmertConfig or a config.json path, or a ``config.json`` beside the file)."""
+    from .config import LxmertConfig
+
+    path = Path(path)
+    if path.is_dir():
+        weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"fastvl.models.lxmert: {path} holds none of {list(_WEIGHT_FILES)}")
+    elif path.is_file():
+        weights = path
+    else:
+        raise FileNotFoundError(f"fastvl.models.lxmert: checkpoint {path}: no such file or folder")
+    if config is None:
+        config = weights.parent / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"fastvl.models.lxmert: no config given and no config.json beside {weights}")
+    cfg = config if isinstance(config, LxmertConfig) else LxmertConfig.from_json_file(config)
+    model = cls(cfg)
+    load_lxmert_state(model, read_state_file(weights), source=str(weights), strict=strict)
+    return model

@@ -304,6 +304,14 @@ class LxmertModel(nn.Module):
         self.pooler = BertPooler(config.hidden_size)
         init_lxmert_weights(self, config.initializer_range)
 
+    @classmethod
+    def from_pretrained(cls, path, config: LxmertConfig | str | None = None, strict: bool = True) -> LxmertModel:
+        """The model with the port's weights: a ``save_pretrained`` / hub folder (config.json + model.safetensors or
+        pytorch_model.bin) or a weights file with ``config``; strict (see :func:`load_lxmert_state`)."""
+        from .checkpoint import lxmert_from_pretrained
+
+        return lxmert_from_pretrained(cls, path, config, strict)
+
     # ------------------------------------------------------------------------------------------ packed core
     def encode_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                       visual_feats: torch.Tensor, visual_pos: torch.Tensor, dims: StreamDims,

@@ -133,6 +133,15 @@ class LxmertForPreTraining(nn.Module):
         """QA scores [B, num_qa_labels] (the port returns ``pooled_output[0][0]`` when ``task_qa`` is off)."""
         return self.answer_head(pooled_output) if self.config.task_qa else pooled_output[0][0]
 
+    @classmethod
+    def from_pretrained(cls, path, config: LxmertConfig | str | None = None, strict: bool = True
+                        ) -> LxmertForPreTraining:
+        """The model with the port's weights: a ``save_pretrained`` / hub folder (config.json + model.safetensors or
+        pytorch_model.bin) or a weights file with ``config``; strict (see :func:`load_lxmert_state`)."""
+        from .checkpoint import lxmert_from_pretrained
+
+        return lxmert_from_pretrained(cls, path, config, strict)
+
     # ------------------------------------------------------------------------------------------ drop-in
     def forward(self, input_ids: torch.Tensor | None = None, visual_feats: torch.Tensor | None = None,
                 visual_pos: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
