@@ -145,6 +145,7 @@ class VideoSubData:
 
     # ------------------------------------------------------------------------------------------ tasks
     def mlm_example(self, vid: str, rng: np.random.Generator, mask_prob: float = 0.15) -> list[MlmSegment]:
+        """Official ``VideoMlmDataset[vid]``: one masked example per subtitle with text."""
         feat = torch.from_numpy(self.video_db.get(vid))
         ids, pairs = self.subtitles(vid)
         out = []
@@ -166,6 +167,7 @@ class VideoSubData:
 
     def mfm_example(self, vid: str, rng: np.random.Generator, mask_prob: float = 0.15
                     ) -> tuple[VideoInput, list[torch.Tensor], torch.Tensor]:
+        """Official ``MfmDataset[vid]``: (video, per-segment frame masks, video frame mask [n] bool)."""
         video = self.video_input(vid)
         c_mask = torch.from_numpy(mask_frames(video.c_v_feats.shape[0], rng, mask_prob))
         seg_masks = [c_mask[frames] if frames else torch.zeros(1, dtype=torch.bool) for _, frames in video.sub2frames]
@@ -173,6 +175,7 @@ class VideoSubData:
 
     def fom_example(self, vid: str, rng: np.random.Generator, reorder_prob: float = 0.15
                     ) -> tuple[VideoInput, torch.Tensor, torch.Tensor]:
+        """Official ``FomDataset[vid]``: (video, shuffled order [n], target [n] with -1 where not shuffled)."""
         video = self.video_input(vid)
         order, target = random_reorder(video.c_v_feats.shape[0], rng, reorder_prob)
         return video, torch.tensor(order, dtype=torch.long), torch.tensor(target, dtype=torch.long)
@@ -180,7 +183,10 @@ class VideoSubData:
     def has_matched_subtitle(self, vid: str) -> bool:
         return any(frames for _, frames in self.subtitles(vid)[1])
 
-    def vsm_example(self, vid: str, rng: np.random.Generator, query_per_video: int = 5):
+    def vsm_example(self, vid: str, rng: np.random.Generator, query_per_video: int = 5
+                    ) -> tuple[VideoInput, str, tuple[tuple[torch.Tensor, torch.Tensor, str, torch.Tensor], ...]]:
+        """Official ``VsmDataset[vid]``: (video with the query subtitles' text removed, vid, ``query_per_video``
+        queries (ids [<s>] + text, attention, vid, [st, ed]))."""
         feat = torch.from_numpy(self.video_db.get(vid))
         n = feat.shape[0]
         ids, pairs = self.subtitles(vid)

@@ -132,7 +132,8 @@ class VideoTaskData:
         top = n if caption else n - 1
         return min(st, top), min(ed, top)
 
-    def make_example(self, qid: str, vid: str, rng: np.random.Generator):
+    def make_example(self, qid: str, vid: str, rng: np.random.Generator) -> tuple[tuple, str]:
+        """(the official dataset item of ``qid`` (of ``vid`` for TVC) for this task's collate, its id)."""
         d, db, task = self.examples, self.db, self.task
         video = d.video_input(vid)
         if task == "tvr":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class VideoPretrainData:
                 raise ValueError(f"VideoPretrainData: '{name}' must be in (0, 1], got {p}")
         if query_per_video < 1:
             raise ValueError(f"VideoPretrainData: 'query_per_video' must be >= 1, got {query_per_video}")
-        self.examples, self.mix, self.seed = data, dict(tasks), seed
+        self.examples, self.mix, self.seed, self.train = data, dict(tasks), seed, train
         self.mask_prob, self.reorder_prob, self.query_per_video = mask_prob, reorder_prob, query_per_video
         self.bad: BadExampleCounter = data.bad
         self.dims = {"vfeat_dim": data.vfeat_dim, "vocab_size": data.sub_db.vocab_size,
@@ -127,7 +128,8 @@ class VideoPretrainData:
         """One pass over the data for ``task`` (validation)."""
         return self.sources[task].iter_epoch(epoch)
 
-    def make_example(self, task: str, vid: str, rng: np.random.Generator):
+    def make_example(self, task: str, vid: str, rng: np.random.Generator) -> Any:
+        """The official dataset item of ``vid`` for ``task`` (None: MLM on a video without text)."""
         d = self.examples
         if task == "mlm":
             segs = d.mlm_example(vid, rng, self.mask_prob)
@@ -144,21 +146,26 @@ class VideoPretrainData:
         video was skipped as bad."""
         items = self.task_items[task]
         code = task_seed(task)
-        out = []
+        out, vids = [], []
         for k, i in enumerate(indices):
             rng = np.random.default_rng([self.seed, code, epoch, pos, rank + k * world_size])
             try:
-                ex = self.make_example(task, self.examples.vids[items[i]], rng)
+                vid = self.examples.vids[items[i]]
+                ex = self.make_example(task, vid, rng)
             except DataError as err:
                 self.bad.skip_or_raise(err, self.examples.skip)
                 continue
             if ex is not None:
                 out.append(ex)
+                vids.append(vid)
         if not out:
             return None
         collate = {"mlm": mlm_collate, "mfm-nce": mfm_collate, "mffr": mfm_collate, "fom": fom_collate,
                    "vsm": vsm_collate}[task]
-        return collate(out)
+        batch = collate(out)
+        if task == "fom" and not self.train:
+            batch["vids"] = vids  # official fom_eval_collate
+        return batch
 
 
 def build_video_pretrain_data(video_db: str | os.PathLike, sub_db: str | os.PathLike,
