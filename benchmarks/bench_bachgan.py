@@ -152,9 +152,12 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), pick(0.2), pick(0.8)
 
 
-def _measure(fn, device: str, reps: int) -> tuple[list[float], float]:
-    """(milliseconds of ``reps`` timed calls, peak memory MiB beyond what exists of the first, untimed call)."""
+def _measure(fn, device: str, reps: int, warmup: int = 0) -> tuple[list[float], float]:
+    """(milliseconds of ``reps`` timed calls, peak memory MiB beyond what exists of one untimed call after
+    ``warmup`` calls)."""
     gpu = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -187,7 +190,7 @@ def worker(spec: dict) -> dict:
         x, gamma, beta, dout = spade_inputs(tuple(spec["shape"]), getattr(torch, spec["dtype"]), dev)
         run = _spade_step(_spade_call(spec["provider"], spec["norm"]), x, gamma, beta, dout, spec["norm"],
                           spec["mode"])
-        times, peak = _measure(run, dev, spec["reps"])
+        times, peak = _measure(run, dev, spec["reps"], warmup=1)  # the first backward starts autograd's threads
         return dict(times=times, peak=peak)
     query, memory = retrieval_inputs(spec["queries"], spec["maps"], spec["size"], spec["seed"], dev)
     out: dict = {}

@@ -373,3 +373,18 @@ def test_query_words_pack_one_bit_per_class(gen):
     want[:, 40] = False
     assert torch.equal(bits, want)
     assert torch.equal((words[:, 2] >> 6) & 0x3FFFFFF, torch.zeros_like(words[:, 2]))  # classes >= 70: no bits
+
+
+@pytest.mark.cuda
+def test_gpu_cityscapes_sized_retrieval_agrees(gen, triton_device):
+    """64 queries over 5000 maps at 64 x 64 with 35 classes on the GPU: triton and torch_chunked (both on the GPU)
+    return the same scores and indices, and the C++ CPU backend the same on the CPU."""
+    query, memory = random_layouts(64, 5000, 35, 64, 64, gen)
+    exclude = torch.randint(-1, 5000, (64,), generator=gen)
+    cpu = layout_retrieval(query, memory, 5, exclude, backend="cpu")
+    q, m, e = (t.to(triton_device) for t in (query, memory, exclude))
+    bank = LayoutMemory(m, 35)
+    got = layout_retrieval(q, bank, 5, e, backend="triton")
+    want = layout_retrieval(q, bank, 5, e, backend="torch_chunked")
+    assert_same(tuple(t.cpu() for t in got), tuple(t.cpu() for t in want))
+    assert_same(tuple(t.cpu() for t in got), cpu)

@@ -72,6 +72,21 @@ def test_both_triton_plans_are_exercised():
     assert K.plan(2, 40 * 40) == "single" and K.plan(3, 40 * 40) == "two_phase"  # the segments count too
 
 
+@pytest.mark.parametrize("norm,training", MODES)
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7)])
+def test_triton_two_phase_with_tiny_tiles(norm, training, shape, gen, device, triton_device, monkeypatch):
+    """The two-phase plan with tiles shrunk so that tiny planes need it: blocks of 8 elements (a segment of 35 = 4
+    full blocks + a partial one of 3) and finalize programs combining 4 partials per step (15 partials per group in
+    batch norm: several steps and a partial last one)."""
+    from fastvl.kernels.triton import spade as K
+
+    monkeypatch.setattr(K, "MAX_TILE", 16)
+    monkeypatch.setattr(K, "BLOCK", 8)
+    monkeypatch.setattr(K, "BLOCK_P", 4)
+    assert K.plan(_segments(shape, norm), shape[2] * shape[3]) == "two_phase"
+    _compare("triton", shape, norm, training, gen, triton_device)
+
+
 @pytest.mark.parametrize("backend", FAST + ["reference"])
 @pytest.mark.parametrize("shape", [(1, 3, 5, 5), (2, 3, 65, 65)])
 @pytest.mark.parametrize("momentum", [0.1, 0.7])
