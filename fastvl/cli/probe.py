@@ -37,12 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Probe the checkpoint and print the headline figures."""
     check_paths("--checkpoint", args.checkpoint, kind="any")
-    check_paths("--compare", args.compare)
+    check_paths("--compare", args.compare, kind="file")
+    check_paths("--config", args.config, kind="file")
     if args.folds < 2:
         raise UserError(f"must be >= 2, got {args.folds}", argument="--folds")
-    if args.model != "uniter":
-        raise UserError("LXMERT probes need fastvl.models.lxmert, which is not available in this version",
-                        argument="--model")
     s = ProbeSettings(batch_size=args.batch_size, seed=args.seed, folds=args.folds)
     doc = probe_checkpoint(args.model, args.checkpoint, args.out, s, args.split, args.examples, args.device,
                            args.compare, not args.no_progress, args.config)

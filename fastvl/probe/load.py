@@ -14,10 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.lxmert import LxmertConfig, LxmertForPreTraining, LxmertModel, load_lxmert_state
 from ..models.uniter import UniterConfig, UniterForPretraining, UniterModel
+from ..recipes.lxmert_pretrain import load_lxmert_run
 from ..train import checkpoint as ckpt
 
-__all__ = ["checkpoint_family", "load_uniter", "random_control", "uniter_config_from_state"]
+__all__ = ["checkpoint_family", "load_lxmert", "load_model", "load_uniter", "lxmert_config_from_state",
+           "random_control", "uniter_config_from_state"]
 
 _FAMILY_KEYS = (("lxmert", re.compile(r"(^|\.)(x_layers|r_layers|visn_fc)\.|^lxmert\.")),
                 ("hero", re.compile(r"(^|\.)(v_encoder|c_encoder|q_encoder)\.")),
@@ -140,6 +143,78 @@ def load_uniter(path: str | Path, config: str | Path | None = None) -> tuple[nn.
     return model, info
 
 
+def lxmert_config_from_state(state: dict[str, torch.Tensor]) -> LxmertConfig:
+    """An LxmertConfig with the sizes an LXMERT state dict implies (heads = hidden / 64, as the released model)."""
+    def find(suffix: str) -> torch.Tensor:
+        for k, v in state.items():
+            if k.endswith(suffix):
+                return v
+        raise ckpt.CheckpointError(f"LXMERT state dict has no '*{suffix}' key")
+
+    def count(part: str) -> int:
+        found = {int(m.group(1)) for k in state for m in [re.search(rf"encoder\.{part}\.(\d+)\.", k)] if m}
+        return max(found) + 1 if found else 0
+
+    words = find("embeddings.word_embeddings.weight")
+    hidden = int(words.shape[1])
+    kw = dict(vocab_size=int(words.shape[0]), hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+              intermediate_size=int(find("encoder.layer.0.intermediate.dense.weight").shape[0]),
+              max_position_embeddings=int(find("embeddings.position_embeddings.weight").shape[0]),
+              type_vocab_size=int(find("embeddings.token_type_embeddings.weight").shape[0]),
+              l_layers=count("layer"), x_layers=count("x_layers"), r_layers=count("r_layers"),
+              visual_feat_dim=int(find("visn_fc.visn_fc.weight").shape[1]),
+              visual_pos_dim=int(find("visn_fc.box_fc.weight").shape[1]),
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return LxmertConfig(**kw)
+
+
+def load_lxmert(path: str | Path, config: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """An LXMERT model (eval mode) from a ``fastvl pretrain --model lxmert`` run folder / checkpoint folder or a
+    checkpoint file (the ``transformers`` port's state dict; sizes from ``config``, the port's config.json, else
+    read from the shapes; the encoder is loaded strictly). Returns (model, info)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
+    if path.is_dir():
+        run = _run_folder(path)
+        if run is not None and (run / "finetune.json").is_file():
+            raise ckpt.CheckpointError(f"--checkpoint {path} is a fastvl finetune run; the probes read pre-trained "
+                                       f"encoders: give a fastvl pretrain --model lxmert run")
+        try:
+            model, folder = load_lxmert_run(path)
+        except ckpt.CheckpointError as e:
+            hint = " (use --model uniter)" if "UNITER" in str(e) else ""
+            raise ckpt.CheckpointError(f"--checkpoint {path}: {e}{hint}") from None
+        info = {"source": str(path), "checkpoint": str(folder), "kind": "fastvl pretrain --model lxmert run"}
+    else:
+        state = _read_state(path)
+        family = checkpoint_family(state)
+        if family != "lxmert":
+            what = f"a {family.upper()} checkpoint" if family else "not an LXMERT checkpoint (no x_layers keys)"
+            hint = " (use --model uniter)" if family == "uniter" else ""
+            raise ckpt.CheckpointError(f"--checkpoint {path} is {what}, not LXMERT{hint}")
+        cfg = LxmertConfig.from_json_file(config) if config else lxmert_config_from_state(state)
+        model = LxmertModel(cfg)
+        try:
+            load_lxmert_state(model, {k: v for k, v in state.items() if not k.startswith(("cls.", "answer_head.",
+                                                                                          "obj_predict_head."))},
+                              str(path))
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"--checkpoint {path}: {e}") from None
+        info = {"source": str(path), "checkpoint": str(path), "kind": "checkpoint file"}
+    model.eval()
+    info["config"] = getattr(model, "lxmert", model).config.to_dict()
+    return model, info
+
+
+def load_model(family: str, path: str | Path, config: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """:func:`load_uniter` or :func:`load_lxmert` by ``family`` ('uniter' / 'lxmert')."""
+    loaders = {"uniter": load_uniter, "lxmert": load_lxmert}
+    if family not in loaders:
+        raise ValueError(f"fastvl.probe.load_model: 'family' must be one of {sorted(loaders)}, got {family!r}")
+    return loaders[family](path, config)
+
+
 def random_control(model: nn.Module, seed: int = 0) -> nn.Module:
     """A fresh model of the same class and config as ``model`` with the official random initialisation (seeded),
     in eval mode: the control every probe is compared with."""
@@ -150,6 +225,10 @@ def random_control(model: nn.Module, seed: int = 0) -> nn.Module:
             control = UniterForPretraining(cfg, cfg.img_dim, cfg.img_label_dim)
         elif isinstance(model, UniterModel):
             control = UniterModel(cfg, model.img_dim)
+        elif isinstance(model, LxmertForPreTraining):
+            control = LxmertForPreTraining(cfg)
+        elif isinstance(model, LxmertModel):
+            control = LxmertModel(cfg)
         else:
             raise TypeError(f"random_control: no control for a {type(model).__name__}")
     return control.eval()

@@ -23,11 +23,13 @@ def headline(trained: dict, control: dict) -> dict:
     out: dict = {}
     if "fusion_nmi" in trained:
         out["fusion_nmi_last_layer"] = {"trained": trained["fusion_nmi"][-1], "control": control["fusion_nmi"][-1]}
-    out["cls_text_mass_mean"] = {"trained": float(np.mean(trained["cls_text_mass"])),
-                                 "control": float(np.mean(control["cls_text_mass"])),
-                                 "chance": trained["uniform_text_share"]}
-    for k in ("img2txt_heads", "txt2img_heads"):
-        out[k] = {"trained": len(trained[k]), "control": len(control[k]), "of": trained["layers"] * trained["heads"]}
+    if "cls_text_mass" in trained:
+        out["cls_text_mass_mean"] = {"trained": float(np.mean(trained["cls_text_mass"])),
+                                     "control": float(np.mean(control["cls_text_mass"])),
+                                     "chance": trained["uniform_text_share"]}
+        for k in ("img2txt_heads", "txt2img_heads"):
+            out[k] = {"trained": len(trained[k]), "control": len(control[k]),
+                      "of": trained["layers"] * trained["heads"]}
     if "coreference" in trained:
         out["coreference_accuracy"] = {"trained": _acc(trained["coreference"]), "control": _acc(control["coreference"]),
                                        "chance": trained["coreference"].get("majority")}
@@ -58,6 +60,8 @@ def csv_rows(trained: dict, control: dict) -> list[dict]:
         add("fusion", "nmi", n, None, t, c)
     for key, probe in (("cls_text_mass", "modality_importance"), ("cls_image_mass", "modality_importance"),
                        ("img2txt_share", "cross_modal"), ("txt2img_share", "cross_modal")):
+        if key not in trained:
+            continue
         for n, (tr, cr) in enumerate(zip(trained[key], control[key])):
             for h, (t, c) in enumerate(zip(tr, cr)):
                 add(probe, key, n, h, t, c, trained["uniform_text_share"] if key == "cls_text_mass" else None)
@@ -104,7 +108,7 @@ def plot_nmi(results: dict[str, dict], path: Path) -> Path:
         nmi = fig_r.get("fusion_nmi")
         if nmi:
             ax.plot(range(len(nmi)), nmi, marker="o", ls="--" if "random" in label else "-", label=label)
-    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_xlabel("layer (0: embeddings; two-stream: the cross encoder's input, then its layers)")
     ax.set_ylabel("NMI(k-means k=2, modality)")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title("fusion degree (lower = more fused)", fontsize=9)
@@ -140,8 +144,8 @@ def plot_cross_modal(trained: dict, control: dict, name: str, path: Path) -> Pat
 
 
 def chosen_head(trained: dict) -> tuple[int, int]:
-    """The head whose phrase -> region attention best separates coreferent from other regions (else layer 0,
-    head 0)."""
+    """(layer, head) of the text -> region attention (the joint layers of a single-stream model, the cross layers of
+    a two-stream one) whose phrase -> region attention best separates coreferent from other regions (else 0, 0)."""
     gap = trained.get("coreference_head_gap")
     if not gap:
         return 0, 0
@@ -155,11 +159,11 @@ def plot_regions(item: dict, layer: int, head: int, name: str, path: Path) -> Pa
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    attn = np.asarray(item["attentions"])[layer, head]
-    tl, words, spans = item["txt_len"], item["words"], item["word_tokens"]
+    t2i = np.asarray(item["t2i"])[layer, head]  # [text tokens, regions]
+    words, spans = item["words"], item["word_tokens"]
     boxes = np.asarray(item["norm_bb"])
     n = len(boxes)
-    w2r = np.stack([attn[s:e, tl:tl + n].mean(0) for s, e in spans])  # [words, regions]
+    w2r = np.stack([t2i[s:e].mean(0) for s, e in spans])  # [words, regions]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
     ax = axes[0]
     ax.set_xlim(0, 1)
@@ -198,9 +202,10 @@ def plot_all(result: dict, name: str, out: Path, compare: dict[str, dict] | None
     """Every plot of one probe run into ``out``; ``compare``: other models' {label: figures} for the NMI plot."""
     trained, control = result["model"], result["control"]
     nmi = {f"{name} trained": trained, f"{name} random weights": control, **(compare or {})}
-    paths = [plot_nmi(nmi, out / "nmi_per_layer.png"),
-             plot_modality(trained, control, name, out / "modality_importance.png"),
-             plot_cross_modal(trained, control, name, out / "cross_modal_heads.png")]
+    paths = [plot_nmi(nmi, out / "nmi_per_layer.png")]
+    if "cls_text_mass" in trained:  # single-stream models only (see fastvl.probe.views)
+        paths += [plot_modality(trained, control, name, out / "modality_importance.png"),
+                  plot_cross_modal(trained, control, name, out / "cross_modal_heads.png")]
     if result.get("maps"):
         layer, head = chosen_head(trained)
         paths.append(plot_regions(result["maps"][0], layer, head, name, out / "attention_regions.png"))

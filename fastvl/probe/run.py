@@ -15,7 +15,8 @@ from ..data.probe_annotations import synthetic_grounding
 from ..train.checkpoint import CheckpointError
 from .dataset import ProbeExample, make_example
 from .extract import encoder_of
-from .load import load_uniter, random_control
+from .extract_lxmert import lxmert_encoder_of
+from .load import load_model, random_control
 from .report import plot_all, write_report
 from .suite import ProbeSettings, run_suite
 
@@ -34,31 +35,35 @@ def synthetic_examples(corpus: SyntheticCorpus, split: str = "val", limit: int |
         yield make_example(cap, rec.feat, rec.norm_bb, tok)
 
 
-def _check_fits(model, corpus: SyntheticCorpus, checkpoint: str) -> None:
-    enc = encoder_of(model)
-    if enc.img_dim != corpus.img_dim or enc.config.vocab_size < corpus.vocab_size:
-        raise CheckpointError(f"--checkpoint {checkpoint}: the model takes {enc.img_dim}-d region features and "
-                              f"{enc.config.vocab_size} word ids, but the synthetic probe corpus has "
-                              f"{corpus.img_dim}-d features and {corpus.vocab_size} word ids (probe a model "
-                              f"pre-trained on it, e.g. a default fastvl pretrain run)")
+def _check_fits(model, family: str, corpus: SyntheticCorpus, checkpoint: str) -> None:
+    if family == "uniter":
+        enc = encoder_of(model)
+        feat_dim, vocab = enc.img_dim, enc.config.vocab_size
+    else:
+        cfg = lxmert_encoder_of(model).config
+        feat_dim, vocab = cfg.visual_feat_dim, cfg.vocab_size
+    if feat_dim != corpus.img_dim or vocab < corpus.vocab_size:
+        raise CheckpointError(f"--checkpoint {checkpoint}: the model takes {feat_dim}-d region features and "
+                              f"{vocab} word ids, but the synthetic probe corpus has {corpus.img_dim}-d features and "
+                              f"{corpus.vocab_size} word ids (probe a model pre-trained on it, e.g. a default fastvl "
+                              f"pretrain run)")
 
 
 def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, settings: ProbeSettings | None = None,
                      split: str = "val", limit: int | None = None, device: str = "auto",
                      compare: list[str | Path] = (), progress: bool = True, config: str | None = None,
                      log=print) -> dict:
-    """Probe ``checkpoint`` (a ``fastvl pretrain`` run folder or a checkpoint file) of ``model_type`` ('uniter') and
-    its random-weights control on the synthetic corpus; write ``probes.json``, ``probes.csv`` and the plots into
-    ``out``. ``compare``: other runs' probes.json files whose NMI curves join the plot. Returns the JSON document."""
+    """Probe ``checkpoint`` (a ``fastvl pretrain`` run folder or a checkpoint file) of ``model_type`` ('uniter' or
+    'lxmert') and its random-weights control on the synthetic corpus; write ``probes.json``, ``probes.csv`` and the
+    plots into ``out``. ``compare``: other runs' probes.json files whose NMI curves join the plot. Returns the JSON
+    document."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     s = settings or ProbeSettings()
-    if model_type != "uniter":
-        raise ValueError(f"probe_checkpoint: model_type {model_type!r} is not available (uniter)")
-    model, info = load_uniter(checkpoint, config)
+    model, info = load_model(model_type, checkpoint, config)
     corpus = synthetic_corpus()
-    _check_fits(model, corpus, str(checkpoint))
+    _check_fits(model, model_type, corpus, str(checkpoint))
     control = random_control(model, s.seed)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -67,7 +72,8 @@ def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, s
     total = (corpus.info["counts"][split]["captions"] if limit is None else
              min(limit, corpus.info["counts"][split]["captions"]))
     bar = tqdm(total=2 * total, desc=f"probe {model_type}", unit="caption", disable=not progress, mininterval=1.0)
-    result = run_suite(model, control, lambda: synthetic_examples(corpus, split, limit), s, dev, bar.update)
+    result = run_suite(model, control, lambda: synthetic_examples(corpus, split, limit), s, dev, bar.update,
+                       model_type)
     bar.close()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """The scoring of the five VALUE probes, on plain arrays (one example's maps, or collected feature matrices).
 
 Shapes: ``attn`` is one example's attention [layers, heads, n, n] over its joint sequence (text first: [CLS], the
-words' tokens, [SEP]; then its regions), ``txt_len`` the number of text tokens. scikit-learn (the ``probe`` extra) is
-imported inside the functions that need it.
+words' tokens, [SEP]; then its regions), ``txt_len`` the number of text tokens; ``t2i`` / ``i2t`` / ``i2i`` are its
+text -> region, region -> text and region -> region blocks (a two-stream model's cross and vision maps).
+scikit-learn (the ``probe`` extra) is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bin_values", "cross_modal_flags", "fusion_nmi", "linear_probe", "modality_mass", "nmi",
+__all__ = ["bin_values", "cross_modal_flags", "fusion_nmi", "joint_blocks", "linear_probe", "modality_mass", "nmi",
            "phrase_region_features", "region_pair_features", "require_sklearn"]
 
 
@@ -66,22 +67,32 @@ def cross_modal_flags(attn: np.ndarray, txt_len: int, threshold: float = 0.5) ->
     return img2txt, txt2img
 
 
-def phrase_region_features(attn: np.ndarray, txt_len: int, tokens: tuple[int, int], region: int) -> np.ndarray:
+def phrase_region_features(t2i: np.ndarray, i2t: np.ndarray, tokens: tuple[int, int], region: int) -> np.ndarray:
     """Probe 3, visual coreference: the per-head attention between a phrase (text tokens ``tokens`` = [start, end))
-    and region ``region`` (index among the example's regions), both directions: phrase -> region (mean over the
-    phrase's tokens) then region -> phrase (summed over them); [2 * layers * heads]."""
-    a = np.asarray(attn)
+    and region ``region``, both directions: phrase -> region (mean over the phrase's tokens) then region -> phrase
+    (summed over them); [2 * layers * heads].
+
+    Args:
+        t2i: text -> region attention [layers, heads, tl, n]; i2t: region -> text attention [layers, heads, n, tl]
+            (for a single-stream model, blocks of the joint map: see :func:`joint_blocks`).
+    """
     s, e = tokens
-    r = txt_len + region
-    return np.concatenate([a[:, :, s:e, r].mean(-1).ravel(), a[:, :, r, s:e].sum(-1).ravel()])
+    return np.concatenate([np.asarray(t2i)[:, :, s:e, region].mean(-1).ravel(),
+                           np.asarray(i2t)[:, :, region, s:e].sum(-1).ravel()])
 
 
-def region_pair_features(attn: np.ndarray, txt_len: int, subject: int, obj: int) -> np.ndarray:
-    """Probe 4, visual relations: per-head attention subject -> object then object -> subject (region indices among
-    the example's regions); [2 * layers * heads]."""
+def region_pair_features(i2i: np.ndarray, subject: int, obj: int) -> np.ndarray:
+    """Probe 4, visual relations: per-head attention subject -> object then object -> subject, from the region ->
+    region attention ``i2i`` [layers, heads, n, n]; [2 * layers * heads]."""
+    a = np.asarray(i2i)
+    return np.concatenate([a[:, :, subject, obj].ravel(), a[:, :, obj, subject].ravel()])
+
+
+def joint_blocks(attn: np.ndarray, txt_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(text -> region, region -> text, region -> region) blocks of a joint attention [layers, heads, n, n] whose
+    first ``txt_len`` rows / columns are text."""
     a = np.asarray(attn)
-    s, o = txt_len + subject, txt_len + obj
-    return np.concatenate([a[:, :, s, o].ravel(), a[:, :, o, s].ravel()])
+    return a[:, :, :txt_len, txt_len:], a[:, :, txt_len:, :txt_len], a[:, :, txt_len:, txt_len:]
 
 
 def bin_values(values: Sequence[str], bins: int = 3) -> list[str]:

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dataset import ProbeExample, batches_of, official_batch
-from .extract import probe_forward
+from .dataset import ProbeExample, batches_of
 from .scoring import (
     bin_values,
     cross_modal_flags,
@@ -28,8 +27,12 @@ from .scoring import (
     phrase_region_features,
     region_pair_features,
 )
+from .views import ExampleMaps, lxmert_views, uniter_views
 
-__all__ = ["Collected", "ProbeSettings", "collect", "run_suite", "score"]
+__all__ = ["VIEWS", "Collected", "ProbeSettings", "collect", "run_suite", "score"]
+
+#: model family -> the function giving one batch's :class:`~fastvl.probe.views.ExampleMaps`
+VIEWS: dict[str, Callable] = {"uniter": uniter_views, "lxmert": lxmert_views}
 
 
 @dataclass
@@ -73,22 +76,31 @@ class Collected:
     maps: list[dict] = field(default_factory=list)
 
 
-def _example_features(c: Collected, e: ProbeExample, attn: np.ndarray, hid: np.ndarray, s: ProbeSettings,
+def _start(c: Collected, v: ExampleMaps) -> None:
+    c.layers, c.heads = v.t2i.shape[0], v.t2i.shape[1]
+    c.fusion_tokens = [[] for _ in v.fusion]
+    c.sent_x = [[] for _ in v.text]
+    if v.joint is not None:
+        shape = v.joint.shape[:2]
+        c.cls_text, c.cls_image = np.zeros(shape), np.zeros(shape)
+        c.img2txt, c.txt2img = np.zeros(shape), np.zeros(shape)
+
+
+def _example_features(c: Collected, e: ProbeExample, v: ExampleMaps, s: ProbeSettings,
                       rng: np.random.Generator) -> None:
     tl, n = e.txt_len, e.n_regions
-    seq = tl + n
-    attn, hid = attn[:, :, :seq, :seq], hid[:, :seq]
     if len(c.fusion_modality) < s.fusion_examples and n:
-        for layer in range(hid.shape[0]):
-            c.fusion_tokens[layer].append(hid[layer])
+        for layer, tokens in enumerate(v.fusion):
+            c.fusion_tokens[layer].append(tokens)
         c.fusion_modality.append(np.r_[np.zeros(tl, np.int64), np.ones(n, np.int64)])
-    text, image = modality_mass(attn, tl)
-    c.cls_text += text
-    c.cls_image += image
-    c.uniform_text += tl / seq
-    i2t, t2i = cross_modal_flags(attn, tl, s.cross_threshold)
-    c.img2txt += i2t
-    c.txt2img += t2i
+    if v.joint is not None:
+        text, image = modality_mass(v.joint, tl)
+        c.cls_text += text
+        c.cls_image += image
+        c.uniform_text += tl / (tl + n)
+        i2t, t2i = cross_modal_flags(v.joint, tl, s.cross_threshold)
+        c.img2txt += i2t
+        c.txt2img += t2i
     c.examples += 1
     group = e.caption.img_fname
     if n >= 2:
@@ -100,47 +112,44 @@ def _example_features(c: Collected, e: ProbeExample, attn: np.ndarray, hid: np.n
             if s.negatives_per_phrase and len(negatives) > s.negatives_per_phrase:
                 negatives = sorted(rng.choice(negatives, s.negatives_per_phrase, replace=False).tolist())
             for r in list(p.regions) + negatives:
-                c.coref_x.append(phrase_region_features(attn, tl, span, r))
+                c.coref_x.append(phrase_region_features(v.t2i, v.i2t, span, r))
                 c.coref_y.append(int(r in p.regions))
                 c.coref_group.append(group)
     pairs: dict[tuple[int, int], list[str]] = {}
     for rel in e.caption.relations:
         pairs.setdefault((rel.subject, rel.object), []).append(rel.predicate)
     for (subj, obj), preds in pairs.items():
-        c.rel_x.append(region_pair_features(attn, tl, subj, obj))
+        c.rel_x.append(region_pair_features(v.i2i, subj, obj))
         c.rel_predicates.append(preds)
         c.rel_group.append(group)
     if e.caption.properties:
-        for layer in range(hid.shape[0]):
-            c.sent_x[layer].append(hid[layer, :tl].mean(0))
+        for layer, tokens in enumerate(v.text):
+            c.sent_x[layer].append(tokens.mean(0))
         c.sent_props.append(dict(e.caption.properties))
         c.sent_group.append(group)
     if len(c.maps) < s.keep_maps and n >= 2 and any(p.regions for p in e.caption.phrases):
         c.maps.append({"id": e.caption.id, "words": list(e.caption.words), "word_tokens": list(e.word_tokens),
-                       "norm_bb": e.norm_bb.tolist(), "txt_len": tl, "attentions": attn.astype(np.float32),
+                       "norm_bb": e.norm_bb.tolist(), "txt_len": tl, "t2i": v.t2i.astype(np.float32),
                        "phrases": [asdict(p) for p in e.caption.phrases]})
 
 
 @torch.no_grad()
 def collect(model: nn.Module, examples: Iterable[ProbeExample], settings: ProbeSettings | None = None,
-            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> Collected:
-    """One streaming pass of ``model`` (a UNITER model, see :func:`~fastvl.probe.probe_forward`) over
-    ``examples``; ``progress(n)`` is called after every batch with its size."""
+            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+            family: str = "uniter") -> Collected:
+    """One streaming pass of ``model`` (of ``family``: a key of :data:`VIEWS`) over ``examples``; ``progress(n)`` is
+    called after every batch with its size."""
+    if family not in VIEWS:
+        raise ValueError(f"fastvl.probe.collect: 'family' must be one of {sorted(VIEWS)}, got {family!r}")
     s = settings or ProbeSettings()
     rng = np.random.default_rng(s.seed)
     c = Collected()
     for chunk in batches_of(examples, s.batch_size):
-        out = probe_forward(model, official_batch(chunk, device))
-        att = out.attentions.float().cpu().numpy()
-        hid = out.hidden_states.float().cpu().numpy()
-        if c.cls_text is None:
-            c.layers, c.heads = att.shape[0], att.shape[2]
-            c.cls_text, c.cls_image = np.zeros((c.layers, c.heads)), np.zeros((c.layers, c.heads))
-            c.img2txt, c.txt2img = np.zeros((c.layers, c.heads)), np.zeros((c.layers, c.heads))
-            c.fusion_tokens = [[] for _ in range(hid.shape[0])]
-            c.sent_x = [[] for _ in range(hid.shape[0])]
-        for i, e in enumerate(chunk):
-            _example_features(c, e, att[:, i], hid[:, i], s, rng)
+        views = VIEWS[family](model, chunk, device)
+        if not c.fusion_tokens:
+            _start(c, views[0])
+        for e, v in zip(chunk, views):
+            _example_features(c, e, v, s, rng)
         if progress is not None:
             progress(len(chunk))
     if c.examples == 0:
@@ -166,13 +175,18 @@ def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
         modality = np.concatenate(c.fusion_modality)
         out["fusion_nmi"] = [fusion_nmi(np.concatenate(toks), modality, s.seed) for toks in c.fusion_tokens]
         out["fusion_tokens"] = int(len(modality))
-    out["cls_text_mass"] = (c.cls_text / c.examples).tolist()
-    out["cls_image_mass"] = (c.cls_image / c.examples).tolist()
-    out["uniform_text_share"] = c.uniform_text / c.examples
-    img2txt, txt2img = c.img2txt / c.examples, c.txt2img / c.examples
-    out["img2txt_share"], out["txt2img_share"] = img2txt.tolist(), txt2img.tolist()
-    out["img2txt_heads"] = [[int(a), int(b)] for a, b in zip(*np.nonzero(img2txt >= s.head_fraction))]
-    out["txt2img_heads"] = [[int(a), int(b)] for a, b in zip(*np.nonzero(txt2img >= s.head_fraction))]
+    if c.cls_text is not None:
+        out["cls_text_mass"] = (c.cls_text / c.examples).tolist()
+        out["cls_image_mass"] = (c.cls_image / c.examples).tolist()
+        out["uniform_text_share"] = c.uniform_text / c.examples
+        img2txt, txt2img = c.img2txt / c.examples, c.txt2img / c.examples
+        out["img2txt_share"], out["txt2img_share"] = img2txt.tolist(), txt2img.tolist()
+        out["img2txt_heads"] = [[int(a), int(b)] for a, b in zip(*np.nonzero(img2txt >= s.head_fraction))]
+        out["txt2img_heads"] = [[int(a), int(b)] for a, b in zip(*np.nonzero(txt2img >= s.head_fraction))]
+    else:
+        out["modality_note"] = ("two-stream model: [CLS] attends to text and to regions in separate softmaxes and "
+                                "every cross-attention head is cross-modal by construction; [CLS] modality mass and "
+                                "cross-modal head shares are defined for single-stream models only")
     if c.coref_x:
         out["coreference"] = linear_probe(np.stack(c.coref_x), c.coref_y, c.coref_group, s.seed, s.folds)
         x, y = np.stack(c.coref_x), np.asarray(c.coref_y)
@@ -196,12 +210,12 @@ def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
 
 def run_suite(model: nn.Module, control: nn.Module, examples: Callable[[], Iterable[ProbeExample]],
               settings: ProbeSettings | None = None, device: torch.device | str = "cpu",
-              progress: Callable[[int], None] | None = None) -> dict:
+              progress: Callable[[int], None] | None = None, family: str = "uniter") -> dict:
     """Collect and score ``model`` and its random-weights ``control`` on the same examples (``examples()`` is
     called once per model). Returns {'model': figures, 'control': figures, 'maps': the kept maps of the model,
     'control_maps': those of the control, 'settings': ...}."""
     s = settings or ProbeSettings()
-    got = collect(model, examples(), s, device, progress)
-    ctrl = collect(control, examples(), s, device, progress)
+    got = collect(model, examples(), s, device, progress, family)
+    ctrl = collect(control, examples(), s, device, progress, family)
     return {"model": score(got, s), "control": score(ctrl, s), "maps": got.maps, "control_maps": ctrl.maps,
             "settings": asdict(s)}

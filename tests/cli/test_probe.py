@@ -108,3 +108,44 @@ def test_probe_cli_wrong_checkpoints(run_folder, tmp_path, capsys):
         assert code == 2, (path, err)
         assert err.startswith("fastvl probe: error: argument --checkpoint") and message in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def lxmert_run(tmp_path_factory):
+    from fastvl.models.lxmert import LxmertConfig, LxmertForPreTraining
+
+    corpus = synthetic_corpus()
+    cfg = LxmertConfig(vocab_size=corpus.vocab_size, hidden_size=24, num_attention_heads=3, intermediate_size=40,
+                       l_layers=1, x_layers=2, r_layers=1, visual_feat_dim=corpus.img_dim, num_qa_labels=3,
+                       num_object_labels=corpus.img_label_dim, num_attr_labels=4, max_position_embeddings=64)
+    torch.manual_seed(2)
+    run = tmp_path_factory.mktemp("probe-lx") / "run"
+    run.mkdir()
+    cfg.to_json_file(run / "model_config.json")
+    ckpt.save_checkpoint(run, 4, LxmertForPreTraining(cfg), {"step": 4})
+    return run, cfg
+
+
+@pytest.mark.slow
+def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
+    run, cfg = lxmert_run
+    other = tmp_path / "uniter-probes.json"  # another run's figures, drawn beside LXMERT's in the NMI plot
+    other.write_text(json.dumps({"model": "uniter", "trained": {"fusion_nmi": [0.9, 0.5, 0.2]},
+                                 "control": {"fusion_nmi": [1.0, 1.0, 1.0]}}))
+    out = tmp_path / "lx"
+    code, stdout, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run), "--out", str(out), "--examples",
+                              "24", "--folds", "2", "--no-progress", "--compare", str(other)], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "probes.json").read_text())
+    f = doc["trained"]
+    assert doc["model"] == "lxmert" and (f["layers"], f["heads"]) == (cfg.x_layers, cfg.num_attention_heads)
+    assert len(f["fusion_nmi"]) == cfg.x_layers + 1  # the cross encoder's input, then each cross layer
+    assert all(len(v) == 1 + cfg.l_layers + cfg.x_layers for v in f["linguistic"].values())
+    assert "cls_text_mass" not in f and "two-stream" in f["modality_note"]
+    assert np.asarray(f["coreference_head_gap"]).shape == (cfg.x_layers, cfg.num_attention_heads)
+    assert doc["plots"] == [str(out / "nmi_per_layer.png"), str(out / "attention_regions.png")]
+    # wrong family either way round
+    code, _, err = _run(["probe", "--model", "uniter", "--checkpoint", str(run), "--out", str(out)], capsys)
+    assert code == 2 and "is a LXMERT run, not UNITER: use --model lxmert" in err
+    code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run_folder[0]), "--out", str(out)], capsys)
+    assert code == 2 and "UNITER" in err and "use --model uniter" in err, err

@@ -9,6 +9,7 @@ from fastvl.probe.scoring import (
     bin_values,
     cross_modal_flags,
     fusion_nmi,
+    joint_blocks,
     linear_probe,
     modality_mass,
     nmi,
@@ -77,13 +78,14 @@ def test_cross_modal_flags_hand_computed():
 
 
 def test_pair_features_hand_computed():
-    a = _attn()
+    t2i, i2t, i2i = joint_blocks(_attn(), 2)
+    assert t2i.shape == (1, 2, 2, 2) and i2t.shape == (1, 2, 2, 2) and i2i.shape == (1, 2, 2, 2)
     # phrase = text token 1 only, region 1 (joint index 3): p->r = a[.., 1, 3]; r->p = a[.., 3, 1]
-    np.testing.assert_allclose(phrase_region_features(a, 2, (1, 2), 1), [0.25, 0.7, 0.1, 0.1])
+    np.testing.assert_allclose(phrase_region_features(t2i, i2t, (1, 2), 1), [0.25, 0.7, 0.1, 0.1])
     # phrase = tokens 0..1, region 0 (joint 2): mean of a[.., 0:2, 2], sum of a[.., 2, 0:2]
-    np.testing.assert_allclose(phrase_region_features(a, 2, (0, 2), 0), [0.275, 0.075, 0.7, 0.4])
+    np.testing.assert_allclose(phrase_region_features(t2i, i2t, (0, 2), 0), [0.275, 0.075, 0.7, 0.4])
     # subject region 0 (joint 2) -> object region 1 (joint 3), then back
-    np.testing.assert_allclose(region_pair_features(a, 2, 0, 1), [0.1, 0.3, 0.4, 0.3])
+    np.testing.assert_allclose(region_pair_features(i2i, 0, 1), [0.1, 0.3, 0.4, 0.3])
 
 
 def test_linear_probe_hand_computed(seed):
