@@ -15,6 +15,7 @@ from fastvl.data.layouts import (
     boxes_to_mask,
     collate_layouts,
     connected_boxes,
+    exclude_positions,
     flip_boxes,
     instance_boxes,
     memory_bank_labels,
@@ -175,6 +176,9 @@ def test_memory_bank_labels(seed):
     other = [memory_bank_labels(ds, 0.25, seed=seed + k)[1] for k in range(1, 4)]
     assert any(not torch.equal(idx, o) for o in other)
     assert len(memory_bank_labels(ds, 1.0)[1]) == 40
+    queries = torch.tensor([idx[3].item(), 39 if 39 not in idx else -5, idx[0].item(), idx[-1].item()])
+    expect = [3, -1, 0, len(idx) - 1]
+    assert exclude_positions(idx, queries).tolist() == expect
     for bad in (0, -0.1, 1.5, True):
         with pytest.raises(ValueError, match="fraction"):
             memory_bank_labels(ds, bad)

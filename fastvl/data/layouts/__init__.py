@@ -20,6 +20,7 @@ Functions:
 - :func:`collate_layouts` -- stack items (``boxes`` stays a list);
 - :func:`memory_bank_labels` -- a random fraction of a split's class maps (uint8, int16 when C > 255) and their
   indices: BachGAN's retrieval memory, ready for :func:`fastvl.ops.layout_retrieval` / ``LayoutMemory``;
+- :func:`exclude_positions` -- each training query's position in that bank (or -1): retrieval's ``exclude``;
 - :func:`boxes_to_mask` -- boxes -> bool [C, H, W];
 - :func:`read_boxes_json` -- user-drawn boxes from ``{"size": [H, W], "boxes": [{"class": name-or-id, "box":
   [x0, y0, x1, y1]}, ...]}`` (errors name the file and the box);
@@ -30,7 +31,7 @@ first; the synthetic set takes ``split`` and a :class:`SyntheticLayoutConfig`).
 """
 
 from .ade20k_classes import ADE20K_CLASS_NAMES, ADE20K_FOREGROUND, ADE20K_STUFF
-from .base import IGNORE_INDEX, LayoutSet, collate_layouts, label_dtype, memory_bank_labels
+from .base import IGNORE_INDEX, LayoutSet, collate_layouts, exclude_positions, label_dtype, memory_bank_labels
 from .boxes import (
            boxes_to_mask,
            check_boxes,
@@ -49,6 +50,6 @@ __all__ = [
     "ADE20KLayoutSet", "ADE20K_CLASS_NAMES", "ADE20K_FOREGROUND", "ADE20K_STUFF", "CITYSCAPES_CLASS_NAMES",
     "CITYSCAPES_FOREGROUND", "CityscapesLayoutSet", "IGNORE_INDEX", "LAYOUT_SETS", "LayoutSet",
     "SyntheticLayoutConfig", "SyntheticLayoutSet", "boxes_to_mask", "check_boxes", "collate_layouts",
-    "connected_boxes", "flip_boxes", "generate_scene", "instance_boxes", "label_dtype", "memory_bank_labels",
-    "read_boxes_json", "region_boxes",
+    "connected_boxes", "exclude_positions", "flip_boxes", "generate_scene", "instance_boxes", "label_dtype",
+    "memory_bank_labels", "read_boxes_json", "region_boxes",
 ]

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .boxes import boxes_to_mask, flip_boxes
 
-__all__ = ["IGNORE_INDEX", "LayoutSet", "collate_layouts", "label_dtype", "memory_bank_labels"]
+__all__ = ["IGNORE_INDEX", "LayoutSet", "collate_layouts", "exclude_positions", "label_dtype", "memory_bank_labels"]
 
 IGNORE_INDEX = 255
 
@@ -145,3 +145,15 @@ def memory_bank_labels(dataset: LayoutSet, fraction: float = 0.25, seed: int = 0
                              f"{lab.shape}, expected {dataset.size}")
         out[j] = torch.from_numpy(lab.astype(np.int64)).to(dtype)
     return out, indices
+
+
+def exclude_positions(bank_indices: torch.Tensor, query_indices: torch.Tensor) -> torch.Tensor:
+    """``exclude`` for :func:`fastvl.ops.layout_retrieval`: for each query's dataset index, its position in the
+    memory bank (``bank_indices`` from :func:`memory_bank_labels`, ascending), or -1 when it is not in the bank
+    (a map never retrieves itself). Returns int64 [Q]."""
+    bank = bank_indices.to(torch.int64)
+    q = query_indices.to(torch.int64).reshape(-1)
+    if bank.numel() == 0:
+        return torch.full_like(q, -1)
+    pos = torch.searchsorted(bank, q).clamp_max(bank.numel() - 1)
+    return torch.where(bank[pos] == q, pos, torch.full_like(q, -1))
