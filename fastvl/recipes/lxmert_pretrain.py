@@ -35,8 +35,8 @@ from ..train import distributed as D
 from ..train.loop import TrainConfig, Trainer
 from .base import SettingsError, last_losses
 
-__all__ = ["LXMERT_DEFAULTS", "LxmertPretrainSettings", "build_lxmert", "evaluate_lxmert", "load_lxmert_run",
-           "lxmert_pretrain", "parse_lxmert_tasks"]
+__all__ = ["LXMERT_DEFAULTS", "LxmertPretrainSettings", "build_lxmert", "chance_lxmert", "evaluate_lxmert",
+           "load_lxmert_run", "lxmert_pretrain", "parse_lxmert_tasks"]
 
 #: The CPU default: a tiny LXMERT (2 language, 1 object-relationship, 2 cross layers, H 128), a few minutes here.
 LXMERT_DEFAULTS = dict(steps=1200, lr=1e-3, warmup_steps=100, batch_tokens=512, grad_accum=1, val_every=400,
@@ -203,6 +203,31 @@ def evaluate_lxmert(model: LxmertForPreTraining, val: PretrainData | None, qa_va
     return {f"{k}_acc": h / n for k, (h, n) in hits.items() if n}
 
 
+def chance_lxmert(val: PretrainData | None, qa_val, max_batches: int = 20) -> dict[str, float]:
+    """The majority-class baseline of every validation metric of :func:`evaluate_lxmert` (same batches): the share
+    of the most frequent target (ITM label, masked word, detector top class, top answer)."""
+    counts: dict[str, dict[int, int]] = {k: {} for k in ("itm", "mlm_words", "mrc", "qa")}
+    sources = [(t, val.batches(t)) for t in (val.mix if val is not None else [])]
+    if qa_val is not None:
+        sources.append(("qa", qa_val.iter_epoch(0, max_batches)))
+    for task, batches in sources:
+        for k, batch in enumerate(batches):
+            if k >= max_batches:
+                break
+            if task == "itm":
+                target = batch.itm_targets
+            elif task == "qa":
+                target = batch.targets.argmax(-1)
+            elif task == "mrc":
+                target = batch.soft_labels.argmax(-1)
+            else:
+                target = batch.txt_labels[batch.txt_labels != -1]
+            c = counts["mlm_words" if task in ("mlm", "mlm-words") else task]
+            for t in target.tolist():
+                c[t] = c.get(t, 0) + 1
+    return {f"{k}_acc": max(c.values()) / sum(c.values()) for k, c in counts.items() if c}
+
+
 def lxmert_pretrain(settings: LxmertPretrainSettings, log=print) -> dict:
     """Run LXMERT pre-training; returns {'history', 'validation', 'checkpoint', 'tokens_per_s', 'seconds'}."""
     s = settings.resolved()
@@ -234,6 +259,9 @@ def lxmert_pretrain(settings: LxmertPretrainSettings, log=print) -> dict:
 
     trainer = Trainer(model, tasks, data["sources"], mix, cfg, s.output, info, validate, log)
     if info.is_main:
+        chance = chance_lxmert(data["val"], data["qa_val"], s.val_batches)
+        log("chance (majority class) on the validation batches: "
+            + "  ".join(f"{k} {v:.4f}" for k, v in chance.items()))
         out = Path(s.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps({"model": "lxmert", **asdict(s)}, indent=2))
