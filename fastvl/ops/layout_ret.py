@@ -13,8 +13,8 @@ division, so both backends produce the same values and the same tie order) and r
 
 Backends (``fastvl.ops.layout_ret.LAYOUT_RETRIEVAL``):
 
-- ``cpu`` (the default for CPU tensors; C++ in fastvl._C, ``csrc/layout_retrieval/``): the same chunks and running
-  top-k; per block of 64 queries a per-pixel table of 64-bit query masks for every named class
+- ``cpu`` (the default for CPU tensors; C++ in fastvl._C, ``csrc/layout_retrieval/``): chunks and running top-k as
+  ``torch_chunked`` below; per block of 64 queries a per-pixel table of 64-bit query masks for every named class
   (:func:`query_tables`), so each memory pixel costs one lookup and one increment per query it hits; parallel over
   the maps of a chunk.
 - ``torch_chunked`` (pure PyTorch; the CPU default without fastvl._C): walks the memory in chunks of
