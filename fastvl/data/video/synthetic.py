@@ -42,7 +42,7 @@ from .vocab import WordVocab
 __all__ = ["VideoSyntheticConfig", "VideoCorpus", "video_synthetic_corpus", "generate_videos", "video_vocab",
            "write_video_raw", "SPLITS"]
 
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "val")
 CLASSES = ["cup", "ball", "book", "lamp", "chair", "vase", "clock", "shoe", "hat", "bottle"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
@@ -50,8 +50,8 @@ ROWS = ["top", "middle", "bottom"]
 COLS = ["left", "center", "right"]
 CELLS = [f"{r} {c}" for r in ROWS for c in COLS]
 FILLERS = ["look at that", "oh wow", "hmm okay", "see this", "right there"]
-_WORDS = ("a the at to it appears moves turns shows up goes changes becomes what colour does where which is there "
-          "then and ? . in video clip object").split()
+_WORDS = ("a the at to it appears moves move turns turn shows up goes changes becomes what colour does where which is "
+          "there then and ? . in video clip object").split()
 
 
 @dataclass(frozen=True)

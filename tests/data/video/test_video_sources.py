@@ -79,6 +79,7 @@ def test_synthetic_corpus_facts(tiny_video_corpus):
         no_frame_subs += sum(1 for _, fs in pairs if not fs)
         unmatched += len(um)
         assert max((t for x in ids for t in x), default=5) < info["vocab_size"]
+        assert all(t >= 5 for x in ids for t in x)  # words only: no <unk> (3) nor other special ids
     assert pseudo >= 1 and no_frame_subs >= 1 and unmatched >= 1
     iv = info["frame_interval"]
     for split in ("train", "val"):
@@ -87,9 +88,11 @@ def test_synthetic_corpus_facts(tiny_video_corpus):
             ex, n = tvr[qid], n_frames[tvr.query2video[qid]]
             st, ed = moment_frames(ex["target"], iv, n, tvr.name, qid)  # raises when outside the video
             assert 0 <= st <= ed < n and ex["target"][1] <= n * iv
+            assert min(ex["input_ids"]) >= 5
         qa = QueryDB(c.query_db("tvqa", split))
         for qid in qa.ids:
             ex = qa[qid]
+            assert min(t for x in ex["input_ids"] for t in x) >= 5
             answers = [tuple(a) for a in ex["input_ids"][1:]]
             assert 0 <= ex["target"] < 5 and len(set(answers)) == 5
             st, ed = (float(x) for x in ex["ts"].split("-"))
