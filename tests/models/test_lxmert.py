@@ -229,3 +229,42 @@ def test_from_pretrained_reads_the_port_save_pretrained_folder(tmp_path, gen):
     assert ours.cls.predictions.decoder.weight is ours.lxmert.embeddings.word_embeddings.weight
     base = LxmertModel.from_pretrained(tmp_path / "port", strict=False)  # heads of the file are left out
     assert torch.equal(base.pooler.dense.weight, ours.lxmert.pooler.dense.weight)
+
+
+def test_packed_encoder_on_the_triton_attention_follows_the_tolerance_rule(triton_device, monkeypatch, gen):
+    """Both self masks and the cross mask (an example with no region included) through the fused Triton kernels
+    (the interpreter on CPU in fp32, bf16 on a GPU): outputs and parameter gradients vs the float64 reference."""
+    from fastvl.batch import PackedVLBatch
+    from fastvl.ops.testing import assert_close_to_ref
+
+    dtype = torch.float32 if triton_device.type == "cpu" else torch.bfloat16
+    cfg = LxmertConfig(**{**TINY, "hidden_size": 64, "num_attention_heads": 2, "l_layers": 1, "x_layers": 1,
+                          "r_layers": 1})
+    base = LxmertModel(cfg).eval()
+    txt, img = [3, 7, 1], [4, 0, 6]
+    b = PackedVLBatch(input_ids=torch.randint(1, cfg.vocab_size, (sum(txt),), generator=gen), txt_lens=txt,
+                      img_feat=torch.randn(sum(img), cfg.visual_feat_dim, generator=gen),
+                      img_pos=torch.rand(sum(img), 7, generator=gen), img_lens=img).to(triton_device)
+    w = torch.randn(sum(txt), cfg.hidden_size, generator=gen).to(triton_device)
+
+    def run(backend: str, dt: torch.dtype):
+        monkeypatch.setenv("FASTVL_BACKEND", f"attention={backend}")
+        m = LxmertModel(cfg).eval()
+        m.load_state_dict(base.state_dict())
+        m = m.to(device=triton_device, dtype=dt)
+        bb = PackedVLBatch(input_ids=b.input_ids, txt_lens=txt, img_feat=b.img_feat.to(dt), img_pos=b.img_pos.to(dt),
+                           img_lens=img)
+        out = m.forward_packed(bb)
+        loss = (out.language_output * w.to(dt)).sum() + out.vision_output.float().square().sum()
+        loss.backward()
+        return out, {k: p.grad for k, p in m.named_parameters()}
+
+    ref64, g64 = run("reference", torch.float64)
+    low, glow = run("reference", dtype)
+    fast, gfast = run("triton", dtype)
+    for name in ("language_output", "vision_output", "pooled_output"):
+        assert_close_to_ref(getattr(fast, name), getattr(ref64, name), getattr(low, name), name)
+    for k in ("encoder.x_layers.0.visual_attention.att.query.weight", "encoder.layer.0.attention.self.value.weight",
+              "encoder.r_layers.0.attention.self.key.weight", "embeddings.word_embeddings.weight",
+              "encoder.visn_fc.visn_fc.weight"):
+        assert_close_to_ref(gfast[k], g64[k], glow[k], k)
