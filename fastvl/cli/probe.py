@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds of the linear probes")
     p.add_argument("--seed", type=int, default=0, help="control weights, k-means, folds, negative sampling")
     p.add_argument("--compare", nargs="*", default=[], help="probes.json of other runs to draw in the NMI plot")
+    p.add_argument("--save-maps", default=None, help="also stream the trained model's attention maps and hidden "
+                                                     "states to this folder (one shard per batch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"must be >= 2, got {args.folds}", argument="--folds")
     s = ProbeSettings(batch_size=args.batch_size, seed=args.seed, folds=args.folds)
     doc = probe_checkpoint(args.model, args.checkpoint, args.out, s, args.split, args.examples, args.device,
-                           args.compare, not args.no_progress, args.config)
+                           args.compare, not args.no_progress, args.config, args.save_maps)
     print(f"{'figure':34s} {'trained':>8s} {'control':>8s} {'chance':>8s}")
     for name, v in doc["headline"].items():
         cells = [v.get(k) for k in ("trained", "control", "chance")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from ..models.uniter import UniterModel, layout_from_official
 from ..ops import cross_modal_attention, unpack
 
 __all__ = ["ProbeOutputs", "attention_maps", "encoder_of", "eval_mode", "hidden_states", "probe_forward",
-           "read_maps", "write_maps"]
+           "read_maps", "uniter_example_maps", "write_maps"]
 
 #: keys of the official collate dict that the probes read (any other key is ignored)
 BATCH_KEYS = ("input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index")
@@ -135,32 +135,42 @@ def hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.
     return probe_forward(model, batch).hidden_states
 
 
+def uniter_example_maps(model: nn.Module, batch: Mapping[str, torch.Tensor], hidden: bool = True,
+                        dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Per example of an official batch: ``attentions`` [layers, heads, n, n] and (with ``hidden``) ``hidden_states``
+    [layers + 1, n, H] cut to its n = text + region tokens and stored as ``dtype``, with ``txt_len``, ``img_len`` and
+    ``id`` (the batch's ``ids`` entry when present)."""
+    out = probe_forward(model, batch)
+    ids = batch.get("ids") or [None] * len(out.txt_lens)
+    items = []
+    for i, (t, n) in enumerate(zip(out.txt_lens, out.img_lens)):
+        s = t + n
+        item = {"id": ids[i], "txt_len": t, "img_len": n,
+                "attentions": out.attentions[:, i, :, :s, :s].to(dtype).clone()}
+        if hidden:
+            item["hidden_states"] = out.hidden_states[:, i, :s].to(dtype).clone()
+        items.append(item)
+    return items
+
+
 def write_maps(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], folder: str | os.PathLike,
-               hidden: bool = True, dtype: torch.dtype = torch.float16) -> Path:
-    """Stream the attention maps (and hidden states) of ``batches`` to ``folder``: ``shard_<k>.pt`` per batch holds
-    one dict per example with ``attentions`` [layers, heads, n, n] and ``hidden_states`` [layers + 1, n, H] cut to
-    that example's n = text + region tokens (stored as ``dtype``), ``txt_len``, ``img_len`` and ``id`` (the batch's
-    ``ids`` entry when present); ``index.json`` lists the shards. Returns the folder."""
+               hidden: bool = True, dtype: torch.dtype = torch.float16,
+               example_maps: Callable[..., list[dict]] = uniter_example_maps) -> Path:
+    """Stream the maps of ``batches`` to ``folder``, one ``shard_<k>.pt`` per batch holding ``example_maps(model,
+    batch, hidden, dtype)`` (default :func:`uniter_example_maps`; LXMERT:
+    :func:`fastvl.probe.extract_lxmert.lxmert_example_maps`), written atomically; ``index.json`` lists the shards.
+    Only one batch's maps are in memory at a time. Returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
     for k, batch in enumerate(batches):
-        out = probe_forward(model, batch)
-        ids = batch.get("ids") or [None] * len(out.txt_lens)
-        items = []
-        for i, (t, n) in enumerate(zip(out.txt_lens, out.img_lens)):
-            s = t + n
-            item = {"id": ids[i], "txt_len": t, "img_len": n,
-                    "attentions": out.attentions[:, i, :, :s, :s].to(dtype).clone()}
-            if hidden:
-                item["hidden_states"] = out.hidden_states[:, i, :s].to(dtype).clone()
-            items.append(item)
+        items = example_maps(model, batch, hidden, dtype)
         name = f"shard_{k:06d}.pt"
         tmp = folder / (name + ".tmp")
         torch.save(items, tmp)
         os.replace(tmp, folder / name)
         shards.append(name)
-        del out, items
+        del items
     (folder / "index.json").write_text(json.dumps({"shards": shards}))
     return folder
 

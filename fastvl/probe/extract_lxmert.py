@@ -20,7 +20,8 @@ from ..models.lxmert import LxmertModel, StreamDims
 from ..ops import cross_modal_attention
 from .extract import eval_mode
 
-__all__ = ["LXMERT_BATCH_KEYS", "LxmertProbeOutputs", "lxmert_encoder_of", "lxmert_probe_forward"]
+__all__ = ["LXMERT_BATCH_KEYS", "LxmertProbeOutputs", "lxmert_encoder_of", "lxmert_example_maps",
+           "lxmert_probe_forward"]
 
 LXMERT_BATCH_KEYS = ("input_ids", "visual_feats", "visual_pos", "attention_mask", "visual_attention_mask")
 
@@ -135,3 +136,25 @@ def lxmert_probe_forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) ->
         **{k: stack(maps[k], (b, heads, *shape)) for k, shape in shapes.items()},
         language_hidden=torch.stack(pad_l), vision_hidden=torch.stack(pad_v),
         txt_lens=list(layout.txt_lens), img_lens=list(layout.img_lens))
+
+
+def lxmert_example_maps(model: nn.Module, batch: Mapping[str, torch.Tensor], hidden: bool = True,
+                        dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Per example of an LXMERT batch: every map of :class:`LxmertProbeOutputs` cut to its t text tokens and n
+    regions (``language`` [l, heads, t, t], ``vision`` [r, heads, n, n], ``cross_l2v`` [x, heads, t, n], ``cross_v2l``
+    [x, heads, n, t], ``x_language``, ``x_vision``; with ``hidden`` ``language_hidden`` [1 + l + x, t, H] and
+    ``vision_hidden`` [1 + r + x, n, H]) as ``dtype``, with ``txt_len``, ``img_len`` and ``id``."""
+    out = lxmert_probe_forward(model, batch)
+    ids = batch.get("ids") or [None] * len(out.txt_lens)
+    items = []
+    for i, (t, n) in enumerate(zip(out.txt_lens, out.img_lens)):
+        cut = {"language": (t, t), "vision": (n, n), "cross_l2v": (t, n), "cross_v2l": (n, t), "x_language": (t, t),
+               "x_vision": (n, n)}
+        item = {"id": ids[i], "txt_len": t, "img_len": n}
+        for k, (a, b) in cut.items():
+            item[k] = getattr(out, k)[:, i, :, :a, :b].to(dtype).clone()
+        if hidden:
+            item["language_hidden"] = out.language_hidden[:, i, :t].to(dtype).clone()
+            item["vision_hidden"] = out.vision_hidden[:, i, :n].to(dtype).clone()
+        items.append(item)
+    return items

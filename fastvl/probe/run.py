@@ -13,12 +13,13 @@ import torch
 from ..data import SyntheticCorpus, WordPieceTokenizer, synthetic_corpus
 from ..data.probe_annotations import synthetic_grounding
 from ..train.checkpoint import CheckpointError
-from .dataset import ProbeExample, make_example
-from .extract import encoder_of
-from .extract_lxmert import lxmert_encoder_of
+from .dataset import ProbeExample, batches_of, make_example, official_batch
+from .extract import encoder_of, write_maps
+from .extract_lxmert import lxmert_encoder_of, lxmert_example_maps
 from .load import load_model, random_control
 from .report import plot_all, write_report
 from .suite import ProbeSettings, run_suite
+from .views import lxmert_batch
 
 __all__ = ["probe_checkpoint", "synthetic_examples"]
 
@@ -52,7 +53,7 @@ def _check_fits(model, family: str, corpus: SyntheticCorpus, checkpoint: str) ->
 def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, settings: ProbeSettings | None = None,
                      split: str = "val", limit: int | None = None, device: str = "auto",
                      compare: list[str | Path] = (), progress: bool = True, config: str | None = None,
-                     log=print) -> dict:
+                     save_maps: str | Path | None = None, log=print) -> dict:
     """Probe ``checkpoint`` (a ``fastvl pretrain`` run folder or a checkpoint file) of ``model_type`` ('uniter' or
     'lxmert') and its random-weights control on the synthetic corpus; write ``probes.json``, ``probes.csv`` and the
     plots into ``out``. ``compare``: other runs' probes.json files whose NMI curves join the plot. Returns the JSON
@@ -75,6 +76,17 @@ def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, s
     result = run_suite(model, control, lambda: synthetic_examples(corpus, split, limit), s, dev, bar.update,
                        model_type)
     bar.close()
+    if save_maps is not None:
+        if model_type == "uniter":
+            batches = (official_batch(c, dev) for c in batches_of(synthetic_examples(corpus, split, limit),
+                                                                  s.batch_size))
+            write_maps(model, batches, save_maps)
+        else:
+            pos_dim = lxmert_encoder_of(model).config.visual_pos_dim
+            batches = (lxmert_batch(c, pos_dim, dev) for c in batches_of(synthetic_examples(corpus, split, limit),
+                                                                         s.batch_size))
+            write_maps(model, batches, save_maps, example_maps=lxmert_example_maps)
+        log(f"attention maps and hidden states streamed to {save_maps}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     others = {}
@@ -86,7 +98,8 @@ def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, s
     plots = plot_all(result, model_type.upper(), out, others)
     meta = {"model": model_type, "checkpoint": info, "data": {"corpus": "synthetic", "split": split,
                                                               "captions": result["model"]["examples"]},
-            "device": str(dev), "plots": plots, "seconds": round(time.perf_counter() - start, 1)}
+            "device": str(dev), "plots": plots, "maps": None if save_maps is None else str(save_maps),
+            "seconds": round(time.perf_counter() - start, 1)}
     doc = write_report(result, out, meta)
     log(f"fastvl probe: {model_type} {checkpoint}: {result['model']['examples']} captions in {meta['seconds']} s; "
         f"wrote {out / 'probes.json'}, {out / 'probes.csv'}")

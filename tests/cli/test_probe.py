@@ -13,7 +13,7 @@ from fastvl import cli
 from fastvl.data import synthetic_corpus
 from fastvl.models.uniter import UniterForPretraining, UniterModel
 from fastvl.models.uniter.testing import tiny_config
-from fastvl.probe import attention_maps, official_batch, synthetic_examples
+from fastvl.probe import attention_maps, official_batch, read_maps, synthetic_examples
 from fastvl.train import checkpoint as ckpt
 
 
@@ -134,8 +134,18 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
                                  "control": {"fusion_nmi": [1.0, 1.0, 1.0]}}))
     out = tmp_path / "lx"
     code, stdout, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run), "--out", str(out), "--examples",
-                              "24", "--folds", "2", "--no-progress", "--compare", str(other)], capsys)
+                              "24", "--folds", "2", "--no-progress", "--compare", str(other), "--save-maps",
+                              str(tmp_path / "maps")], capsys)
     assert code == 0, err
+    items = list(read_maps(tmp_path / "maps"))  # streamed to disk, one shard per batch
+    assert len(items) == 24
+    for item in items[:5]:
+        t, n = item["txt_len"], item["img_len"]
+        assert item["cross_l2v"].shape == (cfg.x_layers, cfg.num_attention_heads, t, n)
+        assert item["cross_v2l"].shape == (cfg.x_layers, cfg.num_attention_heads, n, t)
+        assert item["language_hidden"].shape == (1 + cfg.l_layers + cfg.x_layers, t, cfg.hidden_size)
+        torch.testing.assert_close(item["cross_v2l"].float().sum(-1), torch.ones(cfg.x_layers, cfg.num_attention_heads,
+                                                                                n), atol=2e-3, rtol=0)
     doc = json.loads((out / "probes.json").read_text())
     f = doc["trained"]
     assert doc["model"] == "lxmert" and (f["layers"], f["heads"]) == (cfg.x_layers, cfg.num_attention_heads)
