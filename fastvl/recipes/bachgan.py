@@ -36,7 +36,10 @@ DATASETS = ("synthetic", "cityscapes", "ade20k")
 
 @dataclass
 class GanSettings:
-    """Everything ``fastvl gan train`` needs (defaults: the synthetic set at 64 x 64 on the CPU, minutes)."""
+    """Everything ``fastvl gan train`` needs (defaults: the synthetic set at 64 x 64 on the CPU, minutes).
+
+    ``size``: (H, W) instead of the preset's; ``model_overrides``: BachGANConfig fields changed from the preset
+    (e.g. ``ngf``); ``options``: data knobs (synthetic ``n_train`` / ``n_val``)."""
 
     output: str = "runs/bachgan"
     data: str = "synthetic"
@@ -57,6 +60,8 @@ class GanSettings:
     device: str = "cpu"
     precision: str = "auto"
     progress: bool = True
+    size: tuple[int, int] | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,9 +132,12 @@ def build_gan_model(settings: GanSettings, train: L.LayoutSet | None = None, con
             raise ValueError("build_gan_model: give 'train' or 'config'")
         mem = max(1, min(len(train), int(round(settings.memory_fraction * len(train))))) if settings.retrieval else 0
         h, w = train.size
-        config = bachgan_preset(settings.preset, label_nc=train.num_classes,
-                                foreground=tuple(train.foreground_classes), height=h, width=w,
-                                retrieval=settings.retrieval, memory_size=mem)
+        over = {"label_nc": train.num_classes, "foreground": tuple(train.foreground_classes), "height": h,
+                "width": w, "retrieval": settings.retrieval, "memory_size": mem, **settings.model_overrides}
+        try:
+            config = bachgan_preset(settings.preset, **over)
+        except (TypeError, ValueError) as e:
+            raise SettingsError(f"--preset {settings.preset}: {e}") from None
     model = BachGAN(config)
     if config.retrieval and train is not None:
         maps, index = L.memory_bank_labels(train, settings.memory_fraction, seed=settings.seed,
@@ -139,6 +147,8 @@ def build_gan_model(settings: GanSettings, train: L.LayoutSet | None = None, con
 
 
 def _preset_size(settings: GanSettings) -> tuple[int, int]:
+    if settings.size is not None:
+        return int(settings.size[0]), int(settings.size[1])
     try:
         cfg = bachgan_preset(settings.preset)
     except ValueError as e:

@@ -7,13 +7,16 @@ step share the batch; the generator input is kept on the batch dict under ``"gen
 
 - ``discriminator``: the generator runs without gradient; loss = hinge(fake) + hinge(real), each the mean over the
   D scales.
-- ``generator``: loss = -mean D(fake) (mean over scales) + feature matching (L1 on every intermediate D feature,
-  weight lambda_feat / num_D) + lambda_vgg * VGG19 perceptual loss (when a VGG is given) + lambda_seg * NLL of the
-  hallucination head against the real label map (with ``seg``; ignore 255).
+- ``generator``: D runs with its parameters frozen (no D weight gradients are built: the generator optimizer does
+  not step them and the trainer clears them anyway); loss = -mean D(fake) (mean over scales) + feature matching (L1
+  on every intermediate D feature, weight lambda_feat / num_D) + lambda_vgg * VGG19 perceptual loss (when a VGG is
+  given) + lambda_seg * NLL of the hallucination head against the real label map (with ``seg``; ignore 255).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -77,7 +80,8 @@ class BachGANTask(nn.Module):
             loss = d_fake + d_real
             return {"loss": loss, "count": n, "logs": {"d_fake": d_fake.detach(), "d_real": d_real.detach()}}
         fake, seg_logp = self.model.generate(inp)
-        pred_fake, pred_real = self.model.discriminate(inp.box_map, fake, real)
+        with _frozen(self.model.discriminator):  # gradients flow through D to G; D's own are not needed here
+            pred_fake, pred_real = self.model.discriminate(inp.box_map, fake, real)
         g_gan = hinge_g_loss(pred_fake)
         g_feat = feature_matching_loss(pred_fake, pred_real, self.lambda_feat)
         loss = g_gan + g_feat
@@ -92,3 +96,17 @@ class BachGANTask(nn.Module):
             loss = loss + g_seg
             logs["g_seg"] = g_seg.detach()
         return {"loss": loss, "count": n, "logs": logs}
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters do not require gradients inside the block (the autograd graph built there holds no
+    weight-gradient nodes); their flags are restored afterwards."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
