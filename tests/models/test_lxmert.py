@@ -156,6 +156,15 @@ def test_encoder_outputs_match_the_port_and_padding_comes_from_the_masks(gen):
     y["input_ids"] = x["input_ids"].masked_fill(~am, 5)
     g = ours(**y)
     assert torch.equal(g.language_output, f.language_output) and torch.equal(g.pooled_output, f.pooled_output)
+    # padding_idx=0 on all three tables: padded ids (0), position 0 and type 0 leave row 0 without gradient
+    for model in (port, ours):
+        model.zero_grad()
+        model(**x).language_output.sum().backward()
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        gp = getattr(port.embeddings, name).weight.grad
+        gf = getattr(ours.embeddings, name).weight.grad
+        assert (gf[0] == 0).all() and (gp[0] == 0).all()
+        assert gf[1:].abs().sum() > 0
 
 
 def test_an_example_without_regions_reads_no_padding(gen):
