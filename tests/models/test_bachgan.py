@@ -130,6 +130,15 @@ def test_fusion_matches_hand_formula(seed, gen):
     torch.testing.assert_close(fusion(box, ret), expected)
 
 
+def test_identity_fusion_init(seed, gen):
+    model = BachGAN(_tiny())
+    box = (torch.rand(2, 5, 16, 32, generator=gen) > 0.7).float()
+    ret = (torch.rand(2, 3, 5, 16, 32, generator=gen) > 0.5).float()
+    torch.testing.assert_close(model.generator.layout(box, ret), 2 * box + ret.mean(1))
+    official = bachgan_preset("official")
+    assert official.fusion_init == "xavier"
+
+
 def test_paste_rules_hand_example():
     # C = 4 classes, foreground {2, 3}; one query with a class-2 box and an overlapping class-3 box.
     maps = torch.tensor([[[[0, 0, 1, 1],

@@ -30,6 +30,9 @@ class BachGANConfig:
         memory_size: maps in the memory bank (set from the training data; stored with the checkpoint).
         ignore_index: label id of unlabelled pixels (never a class of any channel).
         init_gain: Xavier-normal gain of every conv (official 0.02).
+        fusion_init: 'identity' (fastvl's small preset: the two fusion convs start as the identity, so the fused
+            map starts as 2 box map + mean of the retrieved maps and SPADE sees the retrieved backgrounds from the
+            first step) or 'xavier' (official: like every conv; the fused map then starts ~0.01 in scale).
     """
 
     label_nc: int = 8
@@ -47,6 +50,7 @@ class BachGANConfig:
     memory_size: int = 0
     ignore_index: int = 255
     init_gain: float = 0.02
+    fusion_init: str = "identity"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class BachGANConfig:
         if self.height % step or self.width % step or self.height < step or self.width < step:
             raise ValueError(f"BachGANConfig: 'height' x 'width' = {self.height} x {self.width} must be positive "
                              f"multiples of 2 ** num_up = {step}")
+        if self.fusion_init not in ("identity", "xavier"):
+            raise ValueError(f"BachGANConfig: 'fusion_init' must be 'identity' or 'xavier', got {self.fusion_init!r}")
         if self.k < 1 or self.num_d < 1 or self.n_layers_d < 1:
             raise ValueError(f"BachGANConfig: 'k', 'num_d', 'n_layers_d' must be >= 1, got {self.k}, {self.num_d}, "
                              f"{self.n_layers_d}")
@@ -92,12 +98,12 @@ class BachGANConfig:
 
 def _official_cityscapes() -> BachGANConfig:
     return BachGANConfig(label_nc=35, foreground=CITYSCAPES_FOREGROUND, height=256, width=512, ngf=64, num_up=6,
-                         spade_hidden=128, ndf=64)
+                         spade_hidden=128, ndf=64, fusion_init="xavier")
 
 
 def _official_ade20k() -> BachGANConfig:
     return BachGANConfig(label_nc=151, foreground=(), height=256, width=256, ngf=64, num_up=5, spade_hidden=128,
-                         ndf=64)
+                         ndf=64, fusion_init="xavier")
 
 
 #: Named presets. ``small`` (default): CPU minutes at 64 x 64 (ngf 8, SPADE hidden 16, ndf 16). ``official``: the

@@ -56,6 +56,10 @@ class BachGAN(nn.Module):
         if cfg.retrieval:
             self.memory = BackgroundMemory(cfg)
         init_weights(self, cfg.init_gain)
+        if cfg.retrieval and cfg.fusion_init == "identity":
+            for seq in (self.generator.encode_shared, self.generator.memory_shared):
+                init.dirac_(seq[0].weight)
+                init.zeros_(seq[0].bias)
 
     def generator_input(self, box_mask: torch.Tensor, index: torch.Tensor | None = None) -> GeneratorInput:
         """Retrieve (excluding the queries' own maps ``index`` [N], or None) and paste. box_mask [N, C, H, W] bool."""
