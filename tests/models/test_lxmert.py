@@ -240,6 +240,7 @@ def test_from_pretrained_reads_the_port_save_pretrained_folder(tmp_path, gen):
     assert torch.equal(base.pooler.dense.weight, ours.lxmert.pooler.dense.weight)
 
 
+@pytest.mark.slow
 def test_packed_encoder_on_the_triton_attention_follows_the_tolerance_rule(triton_device, monkeypatch, gen):
     """Both self masks and the cross mask (an example with no region included) through the fused Triton kernels
     (the interpreter on CPU in fp32, bf16 on a GPU): outputs and parameter gradients vs the float64 reference."""
