@@ -138,3 +138,22 @@ def test_ablation_trains(tmp_path, seed):
     assert not hasattr(run.model, "memory")
     image, inp = synthesize_boxes(run, torch.tensor([[run.class_names.index("boat"), 0, 0, 4, 4]]))
     assert inp.retrieved is None and image.shape == (3, 16, 16)
+
+
+@pytest.mark.slow
+def test_evaluation_table(tmp_path, seed):
+    from fastvl.recipes.bachgan import evaluate_gan_runs, format_table
+
+    train_bachgan(_settings(tmp_path / "g", steps=1), resume=False, log=lambda *_: None)
+    train_bachgan(_settings(tmp_path / "n", steps=1, retrieval=False), resume=False, log=lambda *_: None)
+    runs = {"BachGAN": load_gan_run(tmp_path / "g"), "ablation": load_gan_run(tmp_path / "n")}
+    rows = evaluate_gan_runs(runs, segmenter_steps=2, progress=False, log=lambda *_: None)
+    assert [r["name"] for r in rows] == ["real images", "BachGAN", "ablation"]
+    real = rows[0]
+    for r in rows:
+        assert 0 <= r["pixel_acc"] <= 1 and 0 <= r["miou"] <= 1 and r["n"] == 3
+        assert r["fid_label"] == "FID (fastvl feature net)"
+        assert r["ratio_to_real"] == pytest.approx(r["pixel_acc"] / real["pixel_acc"])
+    assert rows[0]["fid"] is None and rows[1]["fid"] >= 0 and rows[2]["fid"] >= 0
+    table = format_table(rows)
+    assert "FID (fastvl feature net)" in table and "Inception" not in table
