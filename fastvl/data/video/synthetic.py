@@ -3,8 +3,8 @@
 A video has 1-30 frames (``frame_interval`` seconds each) showing 1-3 objects on a 3x3 grid. Objects appear (the
 first at frame 0), move to other cells and change colour; each change is an event at one frame. A frame's feature
 [D] is, over the visible objects, ``(prototype[class] + colour_dir[colour]) * cell_key[cell] + 0.5 cell_dir[cell]``
-(the cell key binds what to where) plus a drift that grows with the frame index (so frame order is visible) and
-Gaussian noise.
+(the cell key binds what to where) plus a drift that grows with the frame index and a "lighting cycle" (sin / cos of
+the frame index at a few periods), so a frame's position is visible (FOM, MFM-NCE), and Gaussian noise.
 
 Text (word-level vocab in the RoBERTa layout: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4):
 
@@ -42,7 +42,7 @@ from .vocab import WordVocab
 __all__ = ["VideoSyntheticConfig", "VideoCorpus", "video_synthetic_corpus", "generate_videos", "video_vocab",
            "write_video_raw", "SPLITS"]
 
-VERSION = 2
+VERSION = 3
 SPLITS = ("train", "val")
 CLASSES = ["cup", "ball", "book", "lamp", "chair", "vase", "clock", "shoe", "hat", "bottle"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
@@ -157,6 +157,9 @@ class _World:
         self.key = rng.choice([-1.0, 1.0], (9, d))
         self.cell = rng.normal(0, 1, (9, d)) / np.sqrt(d) * 3
         self.drift = rng.normal(0, 1, d) / np.sqrt(d) * 4
+        # a slow "lighting cycle": sin / cos of the frame index at 4 periods, each pair along its own directions
+        self.periods = np.array([5.0, 9.0, 17.0, 33.0])
+        self.clock = rng.normal(0, 1, (8, d)) / np.sqrt(d) * 1.2
 
 
 def _video(cfg: VideoSyntheticConfig, world: _World, rng: np.random.Generator, vid: str) -> dict:
@@ -195,6 +198,8 @@ def _video(cfg: VideoSyntheticConfig, world: _World, rng: np.random.Generator, v
         for o, (cell, col) in state.items():
             feats[t] += (world.proto[classes[o]] + world.colour[col]) * world.key[cell] + 0.5 * world.cell[cell]
         feats[t] += world.drift * (t / max(cfg.max_frames - 1, 1))
+        phase = 2 * np.pi * t / world.periods
+        feats[t] += np.concatenate([np.sin(phase), np.cos(phase)]) @ world.clock
     feats += rng.normal(0, cfg.feature_noise / np.sqrt(cfg.vfeat_dim) * 2, feats.shape)
     return {"vid": vid, "nframes": n, "features": feats.astype(np.float32), "events": events}
 
