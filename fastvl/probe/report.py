@@ -108,7 +108,8 @@ def plot_nmi(results: dict[str, dict], path: Path) -> Path:
         nmi = fig_r.get("fusion_nmi")
         if nmi:
             ax.plot(range(len(nmi)), nmi, marker="o", ls="--" if "random" in label else "-", label=label)
-    ax.set_xlabel("layer (0: embeddings; two-stream: the cross encoder's input, then its layers)")
+    ax.set_xlabel("layer (0 = input: embeddings / the cross encoder's input)", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("NMI(k-means k=2, modality)")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title("fusion degree (lower = more fused)", fontsize=9)

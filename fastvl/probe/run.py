@@ -92,7 +92,7 @@ def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, s
     others = {}
     for path in compare:
         doc = json.loads(Path(path).read_text())
-        name = doc.get("model", Path(path).parent.name)
+        name = str(doc.get("model", Path(path).parent.name)).upper()
         others[f"{name} trained"] = doc["trained"]
         others[f"{name} random weights"] = doc["control"]
     plots = plot_all(result, model_type.upper(), out, others)
