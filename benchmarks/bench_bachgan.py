@@ -23,8 +23,9 @@ leave the RSS), i.e. the workspace the op needs beyond its inputs; CUDA peak mem
 ``torch.cuda.max_memory_allocated`` beyond the inputs.
 
 CPU peak memory of ``spade_norm`` is measured the same way (a fresh process per provider and shape). Rows go to
-``benchmarks/results/cpu-bachgan.csv`` (or ``<gpu>-bachgan.csv``). The machine these CPU numbers come from is shared:
-timings are medians over interleaved repetitions, under whatever load the other processes put on it.
+``benchmarks/results/bench_bachgan-cpu.csv`` (or ``bench_bachgan-<gpu>.csv``). The machine these CPU numbers come
+from is shared: timings are medians over interleaved repetitions, under whatever load the other processes put on
+it.
 """
 
 from __future__ import annotations
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     if not gpu:
         torch.set_num_threads(a.threads)
     if a.csv is None:
-        a.csv = RESULTS / (("cpu" if not gpu else device_name(a.device)) + "-bachgan.csv")
+        a.csv = RESULTS / ("bench_bachgan-" + ("cpu" if not gpu else device_name(a.device)) + ".csv")
     print(env_summary())
     if a.part in ("all", "spade"):
         bench_spade(bench, a)

@@ -30,6 +30,8 @@ TORCH_LIBRARY(fastvl, m) {
   // BachGAN layout retrieval intersections of one chunk of maps: table int64 [NB,HW,S1] per-pixel query masks of
   // 64-query blocks, lut int32 [65536] id -> slot, maps uint8/int16 [B,HW] -> inter int32 [Q,B].
   m.def("layout_intersections_kernel(Tensor table, Tensor lut, Tensor maps, int num_queries) -> Tensor");
+  // Per-map class areas: maps uint8/int16 [B,HW] -> int32 [B,C+1] (column C: ids neither in [0,C) nor ignore).
+  m.def("layout_class_counts_kernel(Tensor maps, int num_classes, int ignore_index) -> Tensor");
 }
 
 namespace {

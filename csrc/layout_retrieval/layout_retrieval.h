@@ -13,4 +13,8 @@ namespace fastvl {
 at::Tensor layout_intersections_cpu(const at::Tensor& table, const at::Tensor& lut, const at::Tensor& maps,
                                     int64_t num_queries);
 
+// Per-map class areas: maps uint8 or int16 [B, HW] -> counts int32 [B, C + 1]: pixels of each class id in [0, C)
+// (0 for ignore_index), and in column C the pixels whose id is neither in [0, C) nor ignore_index (bad ids).
+at::Tensor layout_class_counts_cpu(const at::Tensor& maps, int64_t num_classes, int64_t ignore_index);
+
 }  // namespace fastvl

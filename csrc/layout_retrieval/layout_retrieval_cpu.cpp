@@ -7,8 +7,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <vector>
 
 #include "fastvl/check.h"
 #include "fastvl/layout_math.h"
@@ -74,6 +76,42 @@ at::Tensor layout_intersections_cpu(const at::Tensor& table_, const at::Tensor& 
   return out;
 }
 
-TORCH_LIBRARY_IMPL(fastvl, CPU, m) { m.impl("layout_intersections_kernel", &layout_intersections_cpu); }
+at::Tensor layout_class_counts_cpu(const at::Tensor& maps_, int64_t num_classes, int64_t ignore_index) {
+  FASTVL_CHECK_DIM(maps_, kOp, "maps", 2);
+  FASTVL_CHECK_ARG(maps_.scalar_type() == at::kByte || maps_.scalar_type() == at::kShort, kOp, "maps",
+                   "must be uint8 or int16 class ids, got ", maps_.scalar_type());
+  FASTVL_CHECK_ARG(num_classes >= 1 && num_classes <= 32768, kOp, "num_classes", "must be in [1, 32768], got ",
+                   num_classes);
+  FASTVL_CHECK_ARG(maps_.device().is_cpu(), kOp, "maps", "must be a CPU tensor for the cpu kernel, got ",
+                   maps_.device());
+  const at::Tensor maps = maps_.contiguous();
+  const bool u8 = maps.scalar_type() == at::kByte;
+  const int64_t num_maps = maps.size(0), hw = maps.size(1), c = num_classes;
+  // Slot of every value the dtype holds (by its low 16 bits): the class, C (bad id) or C + 1 (ignore_index).
+  std::vector<int32_t> lut(65536, static_cast<int32_t>(c));
+  for (int64_t v = 0; v < 65536; ++v) {
+    const int64_t id = u8 ? v : static_cast<int64_t>(static_cast<int16_t>(static_cast<uint16_t>(v)));
+    if (u8 && v > 255) continue;
+    if (id == ignore_index) lut[v] = static_cast<int32_t>(c + 1);
+    else if (id >= 0 && id < c) lut[v] = static_cast<int32_t>(id);
+  }
+  at::Tensor out = at::empty({num_maps, c + 1}, maps.options().dtype(at::kInt));
+  int32_t* op = out.data_ptr<int32_t>();
+  at::parallel_for(0, num_maps, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> hist(static_cast<size_t>(c + 2));
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(hist.begin(), hist.end(), 0);
+      if (u8) layout::map_histogram(maps.data_ptr<uint8_t>() + b * hw, hw, lut.data(), hist.data());
+      else layout::map_histogram(maps.data_ptr<int16_t>() + b * hw, hw, lut.data(), hist.data());
+      std::copy(hist.begin(), hist.begin() + c + 1, op + b * (c + 1));
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fastvl, CPU, m) {
+  m.impl("layout_intersections_kernel", &layout_intersections_cpu);
+  m.impl("layout_class_counts_kernel", &layout_class_counts_cpu);
+}
 
 }  // namespace fastvl

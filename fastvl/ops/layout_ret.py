@@ -41,7 +41,8 @@ import torch
 
 from . import _dispatch as D
 
-__all__ = ["LAYOUT_RETRIEVAL", "LayoutMemory", "layout_retrieval", "layout_retrieval_reference", "query_tables"]
+__all__ = ["LAYOUT_RETRIEVAL", "LayoutMemory", "layout_retrieval", "layout_retrieval_reference", "query_tables",
+           "class_counts"]
 
 _OP = "layout_retrieval"
 MEMORY_DTYPES = (torch.uint8, torch.int16)
@@ -136,14 +137,31 @@ def _bad_id(maps: torch.Tensor, index: int, value: int, num_classes: int, ignore
                                      f"be in [0, C) = [0, {num_classes}) or ignore_index ({ignore_index})"))
 
 
-def _class_counts(maps: torch.Tensor, num_classes: int, ignore_index: int, chunk_size: int) -> torch.Tensor:
+def class_counts(maps: torch.Tensor, num_classes: int, ignore_index: int, chunk_size: int,
+                 use_kernel: bool | None = None) -> torch.Tensor:
     """[M, C] int32 pixel count per class of every map; raises (naming 'memory') on a class id outside [0, C) that
-    is not ``ignore_index``. Works through ``chunk_size`` maps at a time: uint8 maps through one 256-bin histogram
-    per map (every id counted, then the ids outside [0, C) checked), int16 maps through C + 1 bins (ids checked
-    first)."""
+    is not ``ignore_index``. Works through ``chunk_size`` maps at a time: CPU maps through the C++ kernel when
+    fastvl._C is built (one pass per map, bad ids counted in an extra column); otherwise uint8 maps through one
+    256-bin histogram per map (every id counted, then the ids outside [0, C) checked), int16 maps through C + 1 bins
+    (ids checked first). ``use_kernel``: force the C++ path (True) or the PyTorch one (False); default: C++ where it
+    can run."""
     m, h, w = maps.shape
     hw, c = h * w, num_classes
     counts = torch.zeros(m, c, dtype=torch.int32, device=maps.device)
+    if use_kernel is None:
+        use_kernel = maps.device.type == "cpu" and c <= 32768 and not D.needs_extension("layout_class_counts_kernel")
+    if use_kernel:
+        for start in range(0, m, chunk_size):  # C++: one histogram pass per map, column C counts bad ids
+            chunk = maps[start:start + chunk_size].reshape(-1, hw)
+            got = torch.ops.fastvl.layout_class_counts_kernel(chunk, c, ignore_index)
+            bad = got[:, c] > 0
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                v = chunk[row].long()
+                pix = int((((v < 0) | (v >= c)) & (v != ignore_index)).nonzero()[0, 0])
+                raise _bad_id(maps, start + row, int(v[pix]), c, ignore_index)
+            counts[start:start + chunk.shape[0]] = got[:, :c]
+        return counts
     if maps.dtype == torch.uint8:
         ids = torch.arange(256, device=maps.device)
         foreign = (ids >= c) & (ids != ignore_index)  # [256]: ids no map may hold
@@ -197,7 +215,7 @@ class LayoutMemory:
         self.maps = maps
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
-        self.counts = _class_counts(maps, self.num_classes, self.ignore_index, chunk)
+        self.counts = class_counts(maps, self.num_classes, self.ignore_index, chunk)
         self._version = maps._version
 
     def __len__(self) -> int:

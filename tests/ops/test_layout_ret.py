@@ -388,3 +388,26 @@ def test_gpu_cityscapes_sized_retrieval_agrees(gen, triton_device):
     want = layout_retrieval(q, bank, 5, e, backend="torch_chunked")
     assert_same(tuple(t.cpu() for t in got), tuple(t.cpu() for t in want))
     assert_same(tuple(t.cpu() for t in got), cpu)
+
+
+@pytest.mark.parametrize("dtype,n_cls,ignore_index", [(torch.uint8, 7, 255), (torch.uint8, 7, 3),
+                                                      (torch.int16, 300, -1), (torch.int16, 300, 17)])
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_class_counts_both_paths_match_plain_counts(dtype, n_cls, ignore_index, chunk, gen):
+    """Per-map class areas from the C++ kernel and from the PyTorch path equal (maps == c).sum(), ignore_index
+    counting for no class; a bad id is named (map, value, first pixel) by both paths."""
+    from fastvl.ops.layout_ret import class_counts
+
+    _, memory = random_layouts(1, 11, n_cls, 5, 6, gen, ignore_index=ignore_index, ignore_frac=0.2, dtype=dtype)
+    want = torch.stack([(memory == c).flatten(1).sum(1) for c in range(n_cls)], 1).int()
+    if 0 <= ignore_index < n_cls:
+        want[:, ignore_index] = 0
+    size = chunk or 4
+    for use_kernel in (True, False):
+        got = class_counts(memory, n_cls, ignore_index, size, use_kernel=use_kernel)
+        assert got.dtype == torch.int32 and torch.equal(got, want), use_kernel
+        bad = memory.clone()
+        bad[6, 4, 2] = n_cls if n_cls < 255 else -5
+        value = int(bad[6, 4, 2])
+        with pytest.raises(ValueError, match=rf"'memory' map 6 has class id {value} at pixel \(4, 2\)"):
+            class_counts(bad, n_cls, ignore_index, size, use_kernel=use_kernel)

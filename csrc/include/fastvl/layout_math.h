@@ -35,5 +35,11 @@ FASTVL_HD inline void map_counts(const id_t* map, int64_t hw, const uint64_t* ta
   for (int64_t p = 0; p < hw; ++p) add_mask(table[p * slots + slot_of(static_cast<int32_t>(map[p]), lut)], counts);
 }
 
+// Class histogram of one map: hist[lut[v]] += 1 for every pixel id v (lut by the low 16 bits, as slot_of).
+template <typename id_t>
+FASTVL_HD inline void map_histogram(const id_t* map, int64_t hw, const int32_t* lut, int32_t* hist) {
+  for (int64_t p = 0; p < hw; ++p) hist[slot_of(static_cast<int32_t>(map[p]), lut)] += 1;
+}
+
 }  // namespace layout
 }  // namespace fastvl
