@@ -1,5 +1,5 @@
 // Unit test of the SPADE normalisation math (csrc/include/fastvl/spade_math.h) and the layout-retrieval pixel
-// masks (csrc/include/fastvl/layout_math.h) against plain double-precision transcriptions. No torch.
+// masks and class histograms (csrc/include/fastvl/layout_math.h) against plain transcriptions. No torch.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -113,6 +113,15 @@ void test_layout(std::mt19937& rng) {
       expect(counts[i] == want, "map_counts", counts[i] - want);
     }
   }
+  // map_histogram with the class-count lut: classes 0..4, bad ids -> 5, ignore (255) -> 6
+  std::vector<int32_t> hlut(65536, n_cls);
+  for (int c = 0; c < n_cls; ++c) hlut[c] = c;
+  hlut[ignore] = n_cls + 1;
+  std::vector<uint8_t> ids = {0, 4, 4, 255, 7, 2, 255, 200, 0, 0};
+  std::vector<int32_t> hist(n_cls + 2, 0);
+  fastvl::layout::map_histogram(ids.data(), static_cast<int64_t>(ids.size()), hlut.data(), hist.data());
+  const std::vector<int32_t> want_hist = {3, 0, 1, 0, 2, 2, 2};
+  for (int i = 0; i < n_cls + 2; ++i) expect(hist[i] == want_hist[i], "map_histogram", hist[i] - want_hist[i]);
   // int16 ids: a negative id (low 16 bits 0xFFFF) lands in the empty slot
   std::vector<int16_t> neg(hw, -1);
   std::vector<int32_t> counts(64, 0);
