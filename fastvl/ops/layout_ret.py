@@ -296,7 +296,10 @@ def _running_top_k(query: torch.Tensor, bank: LayoutMemory, k: int, exclude: tor
     dev = maps.device
     qf = query.reshape(n_q, query.shape[1], -1)
     named_d = qf.any(-1).double()  # [Q, C]: F(q) as 0/1
-    q_total = qf.sum((1, 2), dtype=torch.int64).double()  # [Q]: sum_{c in F} |q_c|
+    # [Q]: sum_{c in F} |q_c|, one class at a time (a bool sum converts its whole input to int64 first)
+    q_total = torch.zeros(n_q, dtype=torch.float64, device=dev)
+    for c in range(qf.shape[1]):
+        q_total += qf[:, c].sum(-1)
     best_s = torch.empty(n_q, 0, dtype=torch.float64, device=dev)
     best_i = torch.empty(n_q, 0, dtype=torch.int64, device=dev)
     for start in range(0, n_mem, chunk_size):
