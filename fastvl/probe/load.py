@@ -51,6 +51,15 @@ def _run_folder(path: Path) -> Path | None:
     return None
 
 
+def _side_config(path: Path) -> Path | None:
+    """A config JSON beside a checkpoint file (``model_config.json`` as fastvl writes, ``config.json`` as the
+    ``transformers`` port does), else None."""
+    for name in ("model_config.json", "config.json"):
+        if (path.parent / name).is_file():
+            return path.parent / name
+    return None
+
+
 def uniter_config_from_state(state: dict[str, torch.Tensor]) -> UniterConfig:
     """A UniterConfig with the sizes a UNITER state dict implies (heads = hidden / 64, as base and large)."""
     def find(suffix: str) -> torch.Tensor:
@@ -91,8 +100,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_uniter(path: str | Path, config: str | Path | None = None) -> tuple[nn.Module, dict]:
     """A UNITER model (eval mode) from a ``fastvl pretrain`` run folder / checkpoint folder or a checkpoint file
-    (``.pt`` / ``.safetensors``: an official UNITER checkpoint, sizes read from its shapes unless ``config``, an
-    official JSON, is given). Returns (model, info: {'source', 'checkpoint', 'kind', 'config'})."""
+    (``.pt`` / ``.safetensors``: an official UNITER checkpoint; its config is ``config`` (an official JSON), else a
+    ``model_config.json`` / ``config.json`` beside the file, else the sizes its shapes imply with heads = hidden / 64
+    as UNITER-base and -large). Returns (model, info: {'source', 'checkpoint', 'kind', 'config'})."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
@@ -131,15 +141,17 @@ def load_uniter(path: str | Path, config: str | Path | None = None) -> tuple[nn.
                 f"a {family.upper()} checkpoint" if family else "not a UNITER checkpoint (no img_embeddings keys)")
             hint = " (use --model lxmert)" if family == "lxmert" else ""
             raise ckpt.CheckpointError(f"--checkpoint {path} is {what}, not UNITER{hint}")
+        config = config or _side_config(path)
         cfg = UniterConfig.from_json_file(config) if config else uniter_config_from_state(state)
         model = UniterModel.from_pretrained(cfg, state, cfg.img_dim)
         if not any(k.startswith("encoder.layer.") for k in model.state_dict() if k not in
                    model.loading_info["missing_keys"]):
             raise ckpt.CheckpointError(f"--checkpoint {path}: no encoder weight loaded (keys not UNITER's)")
         info = {"source": str(path), "checkpoint": str(path), "kind": "checkpoint file",
+                "config": str(config) if config else "sizes read from the weights (heads = hidden / 64)",
                 "missing_keys": len(model.loading_info["missing_keys"])}
     model.eval()
-    info["config"] = model.config.to_dict()
+    info["model_config"] = model.config.to_dict()
     return model, info
 
 
@@ -170,8 +182,9 @@ def lxmert_config_from_state(state: dict[str, torch.Tensor]) -> LxmertConfig:
 
 def load_lxmert(path: str | Path, config: str | Path | None = None) -> tuple[nn.Module, dict]:
     """An LXMERT model (eval mode) from a ``fastvl pretrain --model lxmert`` run folder / checkpoint folder or a
-    checkpoint file (the ``transformers`` port's state dict; sizes from ``config``, the port's config.json, else
-    read from the shapes; the encoder is loaded strictly). Returns (model, info)."""
+    checkpoint file (the ``transformers`` port's state dict; sizes from ``config`` (the port's config.json), else a
+    ``config.json`` / ``model_config.json`` beside the file, else the shapes with heads = hidden / 64; the encoder is
+    loaded strictly). Returns (model, info)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
@@ -193,6 +206,7 @@ def load_lxmert(path: str | Path, config: str | Path | None = None) -> tuple[nn.
             what = f"a {family.upper()} checkpoint" if family else "not an LXMERT checkpoint (no x_layers keys)"
             hint = " (use --model uniter)" if family == "uniter" else ""
             raise ckpt.CheckpointError(f"--checkpoint {path} is {what}, not LXMERT{hint}")
+        config = config or _side_config(path)
         cfg = LxmertConfig.from_json_file(config) if config else lxmert_config_from_state(state)
         model = LxmertModel(cfg)
         try:
@@ -201,9 +215,10 @@ def load_lxmert(path: str | Path, config: str | Path | None = None) -> tuple[nn.
                               str(path))
         except ValueError as e:
             raise ckpt.CheckpointError(f"--checkpoint {path}: {e}") from None
-        info = {"source": str(path), "checkpoint": str(path), "kind": "checkpoint file"}
+        info = {"source": str(path), "checkpoint": str(path), "kind": "checkpoint file",
+                "config": str(config) if config else "sizes read from the weights (heads = hidden / 64)"}
     model.eval()
-    info["config"] = getattr(model, "lxmert", model).config.to_dict()
+    info["model_config"] = getattr(model, "lxmert", model).config.to_dict()
     return model, info
 
 
@@ -216,19 +231,18 @@ def load_model(family: str, path: str | Path, config: str | Path | None = None) 
 
 
 def random_control(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A fresh model of the same class and config as ``model`` with the official random initialisation (seeded),
-    in eval mode: the control every probe is compared with."""
-    cfg = model.config
+    """The random-weights control of ``model``: a fresh ENCODER of the same config (UniterModel / LxmertModel, the
+    part the probes read) with the official random initialisation drawn from ``seed``, in eval mode. It depends
+    only on the config and the seed, so a run folder and the same weights as a file get the same control."""
+    if isinstance(model, (UniterForPretraining, UniterModel)):
+        enc = getattr(model, "uniter", model)
+        build = lambda: UniterModel(enc.config, enc.img_dim)  # noqa: E731
+    elif isinstance(model, (LxmertForPreTraining, LxmertModel)):
+        enc = getattr(model, "lxmert", model)
+        build = lambda: LxmertModel(enc.config)  # noqa: E731
+    else:
+        raise TypeError(f"random_control: no control for a {type(model).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if isinstance(model, UniterForPretraining):
-            control = UniterForPretraining(cfg, cfg.img_dim, cfg.img_label_dim)
-        elif isinstance(model, UniterModel):
-            control = UniterModel(cfg, model.img_dim)
-        elif isinstance(model, LxmertForPreTraining):
-            control = LxmertForPreTraining(cfg)
-        elif isinstance(model, LxmertModel):
-            control = LxmertModel(cfg)
-        else:
-            raise TypeError(f"random_control: no control for a {type(model).__name__}")
+        control = build()
     return control.eval()

@@ -159,3 +159,43 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
     assert code == 2 and "is a LXMERT run, not UNITER: use --model lxmert" in err
     code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run_folder[0]), "--out", str(out)], capsys)
     assert code == 2 and "UNITER" in err and "use --model uniter" in err, err
+
+
+@pytest.mark.slow
+def test_probe_cli_checkpoint_files(run_folder, lxmert_run, tmp_path, capsys):
+    """A checkpoint FILE (official key layout) with its config gives the figures its run folder gives."""
+    run, model, cfg = run_folder
+    (tmp_path / "uniter").mkdir()
+    torch.save(model.state_dict(), tmp_path / "uniter" / "uniter.pt")
+    args = ["--examples", "16", "--folds", "2", "--no-progress"]
+    code, _, err = _run(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *args], capsys)
+    assert code == 0, err
+    code, _, err = _run(["probe", "--checkpoint", str(tmp_path / "uniter" / "uniter.pt"), "--config",
+                         str(run / "model_config.json"), "--out", str(tmp_path / "b"), *args], capsys)
+    assert code == 0, err
+    a, b = (json.loads((tmp_path / x / "probes.json").read_text()) for x in ("a", "b"))
+    assert b["checkpoint"]["kind"] == "checkpoint file"
+    for key in ("cls_text_mass", "fusion_nmi", "img2txt_share"):
+        np.testing.assert_allclose(b["trained"][key], a["trained"][key], rtol=1e-5)
+        np.testing.assert_allclose(b["control"][key], a["control"][key], rtol=1e-5)
+    # an LXMERT encoder file in the port's layout, its config.json beside it (found without --config)
+    from fastvl.models.lxmert import LxmertForPreTraining
+    from fastvl.recipes.lxmert_pretrain import load_lxmert_run
+
+    lx_run, lx_cfg = lxmert_run
+    lx_model, _ = load_lxmert_run(lx_run)
+    assert isinstance(lx_model, LxmertForPreTraining)
+    (tmp_path / "lx").mkdir()
+    torch.save(lx_model.state_dict(), tmp_path / "lx" / "pytorch_model.bin")
+    lx_cfg.to_json_file(tmp_path / "lx" / "config.json")
+    code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run / ".." / "run"), "--out",
+                         str(tmp_path / "c"), *args], capsys)
+    assert code == 2 and "use --model uniter" in err  # a UNITER run given as LXMERT
+    for src, out in ((lx_run, "d"), (tmp_path / "lx" / "pytorch_model.bin", "e")):
+        code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(src), "--out", str(tmp_path / out),
+                             *args], capsys)
+        assert code == 0, err
+    d, e = (json.loads((tmp_path / x / "probes.json").read_text()) for x in ("d", "e"))
+    np.testing.assert_allclose(e["trained"]["fusion_nmi"], d["trained"]["fusion_nmi"], rtol=1e-5)
+    np.testing.assert_allclose(e["trained"]["coreference_head_gap"], d["trained"]["coreference_head_gap"], rtol=1e-4,
+                               atol=1e-7)
