@@ -14,9 +14,9 @@ Text (word-level vocab in the RoBERTa layout: ``<s>``=0, ``<pad>``=1, ``</s>``=2
   pseudo-subtitles over 5-frame chunks;
 - TVR queries paraphrase one event, with its moment ``ts`` [st, ed] in seconds;
 - TVQA: "what colour does the cup turn ?" / "where does the cup move ?" / "what appears at the top left ?" with 5
-  candidates, ``answer_idx`` and ``ts`` "st-ed";
-- VIOLIN: an entailed statement (an event as it happened) and a contradicted one (same event, another colour or
-  cell) per chosen event; ids ``<vid>_<k>-1`` / ``<vid>_<k>-0``;
+  candidates (wrong ones preferably never seen in the video), ``answer_idx`` and ``ts`` "st-ed";
+- VIOLIN: an entailed statement (an event as it happened) and a contradicted one (same event with another object,
+  colour or cell, preferably one the video never shows) per chosen event; ids ``<vid>_<k>-1`` / ``<vid>_<k>-0``;
 - TVC: a clip of 1-3 consecutive events and its caption.
 
 MLM (colour / class / cell words are in the frames), MFM (frames follow from the subtitles and the neighbours), FOM
@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +44,7 @@ from .vocab import WordVocab
 __all__ = ["VideoSyntheticConfig", "VideoCorpus", "video_synthetic_corpus", "generate_videos", "video_vocab",
            "write_video_raw", "SPLITS"]
 
-VERSION = 3
+VERSION = 4
 SPLITS = ("train", "val")
 CLASSES = ["cup", "ball", "book", "lamp", "chair", "vase", "clock", "shoe", "hat", "bottle"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
@@ -244,8 +246,22 @@ def _moment(cfg: VideoSyntheticConfig, t: int, n: int) -> list[float]:
     return [round(t * iv + 0.01, 3), round(min(t + 2, n) * iv - 0.01, 3)]
 
 
+def _prefer_absent(options: list, text: Callable[[Any], str], seen: set[str], k: int, rng: np.random.Generator
+                   ) -> list:
+    """``k`` options drawn at random, first among those whose text has a word the video never shows (so a wrong
+    answer / a contradiction can be told from the video), then among the rest."""
+    fresh = [o for o in options if set(text(o).split()) - seen]
+    rest = [o for o in options if o not in fresh]
+    out = []
+    for group in (fresh, rest):
+        order = rng.permutation(len(group)).tolist()
+        out += [group[i] for i in order[:k - len(out)]]
+    return out
+
+
 def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generator) -> dict:
     vid, n, events = video["vid"], video["nframes"], video["events"]
+    seen = {w for e in events for w in _event_text(e).split()}
     out: dict[str, list[dict]] = {"tvr": [], "tvqa": [], "violin": [], "tvc": []}
     order = rng.permutation(len(events)).tolist()
     for j, i in enumerate(order[:2]):
@@ -263,8 +279,7 @@ def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generato
         else:
             q = f"what appears at the {CELLS[e['cell']]} ?"
             right, pool = CLASSES[e["cls"]], CLASSES[:cfg.n_classes]
-        wrong = [p for p in pool if p != right]
-        cands = [wrong[int(x)] for x in rng.choice(len(wrong), 4, replace=False)]
+        cands = _prefer_absent([p for p in pool if p != right], str, seen, 4, rng)
         ans = int(rng.integers(5))
         cands.insert(ans, right)
         ts = _moment(cfg, e["t"], n)
@@ -272,11 +287,14 @@ def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generato
                             "answer_idx": ans, "ts": f"{ts[0]}-{ts[1]}", "vid_name": vid})
     for j, i in enumerate(order[:2]):
         e = events[i]
-        fake = dict(e)
         if e["kind"] == "move":
-            fake["cell"] = int(rng.choice([c for c in range(9) if c != e["cell"]]))
-        else:
-            fake["colour"] = int(rng.choice([c for c in range(cfg.n_colours) if c != e["colour"]]))
+            options = [{**e, "cell": c} for c in range(9) if c != e["cell"]]
+        elif e["kind"] == "turn":
+            options = [{**e, "colour": c} for c in range(cfg.n_colours) if c != e["colour"]]
+        else:  # another object (one the video never shows first) or another colour
+            options = [{**e, "cls": c} for c in range(cfg.n_classes) if c != e["cls"]]
+            options += [{**e, "colour": c} for c in range(cfg.n_colours) if c != e["colour"]]
+        fake = _prefer_absent(options, _event_text, seen, 1, rng)[0]
         for label, ev in ((1, e), (0, fake)):
             out["violin"].append({"qid": f"{vid}_{j}-{label}", "statement": _event_text(ev), "vid_name": vid,
                                   "target": bool(label)})
