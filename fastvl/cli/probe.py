@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds of the linear probes")
     p.add_argument("--seed", type=int, default=0, help="control weights, k-means, folds, negative sampling")
+    p.add_argument("--controls", type=positive_int, default=3, help="random-weights controls (seeds seed, seed+1, "
+                                                                    "...); the headline gives their mean and std")
     p.add_argument("--compare", nargs="*", default=[], help="probes.json of other runs to draw in the NMI plot")
     p.add_argument("--save-maps", default=None, help="also stream the trained model's attention maps and hidden "
                                                      "states to this folder (one shard per batch)")
@@ -43,15 +45,19 @@ def run(args: argparse.Namespace) -> int:
     check_paths("--config", args.config, kind="file")
     if args.folds < 2:
         raise UserError(f"must be >= 2, got {args.folds}", argument="--folds")
-    s = ProbeSettings(batch_size=args.batch_size, seed=args.seed, folds=args.folds)
+    s = ProbeSettings(batch_size=args.batch_size, seed=args.seed, folds=args.folds, controls=args.controls)
     doc = probe_checkpoint(args.model, args.checkpoint, args.out, s, args.split, args.examples, args.device,
                            args.compare, not args.no_progress, args.config, args.save_maps)
-    print(f"{'figure':34s} {'trained':>8s} {'control':>8s} {'chance':>8s}")
+    print(f"{'figure':38s} {'trained':>8s} {'control (mean +- std)':>22s} {'chance':>8s}")
     for name, v in doc["headline"].items():
-        cells = [v.get(k) for k in ("trained", "control", "chance")]
-        text = " ".join(f"{c:8.3f}" if isinstance(c, float) else f"{'' if c is None else c!s:>8s}" for c in cells)
-        print(f"{name:34s} {text}" + (f"  (layer {v['layer']})" if "layer" in v else "")
-              + (f"  of {v['of']} heads" if "of" in v else "") + (f"  skipped: {v['skipped']}" if "skipped" in v
-                                                                     else ""))
+        if "skipped" in v:
+            print(f"{name:38s} skipped: {v['skipped']}")
+            continue
+        ctrl = f"{v['control']:.3f} +- {v['control_std']:.3f}" if v.get("control") is not None else ""
+        chance = f"{v['chance']:8.3f}" if v.get("chance") is not None else ""
+        print(f"{name:38s} {v['trained']:8.3f} {ctrl:>22s} {chance:>8s}" + (f"  of {v['of']} heads" if "of" in v
+                                                                            else ""))
+    print(f"(control: {args.controls} random-weights draw(s) of the same architecture, seeds {args.seed}.."
+          f"{args.seed + args.controls - 1})")
     print("plots:\n  " + "\n  ".join(doc["plots"]))
     return 0

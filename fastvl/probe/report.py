@@ -17,38 +17,69 @@ def _acc(r: dict | None) -> float | None:
     return None if not r or "accuracy" not in r else r["accuracy"]
 
 
-def headline(trained: dict, control: dict) -> dict:
-    """The figures the report leads with: {name: {'trained', 'control', 'chance'}} (chance: majority-class
-    accuracy over the same folds for the linear probes)."""
-    out: dict = {}
-    if "fusion_nmi" in trained:
-        out["fusion_nmi_last_layer"] = {"trained": trained["fusion_nmi"][-1], "control": control["fusion_nmi"][-1]}
-    if "cls_text_mass" in trained:
-        out["cls_text_mass_mean"] = {"trained": float(np.mean(trained["cls_text_mass"])),
-                                     "control": float(np.mean(control["cls_text_mass"])),
-                                     "chance": trained["uniform_text_share"]}
-        for k in ("img2txt_heads", "txt2img_heads"):
-            out[k] = {"trained": len(trained[k]), "control": len(control[k]),
-                      "of": trained["layers"] * trained["heads"]}
-    if "coreference" in trained:
-        out["coreference_accuracy"] = {"trained": _acc(trained["coreference"]), "control": _acc(control["coreference"]),
-                                       "chance": trained["coreference"].get("majority")}
-    for name, r in trained.get("relations", {}).items():
-        out[f"relation_{name.replace(' ', '_')}_accuracy"] = {"trained": _acc(r),
-                                                             "control": _acc(control["relations"][name]),
-                                                             "chance": r.get("majority"), **(
-                                                                 {"skipped": r["skipped"]} if "skipped" in r else {})}
-    for name, per_layer in trained.get("linguistic", {}).items():
-        best = max(range(len(per_layer)), key=lambda n: _acc(per_layer[n]) or -1.0)
-        out[f"linguistic_{name}_best_layer"] = {"layer": best, "trained": _acc(per_layer[best]),
-                                                "control": _acc(control["linguistic"][name][best]),
-                                                "chance": per_layer[best].get("majority")}
+def _metrics(f: dict) -> dict[str, float | None]:
+    """The headline numbers of one model's figures (None where a probe was skipped)."""
+    out: dict[str, float | None] = {}
+    if "fusion_nmi" in f:
+        out["fusion_nmi_last_layer"] = f["fusion_nmi"][-1]
+    if "cls_text_mass" in f:
+        out["cls_text_mass_mean"] = float(np.mean(f["cls_text_mass"]))
+        out["img2txt_heads"] = float(len(f["img2txt_heads"]))
+        out["txt2img_heads"] = float(len(f["txt2img_heads"]))
+    if "coreference" in f:
+        out["coreference_accuracy"] = _acc(f["coreference"])
+    for name, r in f.get("relations", {}).items():
+        out[f"relation_{name.replace(' ', '_')}_accuracy"] = _acc(r)
+    for name, per_layer in f.get("linguistic", {}).items():
+        out[f"linguistic_{name}_max_over_layers"] = max((_acc(r) or 0.0) for r in per_layer)
     return out
 
 
-def csv_rows(trained: dict, control: dict) -> list[dict]:
-    """Every figure as rows {probe, measure, layer, head, trained, control, chance} (layer 0 of the per-layer
-    outputs is the embedding layer; attention layers count from 0 too)."""
+def headline(trained: dict, controls: dict | list[dict]) -> dict:
+    """The figures the report leads with: {name: {'trained', 'control' (mean over the controls), 'control_std',
+    'controls' (how many), 'chance'}}; chance is the majority-class accuracy over the same folds for the linear
+    probes, the uniform-attention share for the [CLS] text mass."""
+    controls = [controls] if isinstance(controls, dict) else list(controls)
+    mine = _metrics(trained)
+    theirs = [_metrics(c) for c in controls]
+    chance = {"cls_text_mass_mean": trained.get("uniform_text_share")}
+    if "coreference" in trained:
+        chance["coreference_accuracy"] = trained["coreference"].get("majority")
+    for name, r in trained.get("relations", {}).items():
+        chance[f"relation_{name.replace(' ', '_')}_accuracy"] = r.get("majority")
+    for name, per_layer in trained.get("linguistic", {}).items():
+        chance[f"linguistic_{name}_max_over_layers"] = per_layer[0].get("majority")
+    out = {}
+    for key, value in mine.items():
+        vals = [t[key] for t in theirs if t.get(key) is not None]
+        row = {"trained": value, "control": float(np.mean(vals)) if vals else None,
+               "control_std": float(np.std(vals)) if vals else None, "controls": len(vals)}
+        if chance.get(key) is not None:
+            row["chance"] = chance[key]
+        if key in ("img2txt_heads", "txt2img_heads"):
+            row["of"] = trained["layers"] * trained["heads"]
+        if value is None:
+            skipped = [r.get("skipped") for n, r in trained.get("relations", {}).items()
+                       if key == f"relation_{n.replace(' ', '_')}_accuracy"]
+            row["skipped"] = skipped[0] if skipped else "skipped"
+        out[key] = row
+    return out
+
+
+def csv_rows(trained: dict, controls: dict | list[dict]) -> list[dict]:
+    """Every figure as rows {probe, measure, layer, head, trained, control (mean over the controls), chance}
+    (per-layer outputs count the input layer as 0; attention layers count from 0 too)."""
+    controls = [controls] if isinstance(controls, dict) else list(controls)
+    rows = _rows(trained, controls[0])
+    others = [_rows(trained, c) for c in controls[1:]]
+    for k, row in enumerate(rows):
+        vals = [row["control"]] + [o[k]["control"] for o in others]
+        vals = [v for v in vals if v is not None]
+        row["control"] = float(np.mean(vals)) if vals else None
+    return rows
+
+
+def _rows(trained: dict, control: dict) -> list[dict]:
     rows = []
 
     def add(probe, measure, layer, head, t, c, chance=None):
@@ -202,7 +233,8 @@ def plot_regions(item: dict, layer: int, head: int, name: str, path: Path) -> Pa
 def plot_all(result: dict, name: str, out: Path, compare: dict[str, dict] | None = None) -> list[str]:
     """Every plot of one probe run into ``out``; ``compare``: other models' {label: figures} for the NMI plot."""
     trained, control = result["model"], result["control"]
-    nmi = {f"{name} trained": trained, f"{name} random weights": control, **(compare or {})}
+    nmi = {f"{name} trained": trained, f"{name} random weights (seed {result['settings']['seed']})": control,
+           **(compare or {})}
     paths = [plot_nmi(nmi, out / "nmi_per_layer.png")]
     if "cls_text_mass" in trained:  # single-stream models only (see fastvl.probe.views)
         paths += [plot_modality(trained, control, name, out / "modality_importance.png"),
@@ -214,16 +246,17 @@ def plot_all(result: dict, name: str, out: Path, compare: dict[str, dict] | None
 
 
 def write_report(result: dict, out: str | os.PathLike, meta: dict) -> dict:
-    """``probes.json`` (meta, settings, headline, trained and control figures) and ``probes.csv`` in ``out``;
-    returns the JSON document."""
+    """``probes.json`` (meta, settings, headline, the trained figures, the first control's as ``control`` and every
+    control's as ``controls``) and ``probes.csv`` in ``out``; returns the JSON document."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {**meta, "settings": result.get("settings"), "headline": headline(result["model"], result["control"]),
-           "trained": result["model"], "control": result["control"]}
+    controls = result.get("controls") or [result["control"]]
+    doc = {**meta, "settings": result.get("settings"), "headline": headline(result["model"], controls),
+           "trained": result["model"], "control": controls[0], "controls": controls}
     tmp = out / "probes.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, out / "probes.json")
-    rows = csv_rows(result["model"], result["control"])
+    rows = csv_rows(result["model"], controls)
     with open(out / "probes.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["probe", "measure", "layer", "head", "trained", "control", "chance"])
         w.writeheader()

@@ -65,15 +65,17 @@ def probe_checkpoint(model_type: str, checkpoint: str | Path, out: str | Path, s
     model, info = load_model(model_type, checkpoint, config)
     corpus = synthetic_corpus()
     _check_fits(model, model_type, corpus, str(checkpoint))
-    control = random_control(model, s.seed)
+    controls = [random_control(model, s.seed + k) for k in range(s.controls)]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev)
-    control.to(dev)
+    for c in controls:
+        c.to(dev)
     total = (corpus.info["counts"][split]["captions"] if limit is None else
              min(limit, corpus.info["counts"][split]["captions"]))
-    bar = tqdm(total=2 * total, desc=f"probe {model_type}", unit="caption", disable=not progress, mininterval=1.0)
-    result = run_suite(model, control, lambda: synthetic_examples(corpus, split, limit), s, dev, bar.update,
+    bar = tqdm(total=(1 + len(controls)) * total, desc=f"probe {model_type}", unit="caption", disable=not progress,
+               mininterval=1.0)
+    result = run_suite(model, controls, lambda: synthetic_examples(corpus, split, limit), s, dev, bar.update,
                        model_type)
     bar.close()
     if save_maps is not None:

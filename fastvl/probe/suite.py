@@ -10,7 +10,7 @@ both for a model and its control.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,7 +40,8 @@ class ProbeSettings:
     """Knobs of the probe suite."""
 
     batch_size: int = 32
-    seed: int = 0  # k-means init, cross-validation split, negative sampling, control weights
+    seed: int = 0  # k-means init, cross-validation split, negative sampling, control weights (seed, seed + 1, ...)
+    controls: int = 3  # random-weights controls (their figures are averaged in the headline and the CSV)
     folds: int = 5
     fusion_examples: int = 200  # examples whose tokens enter the per-layer k-means
     cross_threshold: float = 0.5  # a region (text) query with more attention than this on text (regions)
@@ -208,14 +209,23 @@ def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
     return out
 
 
-def run_suite(model: nn.Module, control: nn.Module, examples: Callable[[], Iterable[ProbeExample]],
-              settings: ProbeSettings | None = None, device: torch.device | str = "cpu",
-              progress: Callable[[int], None] | None = None, family: str = "uniter") -> dict:
-    """Collect and score ``model`` and its random-weights ``control`` on the same examples (``examples()`` is
-    called once per model). Returns {'model': figures, 'control': figures, 'maps': the kept maps of the model,
-    'control_maps': those of the control, 'settings': ...}."""
+def run_suite(model: nn.Module, controls: nn.Module | Sequence[nn.Module],
+              examples: Callable[[], Iterable[ProbeExample]], settings: ProbeSettings | None = None,
+              device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+              family: str = "uniter") -> dict:
+    """Collect and score ``model`` and its random-weights ``controls`` (one model or several draws) on the same
+    examples (``examples()`` is called once per model). Returns {'model': figures, 'control': the first control's
+    figures, 'controls': every control's figures, 'maps': the kept maps of the model, 'control_maps': those of the
+    first control, 'settings': ...}."""
     s = settings or ProbeSettings()
+    controls = [controls] if isinstance(controls, nn.Module) else list(controls)
+    if not controls:
+        raise ValueError("fastvl.probe.run_suite: no control model")
     got = collect(model, examples(), s, device, progress, family)
-    ctrl = collect(control, examples(), s, device, progress, family)
-    return {"model": score(got, s), "control": score(ctrl, s), "maps": got.maps, "control_maps": ctrl.maps,
-            "settings": asdict(s)}
+    figures, first_maps = [], None
+    for ctrl_model in controls:
+        ctrl = collect(ctrl_model, examples(), s, device, progress, family)
+        figures.append(score(ctrl, s))
+        first_maps = ctrl.maps if first_maps is None else first_maps
+    return {"model": score(got, s), "control": figures[0], "controls": figures, "maps": got.maps,
+            "control_maps": first_maps, "settings": asdict(s)}

@@ -45,8 +45,13 @@ def test_probe_cli_writes_every_figure(run_folder, tmp_path, capsys):
     run, model, cfg = run_folder
     out = tmp_path / "out"
     code, stdout, err = _run(["probe", "--checkpoint", str(run), "--out", str(out), "--examples", "40",
-                              "--folds", "2", "--no-progress"], capsys)
+                              "--folds", "2", "--no-progress", "--controls", "2"], capsys)
     assert code == 0, err
+    assert len(doc_controls := json.loads((out / "probes.json").read_text())["controls"]) == 2
+    head = json.loads((out / "probes.json").read_text())["headline"]["coreference_accuracy"]
+    accs = [c["coreference"]["accuracy"] for c in doc_controls]
+    assert head["controls"] == 2 and head["control"] == pytest.approx(np.mean(accs))
+    assert head["control_std"] == pytest.approx(np.std(accs))
     assert "coreference_accuracy" in stdout and "nmi_per_layer.png" in stdout
     doc = json.loads((out / "probes.json").read_text())
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -134,7 +139,8 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
                                  "control": {"fusion_nmi": [1.0, 1.0, 1.0]}}))
     out = tmp_path / "lx"
     code, stdout, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run), "--out", str(out), "--examples",
-                              "24", "--folds", "2", "--no-progress", "--compare", str(other), "--save-maps",
+                              "24", "--folds", "2", "--no-progress", "--controls", "1", "--compare", str(other),
+                              "--save-maps",
                               str(tmp_path / "maps")], capsys)
     assert code == 0, err
     items = list(read_maps(tmp_path / "maps"))  # streamed to disk, one shard per batch
@@ -167,7 +173,7 @@ def test_probe_cli_checkpoint_files(run_folder, lxmert_run, tmp_path, capsys):
     run, model, cfg = run_folder
     (tmp_path / "uniter").mkdir()
     torch.save(model.state_dict(), tmp_path / "uniter" / "uniter.pt")
-    args = ["--examples", "16", "--folds", "2", "--no-progress"]
+    args = ["--examples", "16", "--folds", "2", "--no-progress", "--controls", "1"]
     code, _, err = _run(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *args], capsys)
     assert code == 0, err
     code, _, err = _run(["probe", "--checkpoint", str(tmp_path / "uniter" / "uniter.pt"), "--config",
