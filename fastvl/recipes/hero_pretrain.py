@@ -31,7 +31,7 @@ __all__ = ["HERO_PRESETS", "HeroPretrainSettings", "evaluate_hero_pretrain", "he
 
 #: Defaults for the tiny CPU model (synthetic corpus) and for an official-size config (real data).
 HERO_PRESETS = {
-    "tiny": dict(steps=1200, lr=1e-3, warmup_steps=100, max_frames=160, val_every=400, ckpt_every=400,
+    "tiny": dict(steps=900, lr=1e-3, warmup_steps=100, max_frames=160, val_every=300, ckpt_every=300,
                  log_every=50, threads=1, lw_st_ed=0.1, drop_svmr_prob=0.0),
     "official": dict(steps=100_000, lr=3e-5, warmup_steps=10_000, max_frames=32 * 100, val_every=5000,
                      ckpt_every=5000, log_every=100, lw_st_ed=0.01, drop_svmr_prob=0.8),
