@@ -65,13 +65,13 @@ def cross_modal_padded_reference(f_encoder: torch.nn.Module, ids: torch.Tensor, 
     max_vl = feats.shape[1]
     emb = f_encoder.embeddings
     if txt_pos is None:
-        txt_pos = torch.arange(max_sl).clamp(max=511).unsqueeze(0)
+        txt_pos = torch.arange(max_sl, device=ids.device).clamp(max=511).unsqueeze(0)
     type_row = emb.token_type_embeddings.weight[1]
     txt = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(txt_pos) + type_row)
     ie = f_encoder.img_embeddings
     f_in = feats if masks is None else feats + ie.mask_embedding(masks.long())
     if frm_pos is None:
-        frm_pos = torch.arange(max_vl).unsqueeze(0)
+        frm_pos = torch.arange(max_vl, device=feats.device).unsqueeze(0)
     img = ie.LayerNorm(ie.img_linear(ie.img_LayerNorm(f_in)) + ie.position_embeddings(frm_pos) + type_row)
     gather = gather_index.unsqueeze(-1).expand(-1, -1, txt.shape[-1])
     x = torch.gather(torch.cat([img, txt], dim=1), 1, gather)
@@ -88,14 +88,14 @@ def hero_fuse_reference(v_encoder: HierarchicalVlModel, batch: dict[str, Any]) -
                                      batch["f_gather_index"], batch["f_attn_masks"])
     c_feats = batch["c_v_feats"]
     n_vid, n_frm = c_feats.shape[:2]
-    matched = torch.zeros(n_vid, n_frm, x.shape[-1], dtype=x.dtype)
+    matched = torch.zeros(n_vid, n_frm, x.shape[-1], dtype=x.dtype, device=x.device)
     start = 0
     for vid, num_sub in enumerate(batch["num_subs"]):
         segs = x[start:start + num_sub]
         for sid, frames in batch["sub_idx2frame_idx"][vid]:
             if len(frames) == 0:
                 continue
-            idx = torch.tensor(frames, dtype=torch.long)
+            idx = torch.tensor(frames, dtype=torch.long, device=x.device)
             matched[vid, idx] = matched[vid, idx] + segs[sid, :len(frames)]
         start += num_sub
     ft = v_encoder.frame_transform
@@ -107,7 +107,7 @@ def temporal_padded_reference(c_encoder: torch.nn.Module, frames: torch.Tensor,
     """The official padded temporal transformer (positions arange): frames [B, L, H], masks [B, L] -> [B, L, H]."""
     n_frm = frames.shape[1]
     y = c_encoder.embeddings.LayerNorm(frames + c_encoder.embeddings.position_embeddings(
-        torch.arange(n_frm).unsqueeze(0)))
+        torch.arange(n_frm, device=frames.device).unsqueeze(0)))
     for layer in c_encoder.encoder.layer:
         y = bert_layer_padded_reference(layer, y, c_attn_masks)
     return y
@@ -147,7 +147,7 @@ def query_encoder_reference(q_feat_attn: torch.nn.Module, feat: torch.Tensor, ma
     proj = q_feat_attn.query_input_proj
     x = torch.relu(proj.net[1](_ln(proj.LayerNorm, feat)))
     pe = q_feat_attn.query_pos_embed
-    x = _ln(pe.LayerNorm, x + pe.position_embeddings(torch.arange(x.shape[1]).unsqueeze(0)))
+    x = _ln(pe.LayerNorm, x + pe.position_embeddings(torch.arange(x.shape[1], device=x.device).unsqueeze(0)))
     m = mask.to(x.dtype)
     att = bert_attention_padded_reference(q_feat_attn.query_self_attention, x, m)
     w = F.softmax(_mask_logits(q_feat_attn.modular_vector_mapping(att), m.unsqueeze(2)), dim=1)  # [N, L, 1]
@@ -169,10 +169,10 @@ def _hard(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
 
 def _sampled_neg(model: torch.nn.Module, masked: torch.Tensor, min_idx: int) -> torch.Tensor:
     bsz, size = masked.shape
-    rows = torch.arange(bsz)
+    rows = torch.arange(bsz, device=masked.device)
     order = torch.sort(masked, descending=True, dim=1)[1]
     top = min(min_idx + model.hard_pool_size, size) if model.use_hard_negative else size
-    return masked[rows, order[rows, torch.randint(min_idx, top, size=(bsz,))]]
+    return masked[rows, order[rows, torch.randint(min_idx, top, size=(bsz,)).to(masked.device)]]
 
 
 def _video_level_loss(model: torch.nn.Module, scores: torch.Tensor, reduction: str):
@@ -180,7 +180,7 @@ def _video_level_loss(model: torch.nn.Module, scores: torch.Tensor, reduction: s
     bsz_q, bsz_v = scores.shape
     per = int(bsz_q / bsz_v)
     if bsz_v == 1:
-        return torch.tensor(0.0), torch.tensor(0.0)
+        return scores.new_zeros(()), scores.new_zeros(())
     masked = scores.clone()
     pos = []
     for i, j in zip(range(bsz_v), range(0, bsz_q, per)):
@@ -239,13 +239,13 @@ def vsm_reference(model: torch.nn.Module, batch: dict[str, Any], compute_loss: b
         scores = _mask_logits(sc, c_mask.transpose(0, 1).unsqueeze(0)).max(dim=1)[0]
     if not compute_loss:
         return scores, st, ed
-    zeros = torch.zeros(1, dtype=frames.dtype)
+    zeros = torch.zeros(1, dtype=frames.dtype, device=frames.device)
     loss_st_ed, loss_ctx, loss_q = zeros, zeros, zeros
     reduction = "mean" if model.training else "sum"
     targets = batch["targets"]
     if st is not None:
         if st.dim() == 3:
-            rows = torch.arange(len(st))
+            rows = torch.arange(len(st), device=st.device)
             st, ed = st[rows, batch["q_vidx"]], ed[rows, batch["q_vidx"]]
         loss_st_ed = (F.cross_entropy(st, targets[:, 0].long(), reduction=reduction, ignore_index=-1)
                       + F.cross_entropy(ed, targets[:, 1].long(), reduction=reduction, ignore_index=-1))
@@ -260,7 +260,7 @@ def _frames_with_text_reference(model: torch.nn.Module, batch: dict[str, Any], p
     fused = hero_fuse_reference(ve, batch)
     n_frm = fused.shape[1]
     emb = ve.c_encoder.embeddings
-    frames = _ln(emb.LayerNorm, fused + emb.position_embeddings(torch.arange(n_frm).unsqueeze(0)))
+    frames = _ln(emb.LayerNorm, fused + emb.position_embeddings(torch.arange(n_frm, device=fused.device).unsqueeze(0)))
     text = _txt_embed(ve.f_encoder, batch[f"{prefix}_input_ids"], batch[f"{prefix}_pos_ids"])
     x = torch.cat([frames, text], dim=1)
     mask = torch.cat([batch["c_attn_masks"], batch[f"{prefix}_attn_masks"]], dim=1)
@@ -313,7 +313,7 @@ def tvc_reference(model: torch.nn.Module, batch: dict[str, Any], compute_loss: b
     """The official ``HeroForTvc.forward(batch)`` (padded segments, triangular self-attention mask, no dropout)."""
     frames = hero_repr_reference(model.v_encoder, batch)
     segs = [frames[i, st:ed] for i, ranges in enumerate(batch["clip_ranges"]) for st, ed in ranges]
-    enc = torch.zeros(len(segs), max(t.shape[0] for t in segs), frames.shape[-1], dtype=frames.dtype)
+    enc = frames.new_zeros(len(segs), max(t.shape[0] for t in segs), frames.shape[-1])
     for i, t in enumerate(segs):
         enc[i, :t.shape[0]] = t
     ids = batch["cap_input_ids"]
@@ -321,7 +321,7 @@ def tvc_reference(model: torch.nn.Module, batch: dict[str, Any], compute_loss: b
     x = f_enc.embeddings.word_embeddings(ids) + model.position_embeddings(batch["cap_pos_ids"])
     x = _ln(model.emb_LayerNorm, x)
     length = ids.shape[1]
-    tri = ((1.0 - torch.tril(torch.ones(length, length))) * -10000.0).to(x.dtype)[None, None]
+    tri = ((1.0 - torch.tril(torch.ones(length, length, device=x.device))) * -10000.0).to(x.dtype)[None, None]
     enc_ext = (1.0 - batch["cap_attn_mask"].to(x.dtype))[:, None, None, :] * -10000.0
     for layer in model.decoder.layer:
         a = _add_norm(layer.add_norm_1, _mha_padded(layer.self_attention, x, x, tri), x)

@@ -224,11 +224,12 @@ class VsmMethods:
         if per_v * bsz_v != bsz_q:
             raise ValueError(f"fastvl.models.hero: vsm needs the same number of queries per video: {bsz_q} queries "
                              f"for {bsz_v} videos")
-        own = torch.arange(bsz_q, device=query_context_scores.device) // per_v
+        rows = torch.arange(bsz_q, device=query_context_scores.device)
+        own = rows // per_v
         pos_mask = torch.zeros_like(query_context_scores, dtype=torch.bool)
-        pos_mask[torch.arange(bsz_q), own] = True
+        pos_mask[rows, own] = True
         masked = query_context_scores.masked_fill(pos_mask, 999.0)
-        pos_vq = query_context_scores[torch.arange(bsz_q), own].view(bsz_v, per_v)  # [Nv, per_v]
+        pos_vq = query_context_scores[rows, own].view(bsz_v, per_v)  # [Nv, per_v]
         pos_qv = pos_vq.reshape(bsz_q, 1)
         if self.use_all_neg:
             loss_ctx = self.get_ranking_loss(pos_qv, self.get_all_neg_scores(masked, sample_min_idx=1))
