@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a fastvl pretrain run folder (or its checkpoints/step_*), or a checkpoint file (.pt / "
                         ".safetensors, e.g. an official one)")
     p.add_argument("--out", required=True, help="folder for probes.json, probes.csv and the plots")
-    p.add_argument("--config", default=None, help="model config JSON for a checkpoint file (default: sizes read "
-                                                  "from the weights)")
+    p.add_argument("--config", default=None, help="model config JSON for a checkpoint file (default: a "
+                                                  "model_config.json / config.json beside it, else sizes read from "
+                                                  "the weights)")
     p.add_argument("--split", default="val", choices=["val", "train"], help="synthetic-corpus split to probe on")
     p.add_argument("--examples", type=positive_int, default=None, help="captions to probe (default: the whole split)")
     p.add_argument("--batch-size", type=positive_int, default=32)
