@@ -4,15 +4,17 @@ segmenter learning the synthetic set, feature nets."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fastvl.data.layouts import SyntheticLayoutConfig, SyntheticLayoutSet, collate_layouts
+from fastvl.data.layouts import LayoutSet, SyntheticLayoutConfig, SyntheticLayoutSet, collate_layouts
 from fastvl.tasks.gan_metrics import (
     FASTVL_FID_LABEL,
     SegmenterConfig,
     SmallSegmenter,
+    class_weights,
     confusion_matrix,
     feature_statistics,
     fid,
@@ -136,12 +138,12 @@ def test_train_segmenter_deterministic(seed):
 @pytest.mark.slow
 def test_segmenter_learns_synthetic_set_and_fid_separates(seed):
     cfg = SyntheticLayoutConfig(seed=seed, size=(32, 32), n_train=300, n_val=96)
-    seg = train_segmenter(SyntheticLayoutSet("train", cfg), SegmenterConfig(width=8, steps=150, batch_size=16,
+    seg = train_segmenter(SyntheticLayoutSet("train", cfg), SegmenterConfig(width=8, steps=250, batch_size=8, lr=5e-3,
                                                                             seed=seed), progress=False)
     val = collate_layouts([it for it in SyntheticLayoutSet("val", cfg)])
     majority = torch.bincount(val["label"].flatten()).max().item() / val["label"].numel()
     s = segmentation_scores(seg, val["image"], val["label"])
-    assert s["pixel_acc"] > max(0.75, majority + 0.3), (s, majority)
+    assert s["pixel_acc"] > max(0.7, majority + 0.3), (s, majority)  # seeds 1-40: 0.8-0.95, majority 0.3-0.37
     assert s["miou"] > 0.25
     # FID in the segmenter's feature space: two halves of the real set are closer than real vs. corrupted images
     net = segmenter_feature_net(seg)
@@ -181,3 +183,25 @@ def test_load_feature_net(tmp_path):
         load_feature_net(sd)
     with pytest.raises(ValueError, match="not a file"):
         load_feature_net(tmp_path / "missing.pt")
+
+
+class _TwoMaps(LayoutSet):
+    num_classes, foreground_classes, class_names = 3, [1], ["a", "b", "c"]
+    maps = [np.array([[0, 0], [0, 1]]), np.array([[0, 0], [255, 1]])]
+
+    def __init__(self):
+        super().__init__("train", (2, 2))
+
+    def __len__(self):
+        return 2
+
+    def load(self, index):
+        return np.zeros((2, 2, 3), np.uint8), self.maps[index], np.array([[1, 1, 1, 2, 2]])
+
+
+def test_class_weights_hand_example():
+    # counts: class 0 -> 5 pixels, class 1 -> 2, class 2 -> none (the 255 pixel is skipped); freq 5/7, 2/7
+    w = class_weights(_TwoMaps(), power=0.5)
+    raw = torch.tensor([(5 / 7) ** -0.5, (2 / 7) ** -0.5])
+    assert torch.allclose(w[:2], raw / raw.mean()) and w[2] == 0
+    assert torch.allclose(class_weights(_TwoMaps(), power=0.0), torch.tensor([1.0, 1.0, 0.0]))
