@@ -345,7 +345,7 @@ def test_missing_key_names_it(task, builder, key):
         model(batch, task)
 
 
-@pytest.mark.parametrize("task", ["vsm", "mfm", "itm", "repr2"])
+@pytest.mark.parametrize("task", ["mfm", "itm", "repr2", "tvr"])
 def test_unknown_task_raises(task):
     model = _model(False)
     with pytest.raises(ValueError, match="task"):
