@@ -123,9 +123,8 @@ def load_uniter(path: str | Path, config: str | Path | None = None) -> tuple[nn.
         settings = json.loads((run / "settings.json").read_text()) if (run / "settings.json").is_file() else {}
         family = settings.get("model", family) if settings.get("model") in ("lxmert", "hero") else family
         if family != "uniter":
-            raise ckpt.CheckpointError(f"--checkpoint {path} is a {family.upper()} run, not UNITER: use "
-                                       f"--model {family}" if family == "lxmert" else
-                                       f"--checkpoint {path} is a {family} run, not UNITER")
+            raise ckpt.CheckpointError(f"--checkpoint {path} is an LXMERT run, not UNITER: use --model lxmert"
+                                       if family == "lxmert" else f"--checkpoint {path} is a {family} run, not UNITER")
         folder = path if (path / "model.safetensors").is_file() else ckpt.latest_checkpoint(run)
         if folder is None:
             raise ckpt.CheckpointError(f"--checkpoint {run} holds no complete checkpoint")

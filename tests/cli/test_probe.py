@@ -103,7 +103,7 @@ def test_probe_cli_wrong_checkpoints(run_folder, tmp_path, capsys):
     cases = {lx: "is an LXMERT checkpoint, not UNITER (use --model lxmert)",
              hero: "is a HERO checkpoint, not UNITER",
              pickled: "not a loadable state dict of tensors",
-             lx_run: "is a LXMERT run, not UNITER: use --model lxmert",
+             lx_run: "is an LXMERT run, not UNITER: use --model lxmert",
              fin: "is a fastvl finetune run (task vqa)",
              big: "the model takes 2048-d region features",
              tmp_path / "missing": "no such file"}
@@ -162,7 +162,7 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
     assert doc["plots"] == [str(out / "nmi_per_layer.png"), str(out / "attention_regions.png")]
     # wrong family either way round
     code, _, err = _run(["probe", "--model", "uniter", "--checkpoint", str(run), "--out", str(out)], capsys)
-    assert code == 2 and "is a LXMERT run, not UNITER: use --model lxmert" in err
+    assert code == 2 and "is an LXMERT run, not UNITER: use --model lxmert" in err
     code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run_folder[0]), "--out", str(out)], capsys)
     assert code == 2 and "UNITER" in err and "use --model uniter" in err, err
 
