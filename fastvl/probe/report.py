@@ -185,9 +185,10 @@ def chosen_head(trained: dict) -> tuple[int, int]:
     return int(layer), int(head)
 
 
-def plot_regions(item: dict, layer: int, head: int, name: str, path: Path) -> Path:
-    """One example: the chosen head's attention from each grounded phrase to the image's regions, drawn as boxes on
-    a unit canvas (opacity = attention), beside the word x region attention matrix of that head."""
+def plot_regions(item: dict, layer: int, head: int, name: str, path: Path, max_phrases: int = 3) -> Path:
+    """One example: for each grounded phrase (up to ``max_phrases``) a unit canvas with the image's regions drawn as
+    boxes, filled by the chosen head's phrase -> region attention (the region the phrase names outlined in red),
+    beside the word x region attention matrix of that head."""
     plt = _plt()
     from matplotlib.patches import Rectangle
 
@@ -196,34 +197,36 @@ def plot_regions(item: dict, layer: int, head: int, name: str, path: Path) -> Pa
     boxes = np.asarray(item["norm_bb"])
     n = len(boxes)
     w2r = np.stack([t2i[s:e].mean(0) for s, e in spans])  # [words, regions]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
-    ax = axes[0]
-    ax.set_xlim(0, 1)
-    ax.set_ylim(1, 0)
-    ax.set_aspect("equal")
-    colours = plt.cm.tab10.colors
-    grounded = [p for p in item["phrases"] if p["regions"]]
+    grounded = [p for p in item["phrases"] if p["regions"]][:max_phrases]
+    k_max = len(grounded)
+    fig, axes = plt.subplots(1, k_max + 1, figsize=(3.2 * k_max + 4.5, 3.8),
+                             gridspec_kw={"width_ratios": [1] * k_max + [1.4]}, squeeze=False)
+    axes = axes[0]
+    cmap = plt.cm.Blues
     for k, p in enumerate(grounded):
+        ax = axes[k]
         a = w2r[p["start"]:p["end"]].mean(0)
-        top = max(float(a.max()), 1e-9)
-        for r in range(n):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(1, 0)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for r in np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])):  # big boxes first
             x1, y1, x2, y2 = boxes[r, :4]
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=True, alpha=0.15 + 0.6 * float(a[r]) / top,
-                                   color=colours[k % 10], lw=2 if r in p["regions"] else 0.5))
-            mark = "*" if r in p["regions"] else ""
-            ax.text(x1 + 0.01, y1 + 0.04 + 0.05 * k, f"{mark}{' '.join(words[p['start']:p['end']])}: {a[r]:.2f}",
-                    fontsize=6, color=colours[k % 10])
-    ax.set_title(f"{name} layer {layer} head {head}: phrase -> region attention\n(* = the region the phrase names)",
-                 fontsize=8)
-    ax = axes[1]
+            named = r in p["regions"]
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=cmap(0.15 + 0.85 * float(a[r]) / max(
+                float(a.max()), 1e-9)), edgecolor="red" if named else "k", lw=2.5 if named else 0.8, alpha=0.85))
+            ax.text(x1 + 0.01, y1 + 0.05, f"r{r}: {a[r]:.2f}", fontsize=7, color="k")
+        ax.set_title(f"'{' '.join(words[p['start']:p['end']])}'\n-> regions (red: the one it names)", fontsize=7)
+    ax = axes[-1]
     im = ax.imshow(w2r, aspect="auto", cmap="magma")
     ax.set_yticks(range(len(words)))
     ax.set_yticklabels(words, fontsize=6)
     ax.set_xticks(range(n))
-    ax.set_xlabel("region")
-    ax.set_title("word -> region attention (same head)", fontsize=8)
+    ax.set_xticklabels([f"r{r}" for r in range(n)])
+    ax.set_title("word -> region attention", fontsize=8)
     fig.colorbar(im, ax=ax)
-    fig.suptitle(" ".join(words), fontsize=8)
+    fig.suptitle(f"{name} layer {layer} head {head}: {' '.join(words)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
