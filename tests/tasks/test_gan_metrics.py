@@ -143,7 +143,7 @@ def test_segmenter_learns_synthetic_set_and_fid_separates(seed):
     val = collate_layouts([it for it in SyntheticLayoutSet("val", cfg)])
     majority = torch.bincount(val["label"].flatten()).max().item() / val["label"].numel()
     s = segmentation_scores(seg, val["image"], val["label"])
-    assert s["pixel_acc"] > max(0.7, majority + 0.3), (s, majority)  # seeds 1-40: 0.8-0.95, majority 0.3-0.37
+    assert s["pixel_acc"] > max(0.7, majority + 0.3), (s, majority)  # seeds 7-47: 0.81-0.96, majority 0.30-0.37
     assert s["miou"] > 0.25
     # FID in the segmenter's feature space: two halves of the real set are closer than real vs. corrupted images
     net = segmenter_feature_net(seg)
@@ -152,7 +152,7 @@ def test_segmenter_learns_synthetic_set_and_fid_separates(seed):
     shuffled = real_b.flatten(2)[:, :, torch.randperm(32 * 32)].reshape(real_b.shape)  # pixels scrambled
     same, different = fid(net, real_a, real_b), fid(net, real_a, shuffled)
     assert same["label"] == FASTVL_FID_LABEL and same["n_real"] == 48
-    assert same["fid"] >= 0 and different["fid"] > 3 * same["fid"]
+    assert same["fid"] >= 0 and different["fid"] > 3 * same["fid"]  # seeds 23-47: ratio 8-88
 
 
 def test_load_feature_net(tmp_path):
