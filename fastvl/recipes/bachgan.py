@@ -46,7 +46,7 @@ class GanSettings:
     data_root: str | None = None
     preset: str = "small"
     retrieval: bool = True
-    steps: int = 120
+    steps: int = 140
     batch_size: int = 8
     lr_g: float = 1e-4
     lr_d: float = 4e-4

@@ -102,7 +102,11 @@ def load_vgg19(path: str | Path) -> VGG19Features:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k.startswith("features.")}
     net = VGG19Features()
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"VGG19 weights {path} do not have torchvision's vgg19 'features' layout: "
+                         f"{' '.join(str(e).split())[-300:]}") from None
     if missing or unexpected:
         raise ValueError(f"VGG19 weights {path} do not have torchvision's vgg19 'features' layout: missing "
                          f"{missing[:4]}, unexpected {unexpected[:4]}")
