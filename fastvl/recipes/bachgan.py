@@ -135,7 +135,7 @@ def build_gan_model(settings: GanSettings, train: L.LayoutSet | None = None, con
         over = {"label_nc": train.num_classes, "foreground": tuple(train.foreground_classes), "height": h,
                 "width": w, "retrieval": settings.retrieval, "memory_size": mem, **settings.model_overrides}
         try:
-            config = bachgan_preset(settings.preset, **over)
+            config = bachgan_preset(_preset_name(settings), **over)
         except (TypeError, ValueError) as e:
             raise SettingsError(f"--preset {settings.preset}: {e}") from None
     model = BachGAN(config)
@@ -146,15 +146,18 @@ def build_gan_model(settings: GanSettings, train: L.LayoutSet | None = None, con
     return model
 
 
+def _preset_name(settings: GanSettings) -> str:
+    """``official`` means the ADE20K sizes (256 x 256, 5 up-samplings) with ``--data ade20k``."""
+    return "official-ade20k" if settings.preset == "official" and settings.data == "ade20k" else settings.preset
+
+
 def _preset_size(settings: GanSettings) -> tuple[int, int]:
     if settings.size is not None:
         return int(settings.size[0]), int(settings.size[1])
     try:
-        cfg = bachgan_preset(settings.preset)
+        cfg = bachgan_preset(_preset_name(settings))
     except ValueError as e:
         raise SettingsError(f"--preset: {e}") from None
-    if settings.preset == "official" and settings.data == "ade20k":
-        cfg = bachgan_preset("official-ade20k")
     return cfg.height, cfg.width
 
 
