@@ -4,8 +4,10 @@ sentence properties, in one form (:class:`GroundedCaption`) whatever the source.
 Sources:
 
 - the synthetic scene corpus (:func:`synthetic_grounding`): every object phrase ("a small red cup") names the one
-  kept region whose detector class is that object; relations between object regions come from their boxes (left of /
-  right of / above / below as the caption grammar defines them, bigger than, same colour as from the caption);
+  kept region whose detector class is that object; the relation a clause states ("... left of the cup": subject the
+  clause's object, object the cup, predicate words marked) is a 'caption' relation; besides, every ordered pair of
+  grounded regions gets 'derived' relations from the boxes (left of / right of / above / below as the caption
+  grammar defines them, bigger than) and the caption's colour words (same colour as);
   sentence properties from the caption template (word count, object count, opening clause, relation clause);
 - Flickr30k Entities (:func:`read_flickr30k_sentences`, :func:`read_flickr30k_boxes`, :func:`flickr30k_grounding`):
   ``Sentences/<id>.txt`` with ``[/EN#<entity>/<type>[/<type>...] words]`` markup and ``Annotations/<id>.xml``
@@ -54,11 +56,20 @@ class Phrase:
 
 @dataclass
 class Relation:
-    """``subject`` (a region index) stands in ``predicate`` to ``object`` (a region index)."""
+    """``subject`` (a region index) stands in ``predicate`` to ``object`` (a region index).
+
+    ``source`` says where the fact comes from: 'annotation' (an annotated relation, e.g. Visual Genome's), 'caption'
+    (the caption states it: words ``start .. end-1`` are the predicate, e.g. "left of" in "a red cup left of the
+    ball") or 'derived' (computed from the boxes / attributes for every pair of grounded regions, whether or not
+    anything states it). The relation probe's main figure uses the stated ones ('annotation' and 'caption').
+    """
 
     subject: int
     object: int
     predicate: str
+    source: str = "annotation"
+    start: int = -1
+    end: int = -1
 
 
 @dataclass
@@ -94,6 +105,12 @@ def check_grounding(cap: GroundedCaption, n_regions: int, source: str = "annotat
         if rel.subject == rel.object:
             raise DataError(source, cap.id, f"relation {k} ({rel.predicate!r}) joins region {rel.subject} to itself",
                             "bad_annotation")
+        if rel.source not in ("annotation", "caption", "derived"):
+            raise DataError(source, cap.id, f"relation {k} ({rel.predicate!r}) has source {rel.source!r}; expected "
+                            "'annotation', 'caption' or 'derived'", "bad_annotation")
+        if rel.source == "caption" and not 0 <= rel.start < rel.end <= n:
+            raise DataError(source, cap.id, f"relation {k} ({rel.predicate!r}) is stated by words [{rel.start}, "
+                            f"{rel.end}) but the caption has {n} words", "bad_annotation")
 
 
 # ---------------------------------------------------------------------------------------------------- boxes
@@ -134,11 +151,28 @@ def spatial_relation(box_a: Sequence[float], box_b: Sequence[float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- synthetic
+def _stated_relation(words: list[str], i: int, subject: int, classes: list[int], class_words: list[str],
+                     grounded: dict, id_: str, source: str) -> Relation | None:
+    """The relation the caption states right after the object phrase ending at word ``i`` ("... cup left of the
+    ball"), or None: its predicate words, and the region of the object named after 'the' (an object mentioned
+    before, so already grounded)."""
+    for pred in _RELATION_WORDS:
+        k = len(pred.split())
+        if words[i + 1:i + 1 + k] == pred.split() and i + 2 + k < len(words) and words[i + 1 + k] == "the":
+            ref = words[i + 2 + k]
+            cls = class_words.index(ref) if ref in class_words else -1
+            if cls not in classes or classes.index(cls) not in grounded or classes.index(cls) == subject:
+                raise DataError(source, id_, f"caption states {' '.join(words[i - 3:i + 3 + k])!r} but the {ref!r} "
+                                "names no object phrase grounded before it", "bad_annotation")
+            return Relation(subject, classes.index(cls), pred, "caption", i + 1, i + 1 + k)
+    return None
+
+
 def _synthetic_caption(id_: str, img_fname: str, sent: str, classes: list[int], norm_bb: np.ndarray,
                        n_classes: int, source: str) -> GroundedCaption:
     words = sent.split()
     class_words = CLASSES[:n_classes]
-    phrases, colour_of = [], {}
+    phrases, colour_of, stated = [], {}, []
     for i, w in enumerate(words):
         if w in class_words and i >= 3 and words[i - 1] in COLOURS and words[i - 2] in SIZES \
                 and words[i - 3] in ("a", "an"):
@@ -150,18 +184,20 @@ def _synthetic_caption(id_: str, img_fname: str, sent: str, classes: list[int], 
             r = classes.index(cls)
             phrases.append(Phrase(i - 3, i + 1, [r], type=w, entity=str(r)))
             colour_of[r] = words[i - 1]
+            stated.append(_stated_relation(words, i, r, classes, class_words, colour_of, id_, source))
     relations = []
     regions = sorted(colour_of)
     for a in regions:
         for b in regions:
             if a == b:
                 continue
-            relations.append(Relation(a, b, spatial_relation(norm_bb[a], norm_bb[b])))
+            relations.append(Relation(a, b, spatial_relation(norm_bb[a], norm_bb[b]), "derived"))
             area = lambda r: float(norm_bb[r, 2] - norm_bb[r, 0]) * float(norm_bb[r, 3] - norm_bb[r, 1])  # noqa
             if area(a) > area(b):
-                relations.append(Relation(a, b, "bigger than"))
+                relations.append(Relation(a, b, "bigger than", "derived"))
             if colour_of[a] == colour_of[b]:
-                relations.append(Relation(a, b, "same colour as"))
+                relations.append(Relation(a, b, "same colour as", "derived"))
+    relations += [r for r in stated if r is not None]
     text = " ".join(words)
     props = {"length": str(len(words)), "objects": str(len(phrases)),
              "opening": "yes" if text.startswith(_OPENINGS) else "no",

@@ -13,7 +13,7 @@ visual coreference, visual relations, linguistic knowledge), each beside a rando
     run         :func:`probe_checkpoint`, what ``fastvl probe`` runs
 """
 
-from .dataset import ProbeExample, make_example, official_batch
+from .dataset import ProbeExample, make_example, mask_stated_relations, official_batch
 from .extract import (
     ProbeOutputs,
     attention_maps,
@@ -29,6 +29,7 @@ from .extract_lxmert import LxmertProbeOutputs, lxmert_example_maps, lxmert_prob
 from .load import checkpoint_family, load_lxmert, load_model, load_uniter, random_control
 from .run import probe_checkpoint, synthetic_examples
 from .scoring import (
+    box_pair_features,
     cross_modal_flags,
     fusion_nmi,
     linear_probe,
@@ -36,16 +37,17 @@ from .scoring import (
     nmi,
     phrase_region_features,
     region_pair_features,
+    relation_slot_features,
 )
 from .suite import ProbeSettings, collect, run_suite, score
 from .views import ExampleMaps, lxmert_batch, lxmert_views, uniter_views
 
 __all__ = [
     "ExampleMaps", "LxmertProbeOutputs", "ProbeExample", "ProbeOutputs", "ProbeSettings", "attention_maps",
-    "checkpoint_family", "collect", "cross_modal_flags", "encoder_of", "eval_mode", "fusion_nmi", "hidden_states",
-    "linear_probe", "load_lxmert", "load_model", "load_uniter", "lxmert_batch", "lxmert_example_maps",
-    "lxmert_probe_forward", "lxmert_views", "make_example", "modality_mass", "nmi", "official_batch",
-    "phrase_region_features", "probe_checkpoint", "probe_forward", "random_control", "read_maps",
-    "region_pair_features", "run_suite", "score", "synthetic_examples", "uniter_example_maps", "uniter_views",
-    "write_maps",
+    "box_pair_features", "checkpoint_family", "collect", "cross_modal_flags", "encoder_of", "eval_mode",
+    "fusion_nmi", "hidden_states", "linear_probe", "load_lxmert", "load_model", "load_uniter", "lxmert_batch",
+    "lxmert_example_maps", "lxmert_probe_forward", "lxmert_views", "make_example", "mask_stated_relations",
+    "modality_mass", "nmi", "official_batch", "phrase_region_features", "probe_checkpoint", "probe_forward",
+    "random_control", "read_maps", "region_pair_features", "relation_slot_features", "run_suite", "score",
+    "synthetic_examples", "uniter_example_maps", "uniter_views", "write_maps",
 ]

@@ -8,7 +8,7 @@ end) of the model's input (``[CLS]`` at 0, ``[SEP]`` last); phrases map to token
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..data import WordPieceTokenizer, position_features
 from ..data.probe_annotations import GroundedCaption, check_grounding
 
-__all__ = ["ProbeExample", "batches_of", "make_example", "official_batch"]
+__all__ = ["ProbeExample", "batches_of", "make_example", "mask_stated_relations", "official_batch"]
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ProbeExample:
     """One caption + image for probing.
 
     caption: its grounding. input_ids [Lt] int64 with [CLS] / [SEP]. word_tokens: per word, its text-token span.
-    img_feat [n, D] float32, norm_bb [n, 6] float32 (the image's kept regions, in db order).
+    img_feat [n, D] float32, norm_bb [n, 6] float32 (the image's kept regions, in db order). mask_id: [MASK]'s id.
     """
 
     caption: GroundedCaption
@@ -32,6 +32,7 @@ class ProbeExample:
     word_tokens: list[tuple[int, int]]
     img_feat: np.ndarray
     norm_bb: np.ndarray
+    mask_id: int | None = None  # the tokenizer's [MASK] id (for :func:`mask_stated_relations`)
 
     @property
     def txt_len(self) -> int:
@@ -63,7 +64,63 @@ def make_example(caption: GroundedCaption, img_feat: np.ndarray, norm_bb: np.nda
                          f"{max_txt_len}")
     ids.append(tok.sep_id)
     return ProbeExample(caption, np.asarray(ids, np.int64), spans, np.asarray(img_feat, np.float32),
-                        np.asarray(norm_bb, np.float32))
+                        np.asarray(norm_bb, np.float32), tok.mask_id)
+
+
+def mask_stated_relations(e: ProbeExample) -> tuple[ProbeExample, list[int | None]]:
+    """``e`` with the predicate words of every relation its caption states (``source == 'caption'``) replaced by ONE
+    [MASK] token each, and, per relation of ``e.caption.relations``, the text-token index of its [MASK] slot (None
+    for relations the caption does not state).
+
+    One slot whatever the predicate ("left of" and "above" both become one [MASK]) so the masked text is the same
+    for every predicate: nothing in the text (words, length, positions) tells the relation; only the image can.
+    Example: words "a cup left of the ball ." with tokens [CLS] a cup left of the ball . [SEP] (one token per word)
+    and the relation stated by words [2, 4) -> tokens [CLS] a cup [MASK] the ball . [SEP], slot 3. Phrases and
+    relation spans of the returned caption point at the new words; a phrase overlapping a predicate raises
+    ValueError.
+    """
+    stated = sorted({(r.start, r.end) for r in e.caption.relations if r.source == "caption"})
+    if not stated:
+        return e, [None] * len(e.caption.relations)
+    if e.mask_id is None:
+        raise ValueError(f"mask_stated_relations: example {e.caption.id!r} has no 'mask_id' (build it with "
+                         "make_example)")
+    for (s0, e0), (s1, _) in zip(stated, stated[1:]):
+        if s1 < e0:
+            raise ValueError(f"mask_stated_relations: example {e.caption.id!r} states relations with overlapping "
+                             f"words [{s0}, {e0}) and [{s1}, ...)")
+    starts = {s0: e0 for s0, e0 in stated}
+    ids, spans, words, new_index = [int(e.input_ids[0])], [], [], {}
+    k = 0
+    while k < len(e.caption.words):
+        new_index[k] = len(words)
+        if k in starts:
+            spans.append((len(ids), len(ids) + 1))
+            ids.append(e.mask_id)
+            words.append("[MASK]")
+            for j in range(k + 1, starts[k]):
+                new_index[j] = len(words) - 1
+            k = starts[k]
+            continue
+        t0, t1 = e.word_tokens[k]
+        spans.append((len(ids), len(ids) + t1 - t0))
+        ids += e.input_ids[t0:t1].tolist()
+        words.append(e.caption.words[k])
+        k += 1
+    ids.append(int(e.input_ids[-1]))
+    new_index[len(e.caption.words)] = len(words)
+    masked_words = {j for s0, e0 in stated for j in range(s0, e0)}
+    phrases = []
+    for p in e.caption.phrases:
+        if masked_words & set(range(p.start, p.end)):
+            raise ValueError(f"mask_stated_relations: example {e.caption.id!r}: phrase words [{p.start}, {p.end}) "
+                             "overlap a stated predicate")
+        phrases.append(replace(p, start=new_index[p.start], end=new_index[p.end - 1] + 1))
+    relations = [replace(r, start=new_index[r.start], end=new_index[r.start] + 1) if r.source == "caption" else r
+                 for r in e.caption.relations]
+    cap = replace(e.caption, words=words, phrases=phrases, relations=relations)
+    slots = [spans[r.start][0] if r.source == "caption" else None for r in relations]
+    return replace(e, caption=cap, input_ids=np.asarray(ids, np.int64), word_tokens=spans), slots
 
 
 def official_batch(examples: list[ProbeExample], device: torch.device | str = "cpu") -> dict:

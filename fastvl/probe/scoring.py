@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bin_values", "cross_modal_flags", "fusion_nmi", "joint_blocks", "linear_probe", "modality_mass", "nmi",
-           "phrase_region_features", "region_pair_features", "require_sklearn"]
+__all__ = ["bin_values", "box_pair_features", "cross_modal_flags", "fusion_nmi", "joint_blocks", "linear_probe",
+           "modality_mass", "nmi", "phrase_region_features", "region_pair_features", "relation_slot_features",
+           "require_sklearn"]
 
 
 def require_sklearn():
@@ -86,6 +87,28 @@ def region_pair_features(i2i: np.ndarray, subject: int, obj: int) -> np.ndarray:
     region attention ``i2i`` [layers, heads, n, n]; [2 * layers * heads]."""
     a = np.asarray(i2i)
     return np.concatenate([a[:, :, subject, obj].ravel(), a[:, :, obj, subject].ravel()])
+
+
+def relation_slot_features(t2i: np.ndarray, i2t: np.ndarray, slot: int, subject: int, obj: int) -> np.ndarray:
+    """Probe 4, the text <-> region side of a stated relation: per head, the attention between the relation's text
+    slot (token ``slot``: its predicate words replaced by one [MASK], see
+    :func:`fastvl.probe.dataset.mask_stated_relations`) and the subject and object regions, in the order slot ->
+    subject, slot -> object, subject -> slot, object -> slot; [4 * layers * heads] (for one slot token this is
+    :func:`phrase_region_features` of the subject then of the object).
+
+    The predicate words themselves are masked because their identity would leak the label: 'left' and 'above' are
+    different queries, so even random weights attend differently from them whatever the image shows."""
+    span = (slot, slot + 1)
+    return np.concatenate([phrase_region_features(t2i, i2t, span, subject).reshape(2, -1),
+                           phrase_region_features(t2i, i2t, span, obj).reshape(2, -1)])[[0, 2, 1, 3]].ravel()
+
+
+def box_pair_features(pos: np.ndarray, subject: int, obj: int) -> np.ndarray:
+    """Probe 4's floor: the model's INPUT position features of the subject then the object region (``pos`` [n, 7]:
+    x1, y1, x2, y2, w, h, w * h); [14]. The same linear probe on these says how much of a spatial relation the raw
+    boxes already give, with no attention at all."""
+    p = np.asarray(pos)
+    return np.concatenate([p[subject], p[obj]])
 
 
 def joint_blocks(attn: np.ndarray, txt_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

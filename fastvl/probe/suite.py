@@ -6,6 +6,33 @@ token outputs of the first ``fusion_examples`` examples, running sums of [CLS] m
 flags, phrase<->region and region<->region attention vectors, per-layer mean text embeddings, and the full maps of a
 few examples for the pictures. :func:`score` turns one collection into the probe figures; :func:`run_suite` does
 both for a model and its control.
+
+Visual relations (probe 4). VALUE probes relations that are annotated facts (Visual Genome), between the regions
+grounded to the subject and to the object. The rows are therefore the STATED relations: 'caption' relations (the
+synthetic caption says "a blue shoe left of the cup": subject the shoe's region, object the cup's, label the stated
+predicate, one row per statement, in the stated direction) and 'annotation' relations (Visual Genome). Each row
+is probed with the same linear probe and folds on five feature sets, the figures under ``relations``:
+
+- ``stated_pair``: subject <-> object region attention, every layer and head, both directions (VALUE's probe), from
+  a pass over the caption with each stated predicate replaced by one [MASK] (so the text never names the relation,
+  in any token or length: what the probe reads must come from the image);
+- ``stated_slot``: the text <-> region part, the attention between that [MASK] slot and the subject and object
+  regions (:func:`~fastvl.probe.scoring.relation_slot_features`; the predicate word itself would leak the label);
+- ``stated_slot_pair``: both together;
+- ``stated_pair_caption``: ``stated_pair`` on the caption as written (the relation words visible: a single-stream
+  model's region states may read them from the text);
+- ``stated_boxes``: the floor, the model's input position features of the two regions with no attention at all
+  (the same for the model and its control);
+- ``stated_slot_state``: not an attention probe but a check that there is something to find: the [MASK] slot's
+  last-layer output (its hidden state, what an MLM head reads to fill in the predicate). A model that learned the
+  relations has them here even where its attention WEIGHTS do not show them (attention weights say where a token
+  looks; what it reads from there is in the values).
+
+The random-weights control runs the same probe on the same rows: a random model's near-uniform attention is nearly
+linear in its input boxes, so it decodes some geometry for free (a legitimate baseline; ``stated_boxes`` shows how
+much there is to decode). The earlier figures ``predicate``, ``bigger than`` and ``same colour as`` are kept: every
+ordered pair of grounded regions (stated or not, both directions) with 'derived' labels from the boxes / colours,
+region-pair attention on the caption as written.
 """
 
 from __future__ import annotations
@@ -17,22 +44,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dataset import ProbeExample, batches_of
+from ..data import position_features
+from .dataset import ProbeExample, batches_of, mask_stated_relations
 from .scoring import (
     bin_values,
+    box_pair_features,
     cross_modal_flags,
     fusion_nmi,
     linear_probe,
     modality_mass,
     phrase_region_features,
     region_pair_features,
+    relation_slot_features,
 )
 from .views import ExampleMaps, lxmert_views, uniter_views
 
-__all__ = ["VIEWS", "Collected", "ProbeSettings", "collect", "run_suite", "score"]
+__all__ = ["STATED_FEATURES", "VIEWS", "Collected", "ProbeSettings", "collect", "run_suite", "score"]
 
 #: model family -> the function giving one batch's :class:`~fastvl.probe.views.ExampleMaps`
 VIEWS: dict[str, Callable] = {"uniter": uniter_views, "lxmert": lxmert_views}
+
+#: the stated-relation probes (figure name in ``relations`` -> feature set); see the module doc
+STATED_FEATURES = {"stated_pair": "pair", "stated_slot": "slot", "stated_slot_pair": "slot_pair",
+                   "stated_pair_caption": "pair_caption", "stated_boxes": "boxes", "stated_slot_state": "slot_state"}
 
 
 @dataclass
@@ -71,6 +105,7 @@ class Collected:
     rel_x: list[np.ndarray] = field(default_factory=list)
     rel_predicates: list[list[str]] = field(default_factory=list)
     rel_group: list[str] = field(default_factory=list)
+    stated: list[dict] = field(default_factory=list)  # one per stated relation: predicate, group, feature sets
     sent_x: list[list[np.ndarray]] = field(default_factory=list)  # per layer
     sent_props: list[dict] = field(default_factory=list)
     sent_group: list[str] = field(default_factory=list)
@@ -88,7 +123,8 @@ def _start(c: Collected, v: ExampleMaps) -> None:
 
 
 def _example_features(c: Collected, e: ProbeExample, v: ExampleMaps, s: ProbeSettings,
-                      rng: np.random.Generator) -> None:
+                      rng: np.random.Generator, masked: ExampleMaps | None = None,
+                      slots: list[int | None] | None = None) -> None:
     tl, n = e.txt_len, e.n_regions
     if len(c.fusion_modality) < s.fusion_examples and n:
         for layer, tokens in enumerate(v.fusion):
@@ -118,11 +154,26 @@ def _example_features(c: Collected, e: ProbeExample, v: ExampleMaps, s: ProbeSet
                 c.coref_group.append(group)
     pairs: dict[tuple[int, int], list[str]] = {}
     for rel in e.caption.relations:
-        pairs.setdefault((rel.subject, rel.object), []).append(rel.predicate)
+        if rel.source != "caption":  # the all-pairs figure: derived (and annotated) relations, as before
+            pairs.setdefault((rel.subject, rel.object), []).append(rel.predicate)
     for (subj, obj), preds in pairs.items():
         c.rel_x.append(region_pair_features(v.i2i, subj, obj))
         c.rel_predicates.append(preds)
         c.rel_group.append(group)
+    pos = position_features(e.norm_bb) if e.caption.relations else None
+    for k, rel in enumerate(e.caption.relations):
+        if rel.source == "derived":
+            continue
+        src = masked if masked is not None else v
+        row = {"predicate": rel.predicate, "group": group,
+               "pair": region_pair_features(src.i2i, rel.subject, rel.object),
+               "pair_caption": region_pair_features(v.i2i, rel.subject, rel.object),
+               "boxes": box_pair_features(pos, rel.subject, rel.object)}
+        if slots is not None and slots[k] is not None:
+            row["slot"] = relation_slot_features(masked.t2i, masked.i2t, slots[k], rel.subject, rel.object)
+            row["slot_pair"] = np.concatenate([row["slot"], row["pair"]])
+            row["slot_state"] = masked.text[-1][slots[k]]
+        c.stated.append(row)
     if e.caption.properties:
         for layer, tokens in enumerate(v.text):
             c.sent_x[layer].append(tokens.mean(0))
@@ -147,10 +198,14 @@ def collect(model: nn.Module, examples: Iterable[ProbeExample], settings: ProbeS
     c = Collected()
     for chunk in batches_of(examples, s.batch_size):
         views = VIEWS[family](model, chunk, device)
+        masked = [mask_stated_relations(e) for e in chunk]
+        stating = [k for k, (_, slots) in enumerate(masked) if any(x is not None for x in slots)]
+        masked_views = dict(zip(stating, VIEWS[family](model, [masked[k][0] for k in stating], device)
+                                if stating else []))
         if not c.fusion_tokens:
             _start(c, views[0])
-        for e, v in zip(chunk, views):
-            _example_features(c, e, v, s, rng)
+        for k, (e, v) in enumerate(zip(chunk, views)):
+            _example_features(c, e, v, s, rng, masked_views.get(k), masked[k][1] if k in masked_views else None)
         if progress is not None:
             progress(len(chunk))
     if c.examples == 0:
@@ -195,10 +250,17 @@ def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
             half = x.shape[1] // 2
             gap = x[y == 1, :half].mean(0) - x[y == 0, :half].mean(0)
             out["coreference_head_gap"] = gap.reshape(c.layers, c.heads).tolist()
+    if c.rel_x or c.stated:
+        out["relations"] = {}
     if c.rel_x:
         x = np.stack(c.rel_x)
         out["relations"] = {name: linear_probe(x, labels, c.rel_group, s.seed, s.folds)
                             for name, labels in _relation_tasks(c, s).items()}
+    for name, key in STATED_FEATURES.items():
+        rows = [r for r in c.stated if key in r]
+        if rows:
+            out["relations"][name] = linear_probe(np.stack([r[key] for r in rows]), [r["predicate"] for r in rows],
+                                                  [r["group"] for r in rows], s.seed, s.folds)
     if c.sent_props:
         keys = sorted({k for p in c.sent_props for k in p})
         ling = {}

@@ -14,6 +14,7 @@ from fastvl.data import synthetic_corpus
 from fastvl.models.uniter import UniterForPretraining, UniterModel
 from fastvl.models.uniter.testing import tiny_config
 from fastvl.probe import attention_maps, official_batch, read_maps, synthetic_examples
+from fastvl.probe.suite import STATED_FEATURES
 from fastvl.train import checkpoint as ckpt
 
 
@@ -60,7 +61,7 @@ def test_probe_cli_writes_every_figure(run_folder, tmp_path, capsys):
         assert f["examples"] == 40 and (f["layers"], f["heads"]) == (layers, heads)
         assert len(f["fusion_nmi"]) == layers + 1 and all(0 <= x <= 1 for x in f["fusion_nmi"])
         np.testing.assert_allclose(np.add(f["cls_text_mass"], f["cls_image_mass"]), 1.0, rtol=1e-5)
-        assert set(f["relations"]) == {"predicate", "bigger than", "same colour as"}
+        assert set(f["relations"]) == {"predicate", "bigger than", "same colour as", *STATED_FEATURES}
         assert set(f["linguistic"]) == {"length", "objects", "opening", "relation_clause"}
         assert all(len(v) == layers + 1 for v in f["linguistic"].values())
     # the [CLS] text mass of the report = the mean over the same captions of attention_maps' [CLS] rows

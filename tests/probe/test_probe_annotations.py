@@ -113,7 +113,7 @@ def test_box_iou():
 def test_synthetic_ground_truth(tmp_path):
     cfg = SyntheticConfig(n_train_images=4, n_val_images=30, seed=3)
     corpus = synthetic_corpus(tmp_path, cfg)
-    n = 0
+    n = stated = 0
     for cap, rec in synthetic_grounding(corpus.txt_val, corpus.img_db, cfg.n_classes):
         n += 1
         classes = rec.soft_labels[:, 1:].argmax(1)
@@ -126,6 +126,15 @@ def test_synthetic_ground_truth(tmp_path):
         cx = (rec.norm_bb[:, 0] + rec.norm_bb[:, 2]) / 2
         cy = (rec.norm_bb[:, 1] + rec.norm_bb[:, 3]) / 2
         for r in cap.relations:
+            if r.source == "caption":  # "<subject phrase> left of the <object class>", stated by words start..end-1
+                stated += 1
+                assert cap.words[r.start:r.end] == r.predicate.split() and cap.words[r.end] == "the"
+                assert [p for p in cap.phrases if p.end == r.start][0].regions == [r.subject]
+                assert CLASSES[int(classes[r.object])] == cap.words[r.end + 1]
+                assert r.predicate in [d.predicate for d in cap.relations if d.source == "derived"
+                                       and (d.subject, d.object) == (r.subject, r.object)]  # true of the boxes here
+                continue
+            assert r.source == "derived"
             dx, dy = cx[r.subject] - cx[r.object], cy[r.subject] - cy[r.object]
             if r.predicate in ("left of", "right of"):
                 assert abs(dx) >= abs(dy) and (dx < 0) == (r.predicate == "left of")
@@ -139,4 +148,18 @@ def test_synthetic_ground_truth(tmp_path):
         assert cap.properties["objects"] == str(len(cap.phrases))
         assert cap.properties["opening"] == ("yes" if " ".join(cap.words).startswith(
             ("there is", "we see", "here is", "the image has")) else "no")
-    assert n == 60
+    assert n == 60 and stated > 0
+    # every stated relation is found: one per relation clause
+    assert stated == sum(" ".join(c.words).count(f" {w} the ") for c, _ in synthetic_grounding(
+        corpus.txt_val, corpus.img_db, cfg.n_classes) for w in ("left of", "right of", "above", "below"))
+
+
+def test_stated_relation_errors():
+    cap = GroundedCaption("c1", "img.npz", "a cup left of the ball".split(), [Phrase(0, 2, [0]), Phrase(4, 6, [1])],
+                          [Relation(0, 1, "left of", "caption", 2, 7)])
+    with pytest.raises(DataError, match=r"c1.*relation 0 \('left of'\) is stated by words \[2, 7\) but the "
+                                        r"caption has 6 words"):
+        check_grounding(cap, 2)
+    cap.relations = [Relation(0, 1, "left of", "heard")]
+    with pytest.raises(DataError, match="relation 0 .* source 'heard'; expected 'annotation', 'caption' or"):
+        check_grounding(cap, 2)

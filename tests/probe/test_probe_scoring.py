@@ -7,6 +7,7 @@ import pytest
 
 from fastvl.probe.scoring import (
     bin_values,
+    box_pair_features,
     cross_modal_flags,
     fusion_nmi,
     joint_blocks,
@@ -15,6 +16,7 @@ from fastvl.probe.scoring import (
     nmi,
     phrase_region_features,
     region_pair_features,
+    relation_slot_features,
 )
 
 
@@ -86,6 +88,17 @@ def test_pair_features_hand_computed():
     np.testing.assert_allclose(phrase_region_features(t2i, i2t, (0, 2), 0), [0.275, 0.075, 0.7, 0.4])
     # subject region 0 (joint 2) -> object region 1 (joint 3), then back
     np.testing.assert_allclose(region_pair_features(i2i, 0, 1), [0.1, 0.3, 0.4, 0.3])
+
+
+def test_relation_features_hand_computed():
+    t2i, i2t, _ = joint_blocks(_attn(), 2)
+    # the relation's [MASK] slot = text token 1; subject region 1 (joint 3), object region 0 (joint 2); per head:
+    # slot -> subject a[.., 1, 3], slot -> object a[.., 1, 2], subject -> slot a[.., 3, 1], object -> slot a[.., 2, 1]
+    np.testing.assert_allclose(relation_slot_features(t2i, i2t, 1, 1, 0),
+                               [0.25, 0.7, 0.25, 0.1, 0.1, 0.1, 0.1, 0.2])
+    # the floor: input position features (x1, y1, x2, y2, w, h, area) of the subject, then of the object
+    pos = np.arange(21.0).reshape(3, 7)
+    np.testing.assert_array_equal(box_pair_features(pos, 2, 0), [14, 15, 16, 17, 18, 19, 20, 0, 1, 2, 3, 4, 5, 6])
 
 
 def test_linear_probe_hand_computed(seed):

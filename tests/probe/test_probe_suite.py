@@ -6,12 +6,34 @@ import json
 import numpy as np
 from test_probe_annotations import NORM_BB, SENTENCES, XML
 
-from fastvl.data import WordPieceTokenizer, synthetic_corpus
-from fastvl.data.probe_annotations import flickr30k_grounding, read_vg_relationships, vg_relations
+from fastvl.data import WordPieceTokenizer, position_features, synthetic_corpus
+from fastvl.data.probe_annotations import (
+    GroundedCaption,
+    Phrase,
+    Relation,
+    flickr30k_grounding,
+    read_vg_relationships,
+    vg_relations,
+)
 from fastvl.models.uniter import UniterModel
 from fastvl.models.uniter.testing import tiny_config
-from fastvl.probe import ProbeSettings, attention_maps, collect, make_example, official_batch, score
-from fastvl.probe.scoring import phrase_region_features, region_pair_features
+from fastvl.probe import (
+    ProbeSettings,
+    attention_maps,
+    collect,
+    hidden_states,
+    make_example,
+    official_batch,
+    score,
+)
+from fastvl.probe.dataset import mask_stated_relations
+from fastvl.probe.scoring import (
+    box_pair_features,
+    joint_blocks,
+    phrase_region_features,
+    region_pair_features,
+    relation_slot_features,
+)
 
 
 def test_public_formats_through_the_suite(tmp_path, seed):
@@ -53,3 +75,50 @@ def test_public_formats_through_the_suite(tmp_path, seed):
     figures = score(c, s)
     assert figures["coreference"]["n"] == 48 and "accuracy" in figures["coreference"]
     assert figures["relations"]["predicate"]["classes"] == {"near": 6, "wears": 6}  # 6 captions, 2 relations each
+
+
+def test_stated_relations_masked_and_probed(seed):
+    """A stated relation's predicate becomes one [MASK] (the same text for every predicate); its rows carry the
+    region-pair attention of the masked pass, the [MASK] slot <-> region attention, the caption-as-written pair
+    attention and the input boxes, each equal to the blocks of attention_maps written out here."""
+    corpus = synthetic_corpus()
+    tok = WordPieceTokenizer(corpus.vocab_file)
+    rng = np.random.default_rng(seed)
+    norm_bb = np.array([[0.1, 0.4, 0.3, 0.6, 0.2, 0.2], [0.6, 0.3, 0.9, 0.7, 0.3, 0.4]], np.float32)
+    feats = rng.normal(size=(2, 12)).astype(np.float32)
+    examples = []
+    for pred in ("left of", "above"):
+        words = f"zzz a cup {pred} the ball .".split()  # 'zzz' -> 3 word pieces, so token spans differ from words
+        k = len(pred.split())
+        cap = GroundedCaption(f"c-{pred}", "img", words, [Phrase(1, 3, [0]), Phrase(3 + k, 5 + k, [1])],
+                              [Relation(0, 1, "left of", "derived"), Relation(0, 1, pred, "caption", 3, 3 + k)])
+        examples.append(make_example(cap, feats, norm_bb, tok))
+    assert examples[0].word_tokens[:2] == [(1, 4), (4, 5)]
+    masked = [mask_stated_relations(e) for e in examples]
+    ids = [tok.cls_id, *tok.encode("zzz a cup"), tok.mask_id, *tok.encode("the ball ."), tok.sep_id]
+    for m, slots in masked:
+        assert m.input_ids.tolist() == ids and slots == [None, 6]  # the same text whatever the predicate
+        assert m.caption.words == "zzz a cup [MASK] the ball .".split()
+        assert [(p.start, p.end) for p in m.caption.phrases] == [(1, 3), (4, 6)]
+        assert (m.caption.relations[1].start, m.caption.relations[1].end) == (3, 4)
+        assert m.word_tokens[3] == (6, 7) and m.phrase_tokens(4, 6) == (7, 9)
+    plain = mask_stated_relations(make_example(GroundedCaption("p", "img", ["cup"]), feats, norm_bb, tok))
+    assert plain[1] == []  # nothing stated: the example itself
+    cfg = tiny_config(vocab_size=corpus.vocab_size, img_dim=12)
+    model = UniterModel(cfg, cfg.img_dim).eval()
+    c = collect(model, examples, ProbeSettings(batch_size=2))
+    assert [r["predicate"] for r in c.stated] == ["left of", "above"]
+    for row, e, (m, _) in zip(c.stated, examples, masked):
+        att = attention_maps(model, official_batch([m])).numpy()[:, 0]
+        t2i, i2t, i2i = joint_blocks(att, m.txt_len)
+        np.testing.assert_allclose(row["pair"], region_pair_features(i2i, 0, 1), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(row["slot"], relation_slot_features(t2i, i2t, 6, 0, 1), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(row["slot_pair"], np.r_[row["slot"], row["pair"]])
+        np.testing.assert_allclose(row["slot_state"], hidden_states(model, official_batch([m]))[-1, 0, 6].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        plain_att = attention_maps(model, official_batch([e])).numpy()[:, 0]
+        np.testing.assert_allclose(row["pair_caption"], region_pair_features(joint_blocks(plain_att, e.txt_len)[2],
+                                                                             0, 1), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(row["boxes"], box_pair_features(position_features(norm_bb), 0, 1))
+    # the all-pairs figure reads the derived relations only
+    assert c.rel_predicates == [["left of"], ["left of"]]
