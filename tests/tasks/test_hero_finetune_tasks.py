@@ -86,7 +86,9 @@ class _DesignedVcmr:
         st, ed = torch.zeros(q, v, L), torch.zeros(q, v, L)
         for i in range(q):
             vid, s, e = self.truth[int(query[i, 0])]
-            s, e = (s, e) if self.good else ((e + 2) % L, (e + 3) % L)
+            if not self.good:  # one frame outside the true span where the video has one
+                n = int(mask[vid].sum())
+                s = e = e + 1 if e + 1 < n else max(s - 1, 0)
             st[i, :, s], ed[i, :, e] = 10.0, 10.0
         return st, ed
 
@@ -116,8 +118,10 @@ def test_evaluate_vcmr_designed_scores(seed):
     assert perfect["n_queries"] == 6 and perfect["n_videos"] == 3
     wrong = evaluate_vcmr(_DesignedVcmr(truth, False), [batch])
     assert wrong["vr_r1"] == 0.0 and wrong["vcmr_r1_iou0.5"] == 0.0
-    # the one-frame video: any moment of it is the moment, but its video is always ranked wrong at R@1
-    assert wrong["svmr_r1_iou0.5"] == pytest.approx(2 / 6)
+    # a single wrong frame still has IoU >= 0.5 where the true span covers the whole video (the one-frame video)
+    lens = [7, 1, 5]
+    covered = [s == 0 and e == lens[v] - 1 for v, s, e in truth.values()]
+    assert wrong["svmr_r1_iou0.5"] == pytest.approx(sum(covered) / 6)
     chance = vcmr_chance([7, 1, 5], list(truth.values()))
     assert 0.0 <= chance["vcmr_r1_iou0.5"] <= chance["vcmr_r10_iou0.5"] <= 1.0
 
