@@ -1,0 +1,44 @@
+"""HERO-family job helpers: the tiny config, an official config JSON, --init loading and its errors."""
+
+import json
+
+import pytest
+import torch
+
+from fastvl.models.hero import HeroForPretraining, HeroForVideoQA
+from fastvl.recipes.base import SettingsError
+from fastvl.recipes.hero_common import hero_config, hero_tiny_config, load_hero_init, video_data_paths
+
+
+def test_tiny_config_and_official_json(tmp_path):
+    raw = hero_tiny_config(61)
+    assert raw["f_config"]["vocab_size"] == 64 and raw["q_config"]["num_hidden_layers"] == 0
+    assert hero_config(None, 61).f_config.hidden_size == 64
+    path = tmp_path / "hero_finetune.json"
+    path.write_text(json.dumps(hero_tiny_config(100, hidden=32, heads=2)))
+    assert hero_config(str(path), 61).f_config.hidden_size == 32
+    with pytest.raises(SettingsError, match="vocab_size 104 is smaller"):
+        hero_config(str(path), 200)
+    with pytest.raises(SettingsError, match="not 'tiny' nor an official config JSON"):
+        hero_config(str(tmp_path / "none.json"), 61)
+
+
+def test_load_init_from_pretraining_state(tmp_path):
+    cfg = hero_config(None, 61)
+    pre = HeroForPretraining(cfg, 12, 100)
+    qa = HeroForVideoQA(cfg, 12, 100)
+    stats = load_hero_init(qa, {k: v.clone() for k, v in pre.state_dict().items()}, log=lambda *a: None)
+    assert stats["loaded"] > 0 and stats["missing"] > 0  # the QA heads keep their initialisation
+    for k, v in qa.state_dict().items():
+        if k in pre.state_dict():
+            assert torch.equal(v, pre.state_dict()[k]), k
+    other = HeroForPretraining(hero_config(None, 200), 12, 100)
+    with pytest.raises(SettingsError, match="another shape"):
+        load_hero_init(qa, other.state_dict(), log=lambda *a: None)
+    with pytest.raises(SettingsError, match="no weight matches"):
+        load_hero_init(qa, {"foo.weight": torch.zeros(1)}, log=lambda *a: None)
+
+
+def test_video_data_paths_needs_both():
+    with pytest.raises(SettingsError, match="both a video db and a subtitle db"):
+        video_data_paths("/tmp", None)
