@@ -11,7 +11,7 @@ Visual relations (probe 4). VALUE probes relations that are annotated facts (Vis
 grounded to the subject and to the object. The rows are therefore the STATED relations: 'caption' relations (the
 synthetic caption says "a blue shoe left of the cup": subject the shoe's region, object the cup's, label the stated
 predicate, one row per statement, in the stated direction) and 'annotation' relations (Visual Genome). Each row
-is probed with the same linear probe and folds on five feature sets, the figures under ``relations``:
+is probed with the same linear probe and folds on six feature sets, the figures under ``relations``:
 
 - ``stated_pair``: subject <-> object region attention, every layer and head, both directions (VALUE's probe), from
   a pass over the caption with each stated predicate replaced by one [MASK] (so the text never names the relation,
