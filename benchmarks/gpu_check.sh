@@ -22,8 +22,8 @@ mkdir -p "$OUT/results"
 start=$(date +%s)
 
 # name:seconds. The limits add up to BUDGET minus a 20 s margin for nvidia-smi (5), fastvl.info (10), the summary (5).
-STEPS=(build:140 tests:230 bench_ot:20 bench_attention:35 bench_losses:25 bench_adv_perturb:15 bench_e2e_uniter:25
-       bench_villa:30)
+STEPS=(build:140 tests:215 bench_ot:15 bench_attention:30 bench_losses:20 bench_adv_perturb:15 bench_e2e_uniter:20
+       bench_villa:20 bench_e2e_hero:25 bench_bachgan:20)
 total=0; for s in "${STEPS[@]}"; do total=$(( total + ${s#*:} )); done
 echo "== gpu_check: ${#STEPS[@]} steps, limits sum to ${total} s of a ${BUDGET} s budget (20 s kept for the rest)"
 for s in "${STEPS[@]}"; do printf '   %-20s %4s s\n' "${s%%:*}" "${s#*:}"; done
@@ -67,6 +67,8 @@ bench bench_losses --quick --reps 10 --warmup 3
 bench bench_adv_perturb --quick --reps 10 --warmup 3
 bench bench_e2e_uniter --config base --reps 5 --warmup 2
 bench bench_villa --reps 5 --warmup 2
+bench bench_e2e_hero --quick --videos 16 --reps 3 --warmup 1
+bench bench_bachgan --quick --reps 5 --warmup 2 --no-peak
 [ -f "$CSV" ] && cp "$CSV" benchmarks/results/ 2>/dev/null
 status total "$(( $(date +%s) - start )) s of ${BUDGET} s"
 
