@@ -45,7 +45,7 @@ def _snapshot(module):
 
 
 def test_two_optimiser_step(tmp_path, seed):
-    s = _settings(tmp_path / "run", seed=seed % 1000)
+    s = _settings(tmp_path / "run", seed=seed % 1000, size=(32, 32))  # 2 x 2 latent grid (1 x 1 is degenerate)
     train, _ = open_layout_sets(s, s.size)
     model = build_gan_model(s, train)
     task = BachGANTask(model)
@@ -72,9 +72,10 @@ def test_two_optimiser_step(tmp_path, seed):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     d_params = {n for n, _ in model.discriminator.named_parameters()}
     g_params = {n for n, _ in model.generator.named_parameters()}
-    # (a bias whose gradient is exactly 0 at init, e.g. a last D bias when all hinge terms are active, may stay)
-    assert len({f"discriminator.{n}" for n in d_params} - changed) <= 0.05 * len(d_params)
-    assert len({f"generator.{n}" for n in g_params} - changed) <= 0.05 * len(g_params)
+    # (a tensor whose gradient is exactly 0 at init may stay: a last D bias when every hinge term is active, a conv
+    # bias that only feeds a batch norm)
+    assert len({f"discriminator.{n}" for n in d_params} - changed) <= 0.1 * len(d_params)
+    assert len({f"generator.{n}" for n in g_params} - changed) <= 0.1 * len(g_params)
     assert not any(k.startswith("memory.") for k in changed)  # the bank never changes
     # Adam's first step with betas (0, 0.9) moves every weight by lr * g / |g| = lr (schedule factor 1 at step 0):
     # the generator's weights by 1e-4, the discriminator's by 4e-4 (TTUR)
