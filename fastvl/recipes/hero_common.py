@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.video import video_synthetic_corpus
+from ..data.video import VideoSyntheticConfig, video_synthetic_corpus
 from ..models.hero import VideoModelConfig
 from ..models.hero.model import load_hero_state_dict
 from .base import SettingsError, load_init_state, run_folder
@@ -83,13 +83,23 @@ def load_hero_init(model: nn.Module, init: str | dict | None, log=print) -> dict
     return stats
 
 
-def video_data_paths(video_db: str | None, sub_db: str | None, cache_dir: str | None = None) -> dict[str, Any]:
+def video_data_paths(video_db: str | None, sub_db: str | None, cache_dir: str | None = None,
+                     qa_events: int | str | None = None) -> dict[str, Any]:
     """{'video_db', 'sub_db', 'corpus' (the synthetic VideoCorpus or None), 'synthetic'}: the given dbs, or the
-    synthetic video corpus (generated into the cache on first use) when both are None."""
+    synthetic video corpus (generated into the cache on first use) when both are None; ``qa_events`` (synthetic
+    corpus only) sets ``VideoSyntheticConfig.qa_events`` (TVQA questions / VIOLIN pairs per video, 0 = every
+    event)."""
     if (video_db is None) != (sub_db is None):
         raise SettingsError("give both a video db and a subtitle db (--video-db and --sub-db), or neither for the "
                             "synthetic video corpus")
     if video_db is None:
-        corpus = video_synthetic_corpus(cache_dir)
+        config = None
+        if qa_events is not None:
+            try:
+                config = VideoSyntheticConfig(qa_events=int(qa_events))
+            except ValueError as e:
+                raise SettingsError(f"--opt qa_events={qa_events}: an integer >= 0 expected (0 = every event): "
+                                    f"{e}") from None
+        corpus = video_synthetic_corpus(cache_dir, config)
         return {"video_db": str(corpus.video_db), "sub_db": str(corpus.sub_db), "corpus": corpus, "synthetic": True}
     return {"video_db": video_db, "sub_db": sub_db, "corpus": None, "synthetic": False}

@@ -76,7 +76,7 @@ def video_paths(s: FinetuneSettings, task: str) -> dict[str, Any]:
         return {"video_db": str(root / "video_db"), "sub_db": str(root / "sub_db"), "train": str(need[2]),
                 "val": str(val) if val.exists() else None, "synthetic": False, "source": str(root),
                 "vocab": o.get("vocab") or (str(root / "vocab.txt") if (root / "vocab.txt").is_file() else None)}
-    p = video_data_paths(None, None, o.get("cache_dir"))
+    p = video_data_paths(None, None, o.get("cache_dir"), o.get("qa_events"))
     corpus = p["corpus"]
     return {"video_db": p["video_db"], "sub_db": p["sub_db"], "train": str(corpus.query_db(db, "train")),
             "val": str(corpus.query_db(db, "val")), "synthetic": True,

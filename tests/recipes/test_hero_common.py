@@ -42,3 +42,15 @@ def test_load_init_from_pretraining_state(tmp_path):
 def test_video_data_paths_needs_both():
     with pytest.raises(SettingsError, match="both a video db and a subtitle db"):
         video_data_paths("/tmp", None)
+
+
+def test_video_data_paths_qa_events(tmp_path):
+    """--opt qa_events picks the synthetic corpus with that many TVQA questions / VIOLIN pairs per video."""
+    with pytest.raises(SettingsError, match="qa_events=x"):
+        video_data_paths(None, None, str(tmp_path), "x")
+    with pytest.raises(SettingsError, match="qa_events=-1"):
+        video_data_paths(None, None, str(tmp_path), -1)
+    p = video_data_paths(None, None, str(tmp_path), "0")
+    counts = p["corpus"].info["counts"]["train"]
+    assert p["corpus"].config.qa_events == 0 and counts["tvqa"] > 2 * counts["videos"]
+    assert counts["violin"] == 2 * counts["tvqa"] and counts["tvr"] <= 2 * counts["videos"]

@@ -14,9 +14,12 @@ Text (word-level vocab in the RoBERTa layout: ``<s>``=0, ``<pad>``=1, ``</s>``=2
   pseudo-subtitles over 5-frame chunks;
 - TVR queries paraphrase one event, with its moment ``ts`` [st, ed] in seconds;
 - TVQA: "what colour does the cup turn ?" / "where does the cup move ?" / "what appears at the top left ?" with 5
-  candidates (wrong ones preferably never seen in the video), ``answer_idx`` and ``ts`` "st-ed";
+  candidates (wrong ones preferably never seen in the video), ``answer_idx`` and ``ts`` "st-ed", one question per
+  event for ``qa_events`` events (default 2 per video; 0 = every event, ~7.8 per video: 4x the distinct
+  examples, with the same videos, subtitles, TVR and TVC rows and the same first two questions);
 - VIOLIN: an entailed statement (an event as it happened) and a contradicted one (same event with another object,
-  colour or cell, preferably one the video never shows) per chosen event; ids ``<vid>_<k>-1`` / ``<vid>_<k>-0``;
+  colour or cell, preferably one the video never shows) per chosen event (as TVQA); ids ``<vid>_<k>-1`` /
+  ``<vid>_<k>-0``;
 - TVC: a clip of 1-3 consecutive events and its caption.
 
 MLM (colour / class / cell words are in the frames), MFM (frames follow from the subtitles and the neighbours), FOM
@@ -44,7 +47,7 @@ from .vocab import WordVocab
 __all__ = ["VideoSyntheticConfig", "VideoCorpus", "video_synthetic_corpus", "generate_videos", "video_vocab",
            "write_video_raw", "SPLITS"]
 
-VERSION = 4
+VERSION = 5
 SPLITS = ("train", "val")
 CLASSES = ["cup", "ball", "book", "lamp", "chair", "vase", "clock", "shoe", "hat", "bottle"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
@@ -73,6 +76,7 @@ class VideoSyntheticConfig:
     no_subtitle_prob: float = 0.1
     filler_prob: float = 0.3
     feature_noise: float = 0.3
+    qa_events: int = 2  # events per video with a TVQA question and a VIOLIN pair (0 = every event)
     compress: bool = False
     fp16: bool = False
 
@@ -85,6 +89,8 @@ class VideoSyntheticConfig:
         if not 1 <= self.min_frames <= self.max_frames:
             raise ValueError(f"VideoSyntheticConfig: need 1 <= min_frames <= max_frames, got {self.min_frames}, "
                              f"{self.max_frames}")
+        if self.qa_events < 0:
+            raise ValueError(f"VideoSyntheticConfig: 'qa_events' must be >= 0 (0 = every event), got {self.qa_events}")
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"VideoSyntheticConfig: 'max_objects' must be in [1, 3], got {self.max_objects}")
         if self.vfeat_dim < 8 or self.frame_interval <= 0:
@@ -259,7 +265,45 @@ def _prefer_absent(options: list, text: Callable[[Any], str], seen: set[str], k:
     return out
 
 
-def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generator) -> dict:
+def _qa_row(cfg: VideoSyntheticConfig, vid: str, j: int, e: dict, n: int, seen: set[str],
+            rng: np.random.Generator) -> dict:
+    """A TVQA row about event ``e``: the question, 5 candidates (the right one at a random index) and its moment."""
+    if e["kind"] == "turn":
+        q = f"what colour does the {CLASSES[e['cls']]} turn ?"
+        right, pool = COLOURS[e["colour"]], COLOURS[:cfg.n_colours]
+    elif e["kind"] == "move":
+        q = f"where does the {CLASSES[e['cls']]} move ?"
+        right, pool = CELLS[e["cell"]], CELLS
+    else:
+        q = f"what appears at the {CELLS[e['cell']]} ?"
+        right, pool = CLASSES[e["cls"]], CLASSES[:cfg.n_classes]
+    cands = _prefer_absent([p for p in pool if p != right], str, seen, 4, rng)
+    ans = int(rng.integers(5))
+    cands.insert(ans, right)
+    ts = _moment(cfg, e["t"], n)
+    return {"qid": f"{vid}_q{j}", "q": q, **{f"a{a}": c for a, c in enumerate(cands)}, "answer_idx": ans,
+            "ts": f"{ts[0]}-{ts[1]}", "vid_name": vid}
+
+
+def _violin_rows(cfg: VideoSyntheticConfig, vid: str, j: int, e: dict, seen: set[str],
+                 rng: np.random.Generator) -> list[dict]:
+    """The VIOLIN pair of event ``e``: the entailed statement (``<vid>_<j>-1``) and a contradicted one (``-0``)."""
+    if e["kind"] == "move":
+        options = [{**e, "cell": c} for c in range(9) if c != e["cell"]]
+    elif e["kind"] == "turn":
+        options = [{**e, "colour": c} for c in range(cfg.n_colours) if c != e["colour"]]
+    else:  # another object (one the video never shows first) or another colour
+        options = [{**e, "cls": c} for c in range(cfg.n_classes) if c != e["cls"]]
+        options += [{**e, "colour": c} for c in range(cfg.n_colours) if c != e["colour"]]
+    fake = _prefer_absent(options, _event_text, seen, 1, rng)[0]
+    return [{"qid": f"{vid}_{j}-{label}", "statement": _event_text(ev), "vid_name": vid, "target": bool(label)}
+            for label, ev in ((1, e), (0, fake))]
+
+
+def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generator,
+                 extra_rng: np.random.Generator | None = None) -> dict:
+    """TVR / TVC rows for 2 events / 1 clip, TVQA + VIOLIN rows for ``cfg.qa_events`` events (0: every event); the
+    first two events' TVQA / VIOLIN rows come from ``rng`` as in version 4, the further ones from ``extra_rng``."""
     vid, n, events = video["vid"], video["nframes"], video["events"]
     seen = {w for e in events for w in _event_text(e).split()}
     out: dict[str, list[dict]] = {"tvr": [], "tvqa": [], "violin": [], "tvc": []}
@@ -268,36 +312,11 @@ def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generato
         e = events[i]
         out["tvr"].append({"desc_id": f"{vid}_r{j}", "desc": _query_text(e), "vid_name": vid,
                            "ts": _moment(cfg, e["t"], n), "duration": n * cfg.frame_interval})
-    for j, i in enumerate(order[:2]):
-        e = events[i]
-        if e["kind"] == "turn":
-            q = f"what colour does the {CLASSES[e['cls']]} turn ?"
-            right, pool = COLOURS[e["colour"]], COLOURS[:cfg.n_colours]
-        elif e["kind"] == "move":
-            q = f"where does the {CLASSES[e['cls']]} move ?"
-            right, pool = CELLS[e["cell"]], CELLS
-        else:
-            q = f"what appears at the {CELLS[e['cell']]} ?"
-            right, pool = CLASSES[e["cls"]], CLASSES[:cfg.n_classes]
-        cands = _prefer_absent([p for p in pool if p != right], str, seen, 4, rng)
-        ans = int(rng.integers(5))
-        cands.insert(ans, right)
-        ts = _moment(cfg, e["t"], n)
-        out["tvqa"].append({"qid": f"{vid}_q{j}", "q": q, **{f"a{a}": c for a, c in enumerate(cands)},
-                            "answer_idx": ans, "ts": f"{ts[0]}-{ts[1]}", "vid_name": vid})
-    for j, i in enumerate(order[:2]):
-        e = events[i]
-        if e["kind"] == "move":
-            options = [{**e, "cell": c} for c in range(9) if c != e["cell"]]
-        elif e["kind"] == "turn":
-            options = [{**e, "colour": c} for c in range(cfg.n_colours) if c != e["colour"]]
-        else:  # another object (one the video never shows first) or another colour
-            options = [{**e, "cls": c} for c in range(cfg.n_classes) if c != e["cls"]]
-            options += [{**e, "colour": c} for c in range(cfg.n_colours) if c != e["colour"]]
-        fake = _prefer_absent(options, _event_text, seen, 1, rng)[0]
-        for label, ev in ((1, e), (0, fake)):
-            out["violin"].append({"qid": f"{vid}_{j}-{label}", "statement": _event_text(ev), "vid_name": vid,
-                                  "target": bool(label)})
+    n_qa = len(events) if cfg.qa_events == 0 else min(cfg.qa_events, len(events))
+    for j, i in enumerate(order[:min(2, n_qa)]):
+        out["tvqa"].append(_qa_row(cfg, vid, j, events[i], n, seen, rng))
+    for j, i in enumerate(order[:min(2, n_qa)]):
+        out["violin"] += _violin_rows(cfg, vid, j, events[i], seen, rng)
     if events:
         s = int(rng.integers(len(events)))
         group = events[s:s + int(rng.integers(1, 4))]
@@ -305,6 +324,11 @@ def _annotations(cfg: VideoSyntheticConfig, video: dict, rng: np.random.Generato
         ts = [round(st_t * cfg.frame_interval, 3), round(min(ed_t + 2, n) * cfg.frame_interval, 3)]
         cap = " then ".join(_event_text(e) for e in group)
         out["tvc"].append({"clip_id": "", "vid_name": vid, "ts": ts, "desc": cap})
+    if n_qa > 2:
+        extra = extra_rng if extra_rng is not None else np.random.default_rng([cfg.seed, len(events), n])
+        for j in range(2, n_qa):
+            out["tvqa"].append(_qa_row(cfg, vid, j, events[order[j]], n, seen, extra))
+            out["violin"] += _violin_rows(cfg, vid, j, events[order[j]], seen, extra)
     return out
 
 
@@ -320,7 +344,8 @@ def generate_videos(cfg: VideoSyntheticConfig, split: str) -> list[dict]:
         rng = np.random.default_rng([cfg.seed, SPLITS.index(split), i])
         v = _video(cfg, world, rng, f"{split}_{i:05d}")
         v["subs"] = [] if rng.random() < cfg.no_subtitle_prob else _subtitles(cfg, v, rng)
-        v["annotations"] = _annotations(cfg, v, rng)
+        extra = np.random.default_rng([cfg.seed, SPLITS.index(split), i, 1])
+        v["annotations"] = _annotations(cfg, v, rng, extra)
         for j, row in enumerate(v["annotations"]["tvc"]):
             row["clip_id"] = str(SPLITS.index(split) * 10**6 + i * 10 + j)
         out.append(v)

@@ -13,6 +13,7 @@ from fastvl.data.video import (
     QueryDB,
     SubtitleDB,
     VideoFeatDB,
+    VideoSyntheticConfig,
     build_video_pretrain_data,
     build_video_task_data,
     moment_frames,
@@ -122,3 +123,32 @@ def test_downstream_sources_run(tiny_video_corpus):
             assert b["qa_input_ids"].shape[0] == 5 * b["targets"].shape[0] and (b["targets"] < 5).all()
     with pytest.raises(ValueError, match=r"'max_frames' 20 .* 5 per TVQA question"):
         build_video_task_data("videoqa", c.video_db, c.sub_db, c.query_db("tvqa", "train"), max_frames=20)
+
+
+def test_synthetic_qa_events():
+    """qa_events=0: one TVQA question and one VIOLIN pair per event; the videos, subtitles, TVR and TVC rows and the
+    first two events' TVQA / VIOLIN rows equal those of the default qa_events=2 (the version-4 corpus)."""
+    from fastvl.data.video.synthetic import generate_videos
+
+    base = dict(seed=7, n_train_videos=5, n_val_videos=2, vfeat_dim=16, max_frames=14)
+    every = generate_videos(VideoSyntheticConfig(**base, qa_events=0), "train")
+    two = generate_videos(VideoSyntheticConfig(**base), "train")
+    one = generate_videos(VideoSyntheticConfig(**base, qa_events=1), "train")
+    assert VideoSyntheticConfig(**base).key() != VideoSyntheticConfig(**base, qa_events=0).key()
+    assert sum(len(v["events"]) for v in every) > sum(min(len(v["events"]), 2) for v in every)
+    for a, b, c in zip(every, two, one):
+        n = len(a["events"])
+        assert np.array_equal(a["features"], b["features"]) and a["subs"] == b["subs"]
+        for k in ("tvr", "tvc"):
+            assert a["annotations"][k] == b["annotations"][k]
+        qa, vio = a["annotations"]["tvqa"], a["annotations"]["violin"]
+        assert len(qa) == n and len(vio) == 2 * n and len({r["qid"] for r in qa}) == n
+        assert qa[:2] == b["annotations"]["tvqa"] and vio[:4] == b["annotations"]["violin"]
+        assert len(b["annotations"]["tvqa"]) == min(n, 2) and len(c["annotations"]["tvqa"]) == min(n, 1)
+        assert len(c["annotations"]["violin"]) == 2 * min(n, 1)
+        asked = sorted(r["ts"] for r in qa)  # every event is asked about once (its moment)
+        iv = VideoSyntheticConfig(**base).frame_interval
+        assert asked == sorted(f"{round(e['t'] * iv + 0.01, 3)}-{round(min(e['t'] + 2, a['nframes']) * iv - 0.01, 3)}"
+                               for e in a["events"])
+    with pytest.raises(ValueError, match="qa_events"):
+        VideoSyntheticConfig(**base, qa_events=-1)
