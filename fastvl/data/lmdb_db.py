@@ -34,7 +34,7 @@ from .errors import DataError
 
 __all__ = [
     "compute_nbb", "img_db_name", "nbb_file_name", "dumps_msgpack", "loads_msgpack", "dumps_npz", "loads_npz",
-    "ImageRecord", "ImageDB", "ImageDBWriter", "TxtDB", "TxtDBWriter", "position_features", "release_db",
+    "ImageRecord", "ImageDB", "ImageDBWriter", "TxtDB", "TxtDBWriter", "position_features", "put_all", "release_db",
 ]
 
 KEYS_KEY = b"__keys__"
@@ -171,6 +171,19 @@ class _LazyEnv:
             return [k for k in txn.cursor().iternext(keys=True, values=False)]
 
 
+def put_all(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
+    """Write ``items`` (key, value) in one transaction; when the map is full it doubles and the whole transaction is
+    replayed, so nothing is lost or half-written."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for k, v in items:
+                    txn.put(k, v)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
 class _Writer:
     """LMDB puts with periodic commits; the map grows when full (pending puts are replayed)."""
 
@@ -186,14 +199,7 @@ class _Writer:
             self.commit()
 
     def commit(self) -> None:
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for k, v in self.pending:
-                        txn.put(k, v)
-                break
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        put_all(self.env, self.pending)
         self.pending = []
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import lmdb
 
 from ..errors import DataError
-from ..lmdb_db import release_db
+from ..lmdb_db import put_all, release_db
 
 __all__ = ["LazyEnv", "LmdbWriter", "open_env", "release"]
 
@@ -97,14 +97,7 @@ class LmdbWriter:
             self.commit()
 
     def commit(self) -> None:
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for k, v in self.pending:
-                        txn.put(k, v)
-                break
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        put_all(self.env, self.pending)
         self.pending = []
 
     def close(self) -> None:
