@@ -33,14 +33,17 @@ from .errors import BadExampleCounter, DataError
 from .lmdb_db import ImageDB, TxtDB
 from .sampler import TokenBucketSampler
 
-__all__ = ["TASKS", "VLExamples", "PretrainBatchSource", "PretrainData", "build_pretrain_data", "parse_tasks"]
+__all__ = ["TASKS", "VLExamples", "PretrainBatchSource", "PretrainData", "build_pretrain_data", "parse_task_mix",
+           "parse_tasks"]
 
 TASKS = ("mlm", "mrfr", "mrc", "mrc-kl", "itm")
 EVAL_TASKS = ("mlm-words",)
 
 
-def parse_tasks(tasks: str | Sequence[str] | dict[str, float]) -> dict[str, float]:
-    """``{"itm": 3, "mlm": 4}``, ``["mlm", "itm"]`` (ratio 1 each) or ``"itm:3,mlm:4"`` -> {task: ratio}."""
+def parse_task_mix(tasks: str | Sequence[str] | dict[str, float], known: Sequence[str], what: str = "parse_tasks"
+                   ) -> dict[str, float]:
+    """``{"itm": 3, "mlm": 4}``, ``["mlm", "itm"]`` (ratio 1 each) or ``"itm:3,mlm:4"`` -> {task: ratio}, every task in
+    ``known``, ratios non-negative with a positive sum (ValueError prefixed with ``what`` otherwise)."""
     if isinstance(tasks, str):
         out = {}
         for part in tasks.split(","):
@@ -49,12 +52,17 @@ def parse_tasks(tasks: str | Sequence[str] | dict[str, float]) -> dict[str, floa
         tasks = out
     elif not isinstance(tasks, dict):
         tasks = {t: 1.0 for t in tasks}
-    unknown = [t for t in tasks if t not in TASKS + EVAL_TASKS]
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"parse_tasks: unknown tasks {unknown}; expected some of {TASKS + EVAL_TASKS}")
+        raise ValueError(f"{what}: unknown tasks {unknown}; expected some of {tuple(known)}")
     if not tasks or any(float(r) < 0 for r in tasks.values()) or sum(float(r) for r in tasks.values()) <= 0:
-        raise ValueError(f"parse_tasks: ratios must be non-negative with a positive sum, got {tasks}")
+        raise ValueError(f"{what}: ratios must be non-negative with a positive sum, got {tasks}")
     return {t: float(r) for t, r in tasks.items()}
+
+
+def parse_tasks(tasks: str | Sequence[str] | dict[str, float]) -> dict[str, float]:
+    """UNITER's pre-training task mix (see :func:`parse_task_mix`)."""
+    return parse_task_mix(tasks, TASKS + EVAL_TASKS, "parse_tasks")
 
 
 def _task_code(task: str) -> int:

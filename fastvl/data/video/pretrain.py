@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadExampleCounter, DataError
-from ..pretrain_data import PretrainBatchSource
+from ..pretrain_data import PretrainBatchSource, parse_task_mix
 from ..sampler import TokenBucketSampler
 from .collate import VideoBatch, fom_collate, mfm_collate, mlm_collate, vsm_collate
 from .dataset import VideoSubData
@@ -34,21 +34,9 @@ DEFAULT_VIDEO_MIX = "mlm:2,mfm-nce:2,fom:1,vsm:2"
 
 
 def parse_video_tasks(tasks: str | Sequence[str] | dict[str, float]) -> dict[str, float]:
-    """``"mlm:2,mfm-nce:2,fom:1,vsm:2"``, a list (ratio 1 each) or a dict -> {task: ratio}."""
-    if isinstance(tasks, str):
-        out = {}
-        for part in tasks.split(","):
-            name, _, ratio = part.strip().partition(":")
-            out[name.strip()] = float(ratio) if ratio else 1.0
-        tasks = out
-    elif not isinstance(tasks, dict):
-        tasks = {t: 1.0 for t in tasks}
-    unknown = [t for t in tasks if t not in VIDEO_TASKS]
-    if unknown:
-        raise ValueError(f"parse_video_tasks: unknown tasks {unknown}; expected some of {VIDEO_TASKS}")
-    if not tasks or any(float(r) < 0 for r in tasks.values()) or sum(float(r) for r in tasks.values()) <= 0:
-        raise ValueError(f"parse_video_tasks: ratios must be non-negative with a positive sum, got {tasks}")
-    return {t: float(r) for t, r in tasks.items()}
+    """``"mlm:2,mfm-nce:2,fom:1,vsm:2"``, a list (ratio 1 each) or a dict -> {task: ratio} (see
+    :func:`fastvl.data.pretrain_data.parse_task_mix`)."""
+    return parse_task_mix(tasks, VIDEO_TASKS, "parse_video_tasks")
 
 
 def video_sampler(lens: Sequence[int], max_frames: int, bucket_size: int, size_multiple: int, train: bool, seed: int,
