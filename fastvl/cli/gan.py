@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model sizes: small (CPU minutes at 64x64) or official (ngf 64; Cityscapes 512x256, "
                         "ADE20K 256x256)")
     t.add_argument("--no-retrieval", action="store_true", help="the ablation: SPADE on the box map alone")
-    t.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default 260)")
+    t.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default 1000)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default 8)")
     t.add_argument("--lr-g", type=positive_float, default=None, help="generator lr (TTUR; default 1e-4)")
     t.add_argument("--lr-d", type=positive_float, default=None, help="discriminator lr (TTUR; default 4e-4)")
