@@ -35,6 +35,7 @@ from .errors import DataError
 __all__ = [
     "compute_nbb", "img_db_name", "nbb_file_name", "dumps_msgpack", "loads_msgpack", "dumps_npz", "loads_npz",
     "ImageRecord", "ImageDB", "ImageDBWriter", "TxtDB", "TxtDBWriter", "position_features", "put_all", "release_db",
+    "open_env", "shared_env", "LazyEnv", "LmdbWriter",
 ]
 
 KEYS_KEY = b"__keys__"
@@ -98,7 +99,8 @@ def position_features(norm_bb: np.ndarray) -> np.ndarray:
     return np.concatenate([norm_bb, norm_bb[:, 4:5] * norm_bb[:, 5:6]], axis=1)
 
 
-def _open_env(path: Path, what: str, readonly: bool = True) -> lmdb.Environment:
+def open_env(path: Path, what: str, readonly: bool = True) -> lmdb.Environment:
+    """Open the LMDB at ``path``; a missing or unreadable one raises :class:`DataError` naming it."""
     if readonly and not (path / "data.mdb").is_file():
         raise DataError(str(path), None, f"no LMDB here (missing data.mdb); is this a {what}?", "missing_db")
     try:
@@ -113,7 +115,7 @@ def _open_env(path: Path, what: str, readonly: bool = True) -> lmdb.Environment:
 _ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-def _shared_env(path: Path, what: str) -> lmdb.Environment:
+def shared_env(path: Path, what: str) -> lmdb.Environment:
     """One read-only environment per LMDB file and process tree (LMDB refuses a second open of the same file in
     one process; forked DataLoader workers keep using the parent's read-only handle, as the official loaders do).
     A db rewritten on disk (new inode) gets a fresh handle."""
@@ -128,7 +130,7 @@ def _shared_env(path: Path, what: str) -> lmdb.Environment:
     if hit is not None:
         hit[1].close()
         del _ENVS[key]
-    env = _open_env(path, what)
+    env = open_env(path, what)
     _ENVS[key] = (ino, env)
     return env
 
@@ -140,18 +142,18 @@ def release_db(path: str | os.PathLike) -> None:
         hit[1].close()
 
 
-class _LazyEnv:
-    """A read-only LMDB environment opened on first use (shared per file, see :func:`_shared_env`)."""
+class LazyEnv:
+    """A read-only LMDB environment opened on first use (shared per file, see :func:`shared_env`)."""
 
-    def __init__(self, path: Path, what: str):
-        self.path, self.what = path, what
-        self.key = os.path.realpath(path)
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path, self.what = Path(path), what
+        self.key = os.path.realpath(self.path)
         self._handle: lmdb.Environment | None = None
 
     def _env(self) -> lmdb.Environment:
         hit = _ENVS.get(self.key)
         if hit is None or hit[1] is not self._handle:
-            self._handle = _shared_env(self.path, self.what)
+            self._handle = shared_env(self.path, self.what)
         return self._handle
 
     def __getstate__(self) -> dict:
@@ -184,13 +186,13 @@ def put_all(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-class _Writer:
+class LmdbWriter:
     """LMDB puts with periodic commits; the map grows when full (pending puts are replayed)."""
 
     def __init__(self, path: Path, what: str, commit_every: int = 1000):
         self.path, self.commit_every = Path(path), commit_every
         release_db(self.path)
-        self.env = _open_env(self.path, what, readonly=False)
+        self.env = open_env(self.path, what, readonly=False)
         self.pending: list[tuple[bytes, bytes]] = []
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -253,7 +255,7 @@ class ImageDB:
         conf_th = self.conf_th
         self.db_path, nbb_json = self._locate(compress)
         self.name = str(self.db_path)
-        self._env = _LazyEnv(self.db_path, "img_db")
+        self._env = LazyEnv(self.db_path, "img_db")
         raw = self._env.get(KEYS_KEY)
         if raw is not None:
             try:
@@ -409,7 +411,7 @@ class ImageDBWriter:
         self.db_path = self.img_dir / img_db_name(conf_th, max_bb, min_bb, num_bb, compress, keep_all)
         if (self.db_path / "data.mdb").exists():
             raise FileExistsError(f"ImageDBWriter: {self.db_path} already exists; remove it to rewrite")
-        self._w = _Writer(self.db_path, "img_db")
+        self._w = LmdbWriter(self.db_path, "img_db")
         self.name2nbb: dict[str, int] = {}
 
     def nbb_of(self, dump: dict[str, np.ndarray]) -> int:
@@ -480,7 +482,7 @@ class TxtDB:
         self.id2len = id2len if max_txt_len == -1 else {k: v for k, v in id2len.items() if v <= max_txt_len}
         self.ids = list(self.id2len)
         self.txt2img: dict[str, str] = self._json("txt2img.json")
-        self._env = _LazyEnv(self.db_dir, "txt_db")
+        self._env = LazyEnv(self.db_dir, "txt_db")
 
     def _json(self, name: str):
         path = self.db_dir / name
@@ -544,7 +546,7 @@ class TxtDBWriter:
         if (self.db_dir / "data.mdb").exists():
             raise FileExistsError(f"TxtDBWriter: {self.db_dir} already exists; remove it to rewrite")
         self.meta = dict(meta)
-        self._w = _Writer(self.db_dir, "txt_db")
+        self._w = LmdbWriter(self.db_dir, "txt_db")
         self.id2len: dict[str, int] = {}
         self.txt2img: dict[str, str] = {}
         self.img2txts: dict[str, list[str]] = {}
