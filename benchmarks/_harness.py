@@ -16,6 +16,7 @@ Output: a table on stdout and rows appended to ``benchmarks/results/<device>.csv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -261,3 +262,35 @@ def env_summary() -> str:
     return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+
+
+def add_e2e_arguments(bench: Bench, setups: dict) -> None:
+    """The options of every end-to-end model benchmark: --config (a key of ``setups``), --dtype, --threads, --seed."""
+    bench.parser.add_argument("--config", choices=sorted(setups), default=None,
+                              help="model + batch setup (default: cpu on CPU, base on GPU)")
+    bench.parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                              help="autocast dtype on GPU (default bf16 on GPU; CPU runs fp32)")
+    bench.parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.parser.add_argument("--seed", type=int, default=0)
+
+
+@dataclass
+class E2ESetup:
+    """What :func:`e2e_setup` resolves: the setup's name, the dtype name actually used and an autocast context factory
+    (autocast on GPU only; CPU runs fp32)."""
+
+    name: str
+    dtype: str
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def e2e_setup(a: argparse.Namespace) -> E2ESetup:
+    """Apply --threads and resolve --config / --dtype of :func:`add_e2e_arguments` for ``a.device``."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gpu = a.device.startswith("cuda")
+    name = a.config or ("base" if gpu else "cpu")
+    dtype = (a.dtype or "bf16") if gpu else "fp32"
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    autocast = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else contextlib.nullcontext
+    return E2ESetup(name, dtype, autocast)

@@ -23,12 +23,10 @@ Configs: ``--config cpu`` (default on CPU: hidden 256, 4 heads, cross-modal 6 / 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.nn import functional as F
 
-from benchmarks._harness import Bench, Case, env_summary
+from benchmarks._harness import Bench, Case, add_e2e_arguments, e2e_setup, env_summary
 from fastvl.models.hero import HeroForPretraining, HeroSegmentLayout, VideoModelConfig
 from fastvl.models.hero.reference import (
     hero_fuse_reference,
@@ -119,25 +117,15 @@ def _fusion_cases(model: HeroForPretraining, batch: dict, device: str) -> list[C
 
 def main(argv: list[str] | None = None) -> None:
     bench = Bench("e2e_hero", __doc__)
-    bench.parser.add_argument("--config", choices=sorted(SETUPS), default=None,
-                              help="model + batch setup (default: cpu on CPU, base on GPU)")
+    add_e2e_arguments(bench, SETUPS)
     bench.parser.add_argument("--videos", type=int, default=None, help="videos per batch (default: the setup's)")
-    bench.parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                              help="autocast dtype on GPU (default bf16 on GPU; CPU runs fp32)")
-    bench.parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bench.parser.add_argument("--tasks", default="vsm,fom,fusion", help="comma-separated: vsm, fom, fusion")
-    bench.parser.add_argument("--seed", type=int, default=0)
     a = bench.parse(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    e2e = e2e_setup(a)
     dev = a.device
-    gpu = dev.startswith("cuda")
-    setup_name = a.config or ("base" if gpu else "cpu")
+    setup_name, dtype_name, autocast = e2e.name, e2e.dtype, e2e.autocast
     setup = SETUPS[setup_name]
     n_videos = a.videos or setup["videos"]
-    dtype_name = a.dtype or ("bf16" if gpu else "fp32")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp)) if (gpu and amp is not None) else contextlib.nullcontext
     print(env_summary())
     torch.manual_seed(a.seed)
     model = HeroForPretraining(_config(setup), VFEAT, 100, lw_neg_ctx=8, lw_neg_q=8).to(dev).train()
@@ -147,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     padded = (batch["f_attn_masks"].numel() + batch["c_attn_masks"].numel() + batch["query_attn_masks"].numel())
     n_seg = batch["f_attn_masks"].shape[0]
     config = dict(setup=setup_name, videos=n_videos, segments=n_seg, hidden=setup["hidden"], f_layers=6, c_layers=3,
-                  vfeat=VFEAT, frames=[1, 100], tokens=[1, 60], dtype=dtype_name if gpu else "fp32",
+                  vfeat=VFEAT, frames=[1, 100], tokens=[1, 60], dtype=dtype_name,
                   threads=torch.get_num_threads(), real_tokens=real, padded_tokens=padded)
     print(f"batch: {n_videos} videos, {n_seg} segments, {real} real tokens of {padded} padded slots "
           f"(fill {real / padded:.2f})")

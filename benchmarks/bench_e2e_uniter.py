@@ -17,11 +17,9 @@ regions, bf16 autocast on GPU). Reported: ms per step, tokens/s (real tokens), p
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from benchmarks._harness import Bench, Case, env_summary
+from benchmarks._harness import Bench, Case, add_e2e_arguments, e2e_setup, env_summary
 from fastvl.models.uniter import UniterForPretraining
 from fastvl.models.uniter.config import UniterConfig, resolve_config
 from fastvl.models.uniter.reference import UniterReferenceForPretraining
@@ -74,25 +72,15 @@ def _step(model, loss_fn, batches: dict, tasks, autocast):
 
 def main(argv: list[str] | None = None) -> None:
     bench = Bench("e2e_uniter", __doc__)
-    bench.parser.add_argument("--config", choices=sorted(SETUPS), default=None,
-                              help="model + batch setup (default: cpu on CPU, base on GPU)")
+    add_e2e_arguments(bench, SETUPS)
     bench.parser.add_argument("--batch", type=int, default=None, help="examples per batch (default: the setup's)")
-    bench.parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                              help="autocast dtype on GPU (default bf16 on GPU; CPU runs fp32)")
-    bench.parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bench.parser.add_argument("--no-dict", action="store_true", help="skip the fastvl-dict provider")
-    bench.parser.add_argument("--seed", type=int, default=0)
     a = bench.parse(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    e2e = e2e_setup(a)
     dev = a.device
-    gpu = dev.startswith("cuda")
-    setup_name = a.config or ("base" if gpu else "cpu")
+    setup_name, dtype_name, autocast = e2e.name, e2e.dtype, e2e.autocast
     setup = SETUPS[setup_name]
     batch_size = a.batch or setup["batch"]
-    dtype_name = a.dtype or ("bf16" if gpu else "fp32")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp)) if (gpu and amp is not None) else contextlib.nullcontext
     print(env_summary())
     cfg = _config(setup_name)
     torch.manual_seed(a.seed)
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens[task] = sum(tl) + sum(il)
         padded[task] = batch_size * max(t + i for t, i in zip(tl, il))
     config = dict(setup=setup_name, batch=batch_size, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
-                  txt=list(setup["txt"]), img=list(setup["img"]), dtype=dtype_name if gpu else "fp32",
+                  txt=list(setup["txt"]), img=list(setup["img"]), dtype=dtype_name,
                   threads=torch.get_num_threads())
     runs = [(task, (task,)) for task in TASKS] + ([("all", TASKS)] if not a.quick else [])
     for name, tasks in runs:
