@@ -84,22 +84,28 @@ def load_hero_init(model: nn.Module, init: str | dict | None, log=print) -> dict
 
 
 def video_data_paths(video_db: str | None, sub_db: str | None, cache_dir: str | None = None,
-                     qa_events: int | str | None = None) -> dict[str, Any]:
+                     qa_events: int | str | None = None, train_videos: int | str | None = None) -> dict[str, Any]:
     """{'video_db', 'sub_db', 'corpus' (the synthetic VideoCorpus or None), 'synthetic'}: the given dbs, or the
-    synthetic video corpus (generated into the cache on first use) when both are None; ``qa_events`` (synthetic
-    corpus only) sets ``VideoSyntheticConfig.qa_events`` (TVQA questions / VIOLIN pairs per video, 0 = every
-    event)."""
+    synthetic video corpus (generated into the cache on first use) when both are None. Synthetic corpus knobs:
+    ``qa_events`` (``VideoSyntheticConfig.qa_events``: TVQA questions / VIOLIN pairs per video, 0 = every event) and
+    ``train_videos`` (``n_train_videos``; the first videos and the validation split are the same for every
+    count)."""
     if (video_db is None) != (sub_db is None):
         raise SettingsError("give both a video db and a subtitle db (--video-db and --sub-db), or neither for the "
                             "synthetic video corpus")
     if video_db is None:
-        config = None
-        if qa_events is not None:
+        knobs = {}
+        for opt, field, low, what in (("qa_events", "qa_events", 0, ">= 0 (0 = every event)"),
+                                      ("train_videos", "n_train_videos", 2, ">= 2")):
+            value = {"qa_events": qa_events, "train_videos": train_videos}[opt]
+            if value is None:
+                continue
             try:
-                config = VideoSyntheticConfig(qa_events=int(qa_events))
-            except ValueError as e:
-                raise SettingsError(f"--opt qa_events={qa_events}: an integer >= 0 expected (0 = every event): "
-                                    f"{e}") from None
-        corpus = video_synthetic_corpus(cache_dir, config)
+                knobs[field] = int(value)
+            except (TypeError, ValueError):
+                knobs[field] = None
+            if knobs[field] is None or knobs[field] < low:
+                raise SettingsError(f"--opt {opt}={value}: an integer {what} expected")
+        corpus = video_synthetic_corpus(cache_dir, VideoSyntheticConfig(**knobs) if knobs else None)
         return {"video_db": str(corpus.video_db), "sub_db": str(corpus.sub_db), "corpus": corpus, "synthetic": True}
     return {"video_db": video_db, "sub_db": sub_db, "corpus": None, "synthetic": False}

@@ -2,9 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from fastvl.data.video import VideoSyntheticConfig
+from fastvl.data.video.synthetic import generate_videos
 from fastvl.models.hero import HeroForPretraining, HeroForVideoQA
 from fastvl.recipes.base import SettingsError
 from fastvl.recipes.hero_common import hero_config, hero_tiny_config, load_hero_init, video_data_paths
@@ -54,3 +57,18 @@ def test_video_data_paths_qa_events(tmp_path):
     counts = p["corpus"].info["counts"]["train"]
     assert p["corpus"].config.qa_events == 0 and counts["tvqa"] > 2 * counts["videos"]
     assert counts["violin"] == 2 * counts["tvqa"] and counts["tvr"] <= 2 * counts["videos"]
+
+
+def test_video_data_paths_train_videos(tmp_path):
+    """--opt train_videos sizes the synthetic training split; its first videos and the validation split are those
+    of the default corpus (per-video seeds)."""
+    for bad in ("x", 1):
+        with pytest.raises(SettingsError, match=f"train_videos={bad}"):
+            video_data_paths(None, None, str(tmp_path), None, bad)
+    small = video_data_paths(None, None, str(tmp_path), None, "4")["corpus"]
+    bigger = video_data_paths(None, None, str(tmp_path), None, 6)["corpus"]
+    assert small.config.n_train_videos == 4 and bigger.config.n_train_videos == 6
+    assert small.info["counts"]["train"]["videos"] == 4 and bigger.info["counts"]["train"]["videos"] == 6
+    assert small.vids("train") == bigger.vids("train")[:4] and small.vids("val") == bigger.vids("val")
+    a, b = (generate_videos(VideoSyntheticConfig(n_train_videos=n), "train")[3] for n in (4, 6))
+    assert a["subs"] == b["subs"] and np.array_equal(a["features"], b["features"])
