@@ -48,7 +48,7 @@ def test_hero_finetune_runs(task, tmp_path, pretrain_run):
     s = FinetuneSettings(model="hero", task=task, steps=2, val_every=2, ckpt_every=2, val_batches=1,
                          output=str(tmp_path), progress=False, init=init,
                          options={"max_frames": 160 if task == "videoqa" else 64, "max_gen_step": 4,
-                                  "train_videos": 24})  # QA / VIOLIN default to 1200 videos
+                                  "train_videos": 24})  # VIOLIN defaults to 1200 videos
     res = finetune(s, log=_quiet)
     assert res["metric"] is not None and 0.0 <= res["metric"] <= 1e3
     assert res["chance"] >= 0.0
