@@ -139,7 +139,9 @@ def test_step_trajectory_and_parameter_grads_match_plain_loop(backend, layout, m
     got_traj, got_grads = _fastvl_loop(toy, ids, feat, tmask, imask, y, batch, cfg, layout, backend)
     for k, (want, got) in enumerate(zip(want_traj, got_traj, strict=True)):
         for name, w, g in (("text", want[0], got[0]), ("image", want[1], got[1])):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7,
+            # deltas are O(lr) = O(0.1) after a step; packed and padded sums associate differently in fp32, so an
+            # entry near 0 can differ by a few ulp of the step size (1.7e-7 seen): atol 1e-6, about 10 ulp of 0.1
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, k=k, name=name: f"step {k} {name} delta: {m}")
     assert any(t[0].abs().sum() > 0 or t[1].abs().sum() > 0 for t in got_traj[1:]), "the deltas must move"
     for w, g in zip(want_grads, got_grads, strict=True):
