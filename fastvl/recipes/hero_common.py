@@ -94,17 +94,16 @@ def video_data_paths(video_db: str | None, sub_db: str | None, cache_dir: str | 
         raise SettingsError("give both a video db and a subtitle db (--video-db and --sub-db), or neither for the "
                             "synthetic video corpus")
     if video_db is None:
-        knobs = {}
-        for opt, field, low, what in (("qa_events", "qa_events", 0, ">= 0 (0 = every event)"),
-                                      ("train_videos", "n_train_videos", 2, ">= 2")):
-            value = {"qa_events": qa_events, "train_videos": train_videos}[opt]
+        knobs: dict[str, int] = {}
+        for opt, value, field, low, what in (("qa_events", qa_events, "qa_events", 0, ">= 0 (0 = every event)"),
+                                             ("train_videos", train_videos, "n_train_videos", 2, ">= 2")):
             if value is None:
                 continue
             try:
                 knobs[field] = int(value)
             except (TypeError, ValueError):
-                knobs[field] = None
-            if knobs[field] is None or knobs[field] < low:
+                knobs[field] = low - 1
+            if knobs[field] < low:
                 raise SettingsError(f"--opt {opt}={value}: an integer {what} expected")
         corpus = video_synthetic_corpus(cache_dir, VideoSyntheticConfig(**knobs) if knobs else None)
         return {"video_db": str(corpus.video_db), "sub_db": str(corpus.sub_db), "corpus": corpus, "synthetic": True}
