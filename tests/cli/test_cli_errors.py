@@ -7,20 +7,12 @@ import json
 
 import pytest
 import torch
+from cli_run import run_cli
 
 from fastvl import cli
 from fastvl.models.uniter import UniterForPretraining
 from fastvl.models.uniter.testing import tiny_config
 from fastvl.train import checkpoint as ckpt
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse errors exit from parse_args
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +76,7 @@ CASES = ["negative steps", "zero batch tokens", "unknown config", "bad --opt", "
 @pytest.mark.parametrize("case", CASES)
 def test_user_error_is_one_line_naming_the_argument(case, runs, capsys):
     argv, argument, path = _cases(runs)[case]
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1, err
@@ -94,9 +86,9 @@ def test_user_error_is_one_line_naming_the_argument(case, runs, capsys):
 
 
 def test_wrong_kind_of_checkpoint_says_which_task(runs, capsys):
-    _, _, err = _run(["eval", "--task", "pretrain", "--checkpoint", str(runs["finetune"])], capsys)
+    _, _, err = run_cli(["eval", "--task", "pretrain", "--checkpoint", str(runs["finetune"])], capsys)
     assert "finetune run (task vqa)" in err and "--task vqa" in err
-    _, _, err = _run(["eval", "--task", "vqa", "--checkpoint", str(runs["pretrain"])], capsys)
+    _, _, err = run_cli(["eval", "--task", "vqa", "--checkpoint", str(runs["pretrain"])], capsys)
     assert "pretrain run" in err and "--task pretrain" in err
 
 

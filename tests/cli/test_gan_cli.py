@@ -7,19 +7,10 @@ import json
 
 import pytest
 import torch
+from cli_run import run_cli
 
-from fastvl import cli
 from fastvl.recipes.bachgan import GanSettings, train_bachgan
 from fastvl.train import checkpoint as ckpt
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse errors exit from parse_args
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +46,7 @@ def test_synthesize_from_boxes_json(gan_run, tmp_path, capsys, monkeypatch):
     layout = _boxes(tmp_path / "boxes.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [1, 9, 8, 14]},
                                                                           {"class": 10, "box": [3, 1, 12, 4]}]})
     out = tmp_path / "image.png"
-    code, stdout, err = _run(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", layout,
+    code, stdout, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", layout,
                               "--out", str(out)], capsys)
     assert code == 0, err
     assert json.loads(stdout)["boxes"] == 2
@@ -74,23 +65,23 @@ def _one_line_error(code, err, *needles):
 def test_missing_checkpoint(gan_run, tmp_path, capsys):
     layout = _boxes(tmp_path / "b.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [0, 0, 4, 4]}]})
     missing = str(tmp_path / "nope")
-    code, _, err = _run(["gan", "synthesize", "--checkpoint", missing, "--layout", layout, "--out",
+    code, _, err = run_cli(["gan", "synthesize", "--checkpoint", missing, "--layout", layout, "--out",
                          str(tmp_path / "x.png")], capsys)
     _one_line_error(code, err, "--checkpoint", missing)
-    code, _, err = _run(["gan", "eval", "--checkpoint", missing], capsys)
+    code, _, err = run_cli(["gan", "eval", "--checkpoint", missing], capsys)
     _one_line_error(code, err, "--checkpoint", missing)
 
 
 def test_wrong_checkpoint_type(gan_run, tmp_path, capsys):
     layout = _boxes(tmp_path / "b.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [0, 0, 4, 4]}]})
     for path in (gan_run / "other", gan_run / "other" / "checkpoints" / "step_00000001"):
-        code, _, err = _run(["gan", "synthesize", "--checkpoint", str(path), "--layout", layout, "--out",
+        code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(path), "--layout", layout, "--out",
                              str(tmp_path / "x.png")], capsys)
         _one_line_error(code, err, "--checkpoint", "not a BachGAN run")
     fake = tmp_path / "fake"
     (fake / "checkpoints").mkdir(parents=True)
     (fake / "bachgan.json").write_text(json.dumps({"kind": "uniter"}))
-    code, _, err = _run(["gan", "eval", "--checkpoint", str(fake)], capsys)
+    code, _, err = run_cli(["gan", "eval", "--checkpoint", str(fake)], capsys)
     _one_line_error(code, err, "--checkpoint")
 
 
@@ -105,27 +96,27 @@ def test_wrong_checkpoint_type(gan_run, tmp_path, capsys):
 def test_bad_layout_file(gan_run, tmp_path, capsys, doc, needle):
     path = tmp_path / "layout.json"
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    code, _, err = _run(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", str(path), "--out",
+    code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", str(path), "--out",
                          str(tmp_path / "x.png")], capsys)
     _one_line_error(code, err, "--layout", needle)
 
 
 def test_other_argument_errors(gan_run, tmp_path, capsys):
     layout = _boxes(tmp_path / "b.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [0, 0, 4, 4]}]})
-    code, _, err = _run(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout",
+    code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout",
                          str(tmp_path / "none.json"), "--out", str(tmp_path / "x.png")], capsys)
     _one_line_error(code, err, "--layout", "none.json")
-    code, _, err = _run(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", layout, "--out",
+    code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", layout, "--out",
                          str(tmp_path / "x.jpg")], capsys)
     _one_line_error(code, err, "--out", ".png")
-    code, _, err = _run(["gan", "train", "--output", str(gan_run / "run")], capsys)
+    code, _, err = run_cli(["gan", "train", "--output", str(gan_run / "run")], capsys)
     _one_line_error(code, err, "--output", "--resume")
-    code, _, err = _run(["gan", "train", "--vgg", str(tmp_path / "vgg.pth"), "--output", str(tmp_path / "o")],
+    code, _, err = run_cli(["gan", "train", "--vgg", str(tmp_path / "vgg.pth"), "--output", str(tmp_path / "o")],
                         capsys)
     _one_line_error(code, err, "--vgg")
-    code, _, err = _run(["gan", "train", "--data", "cityscapes", "--output", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["gan", "train", "--data", "cityscapes", "--output", str(tmp_path / "o")], capsys)
     _one_line_error(code, err, "--data-root")
-    code, _, err = _run(["gan", "train", "--steps", "-3"], capsys)
+    code, _, err = run_cli(["gan", "train", "--steps", "-3"], capsys)
     assert code == 2 and "--steps" in err
-    code, _, err = _run(["gan"], capsys)
+    code, _, err = run_cli(["gan"], capsys)
     assert code == 2 and "train" in err

@@ -2,17 +2,7 @@
 the argument (exit 2), and a tiny pre-training run works from the command line."""
 
 import pytest
-
-from fastvl import cli
-
-
-def _run(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_run import run_cli
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -24,7 +14,7 @@ def _run(argv, capsys):
     (["--drop-svmr-prob", "1.5"], "argument --drop-svmr-prob"),
 ])
 def test_pretrain_hero_errors(argv, needle, capsys):
-    code, _, err = _run(["pretrain", "--model", "hero", *argv], capsys)
+    code, _, err = run_cli(["pretrain", "--model", "hero", *argv], capsys)
     assert code == 2
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -36,7 +26,7 @@ def test_pretrain_hero_errors(argv, needle, capsys):
     (["--model", "violin-baseline", "--task", "violin", "--opt", "bert=/no/bert.bin"], "/no/bert.bin"),
 ])
 def test_finetune_hero_errors(argv, needle, capsys, tmp_path):
-    code, _, err = _run(["finetune", *argv, "--steps", "1", "--output", str(tmp_path / "o"), "--opt",
+    code, _, err = run_cli(["finetune", *argv, "--steps", "1", "--output", str(tmp_path / "o"), "--opt",
                          "text_pretrain_steps=1", "--opt", f"cache_dir={tmp_path}"], capsys)
     assert code == 2, err
     assert needle in err and "Traceback" not in err
@@ -44,7 +34,7 @@ def test_finetune_hero_errors(argv, needle, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_hero_cli_runs(capsys, tmp_path):
-    code, out, _ = _run(["pretrain", "--model", "hero", "--steps", "2", "--val-every", "2", "--video-val-batches", "1",
-                         "--max-frames", "40", "--output", str(tmp_path), "--no-progress"], capsys)
+    code, out, _ = run_cli(["pretrain", "--model", "hero", "--steps", "2", "--val-every", "2", "--video-val-batches",
+                            "1", "--max-frames", "40", "--output", str(tmp_path), "--no-progress"], capsys)
     assert code == 0
     assert "synthetic video corpus" in out and "final validation:" in out and "vsm_r1" in out

@@ -5,18 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from cli_run import run_cli
 
-from fastvl import cli
 from fastvl.data.video import SubtitleDB, VideoFeatDB, WordVocab, build_video_pretrain_data
-
-
-def _run(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _inputs(root, extra_rows=(), bad_dim=False):
@@ -38,7 +29,7 @@ def _inputs(root, extra_rows=(), bad_dim=False):
 def test_make_data_video_round_trip(tmp_path, capsys):
     frames, subs = _inputs(tmp_path)
     out = tmp_path / "out"
-    code, stdout, err = _run(["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out",
+    code, stdout, err = run_cli(["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out",
                               str(out)], capsys)
     assert code == 0, err
     assert "n_videos=3" in stdout and "n_pseudo=1" in stdout
@@ -58,7 +49,7 @@ def test_make_data_video_round_trip(tmp_path, capsys):
     data = build_video_pretrain_data(out / "video_db", out / "sub_db", "mlm,vsm", max_frames=20)
     assert data.sources["mlm"].next_batch()["input_ids"][:, 0].eq(0).all()
     # refuses to overwrite without --overwrite
-    code, _, err = _run(["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out",
+    code, _, err = run_cli(["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out",
                          str(out)], capsys)
     assert code == 2 and "exists" in err
 
@@ -70,7 +61,7 @@ def test_make_data_video_bad_input(tmp_path, capsys, case):
              "bad_line": [{"vid": "v1", "start": "soon", "end": 1.0, "text": "x"}]}.get(case, [])
     frames, subs = _inputs(tmp_path, extra, bad_dim=case == "wrong_dim")
     argv = ["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out", str(tmp_path / "o")]
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     last = err.strip().splitlines()[-1]  # after the progress bar: one error line
     assert code == 2 and last.startswith("fastvl make-data: error:") and "Traceback" not in err
     want = {"past_end": ("subs.jsonl", "key 'v2 (line 5)'", "after the video's end"),
@@ -79,7 +70,7 @@ def test_make_data_video_bad_input(tmp_path, capsys, case):
             "bad_line": ("subs.jsonl", "key 'line 5'", "'start' and 'end'")}[case]
     for text in want:
         assert text in last, err
-    code, stdout, err = _run(argv + ["--skip-bad-examples", "--overwrite"], capsys)
+    code, stdout, err = run_cli(argv + ["--skip-bad-examples", "--overwrite"], capsys)
     assert code == 0, err
     reason = {"past_end": "frame_past_video", "wrong_dim": "wrong_dim", "unknown_video": "missing_video",
               "bad_line": "corrupt_record"}[case]
@@ -112,9 +103,9 @@ def test_make_data_video_queries(tmp_path, capsys, task):
     out = tmp_path / "out"
     argv = ["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out", str(out),
             "--queries", str(queries), "--query-task", task]
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and f"{task}.jsonl, key '" in err.strip().splitlines()[-1]
-    code, stdout, err = _run(argv + ["--skip-bad-examples", "--overwrite"], capsys)
+    code, stdout, err = run_cli(argv + ["--skip-bad-examples", "--overwrite"], capsys)
     assert code == 0, err
     kind = "missing_video" if task == "violin" else "moment_outside_video"
     assert f"skipped={{'{kind}': 1}}" in stdout and f"query_db=PosixPath('{out}/{task}_db')" in stdout

@@ -8,23 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 
-from fastvl import cli
 from fastvl.data import synthetic_corpus
 from fastvl.models.uniter import UniterForPretraining, UniterModel
 from fastvl.models.uniter.testing import tiny_config
 from fastvl.probe import attention_maps, official_batch, read_maps, synthetic_examples
 from fastvl.probe.suite import STATED_FEATURES
 from fastvl.train import checkpoint as ckpt
-
-
-def _run(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def run_folder(tmp_path_factory):
 def test_probe_cli_writes_every_figure(run_folder, tmp_path, capsys):
     run, model, cfg = run_folder
     out = tmp_path / "out"
-    code, stdout, err = _run(["probe", "--checkpoint", str(run), "--out", str(out), "--examples", "40",
+    code, stdout, err = run_cli(["probe", "--checkpoint", str(run), "--out", str(out), "--examples", "40",
                               "--folds", "2", "--no-progress", "--controls", "2"], capsys)
     assert code == 0, err
     assert len(doc_controls := json.loads((out / "probes.json").read_text())["controls"]) == 2
@@ -109,7 +100,7 @@ def test_probe_cli_wrong_checkpoints(run_folder, tmp_path, capsys):
              big: "the model takes 2048-d region features",
              tmp_path / "missing": "no such file"}
     for path, message in cases.items():
-        code, _, err = _run(["probe", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
+        code, _, err = run_cli(["probe", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
                             capsys)
         assert code == 2, (path, err)
         assert err.startswith("fastvl probe: error: argument --checkpoint") and message in err, err
@@ -139,10 +130,9 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
     other.write_text(json.dumps({"model": "uniter", "trained": {"fusion_nmi": [0.9, 0.5, 0.2]},
                                  "control": {"fusion_nmi": [1.0, 1.0, 1.0]}}))
     out = tmp_path / "lx"
-    code, stdout, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run), "--out", str(out), "--examples",
-                              "24", "--folds", "2", "--no-progress", "--controls", "1", "--compare", str(other),
-                              "--save-maps",
-                              str(tmp_path / "maps")], capsys)
+    code, stdout, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(run), "--out", str(out),
+                              "--examples", "24", "--folds", "2", "--no-progress", "--controls", "1", "--compare",
+                              str(other), "--save-maps", str(tmp_path / "maps")], capsys)
     assert code == 0, err
     items = list(read_maps(tmp_path / "maps"))  # streamed to disk, one shard per batch
     assert len(items) == 24
@@ -162,9 +152,10 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
     assert np.asarray(f["coreference_head_gap"]).shape == (cfg.x_layers, cfg.num_attention_heads)
     assert doc["plots"] == [str(out / "nmi_per_layer.png"), str(out / "attention_regions.png")]
     # wrong family either way round
-    code, _, err = _run(["probe", "--model", "uniter", "--checkpoint", str(run), "--out", str(out)], capsys)
+    code, _, err = run_cli(["probe", "--model", "uniter", "--checkpoint", str(run), "--out", str(out)], capsys)
     assert code == 2 and "is an LXMERT run, not UNITER: use --model lxmert" in err
-    code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run_folder[0]), "--out", str(out)], capsys)
+    code, _, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(run_folder[0]), "--out", str(out)],
+                           capsys)
     assert code == 2 and "UNITER" in err and "use --model uniter" in err, err
 
 
@@ -175,9 +166,9 @@ def test_probe_cli_checkpoint_files(run_folder, lxmert_run, tmp_path, capsys):
     (tmp_path / "uniter").mkdir()
     torch.save(model.state_dict(), tmp_path / "uniter" / "uniter.pt")
     args = ["--examples", "16", "--folds", "2", "--no-progress", "--controls", "1"]
-    code, _, err = _run(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *args], capsys)
+    code, _, err = run_cli(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *args], capsys)
     assert code == 0, err
-    code, _, err = _run(["probe", "--checkpoint", str(tmp_path / "uniter" / "uniter.pt"), "--config",
+    code, _, err = run_cli(["probe", "--checkpoint", str(tmp_path / "uniter" / "uniter.pt"), "--config",
                          str(run / "model_config.json"), "--out", str(tmp_path / "b"), *args], capsys)
     assert code == 0, err
     a, b = (json.loads((tmp_path / x / "probes.json").read_text()) for x in ("a", "b"))
@@ -195,11 +186,11 @@ def test_probe_cli_checkpoint_files(run_folder, lxmert_run, tmp_path, capsys):
     (tmp_path / "lx").mkdir()
     torch.save(lx_model.state_dict(), tmp_path / "lx" / "pytorch_model.bin")
     lx_cfg.to_json_file(tmp_path / "lx" / "config.json")
-    code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(run / ".." / "run"), "--out",
+    code, _, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(run / ".." / "run"), "--out",
                          str(tmp_path / "c"), *args], capsys)
     assert code == 2 and "use --model uniter" in err  # a UNITER run given as LXMERT
     for src, out in ((lx_run, "d"), (tmp_path / "lx" / "pytorch_model.bin", "e")):
-        code, _, err = _run(["probe", "--model", "lxmert", "--checkpoint", str(src), "--out", str(tmp_path / out),
+        code, _, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(src), "--out", str(tmp_path / out),
                              *args], capsys)
         assert code == 0, err
     d, e = (json.loads((tmp_path / x / "probes.json").read_text()) for x in ("d", "e"))
