@@ -49,6 +49,18 @@ def test_packed_repr_equals_padded(train, n_videos, gen):
     assert grads["c_v_feats"].abs().sum() > 0
 
 
+def test_packed_repr_equals_padded_when_no_subtitle_has_frames():
+    """Every frame unmatched: the padded path never runs the subtitle encoder, the packed one must give it zero
+    gradients (a case the random batches reach only by chance)."""
+    model = _model(True)
+    g = torch.Generator().manual_seed(0)
+    batch = official_video_collate([(torch.randn(1, VDIM, generator=g), [([29, 42, 52], []), ([23], [])])])
+    _, grads = _compare(model, batch, ("c_v_feats", "f_v_feats"), lambda b: model.v_encoder(b, "repr"),
+                        lambda b: hero_repr_reference(model.v_encoder, b))
+    assert grads["c_v_feats"].abs().sum() > 0
+    assert grads["f_v_feats"].abs().sum() == 0
+
+
 def test_subtitle_aligned_past_its_video_raises():
     model = _model(False)
     g = torch.Generator().manual_seed(0)

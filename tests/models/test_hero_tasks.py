@@ -151,8 +151,10 @@ def _grads(model: torch.nn.Module, batch: dict, keys: tuple[str, ...], fn, weigh
     g = torch.Generator().manual_seed(weight_seed)
     total = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
     total.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    grads.update({k: b[k].grad.clone() for k in keys})
+    # a tensor the path does not read has grad None, i.e. zero (the padded path skips the subtitle encoder
+    # when no subtitle has frames; the packed one runs it and must then get zero gradients there)
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in list(model.named_parameters()) + [(k, b[k]) for k in keys]}
     return tuple(o.detach() for o in outs), grads
 
 
