@@ -64,7 +64,8 @@ def _check_against_reference(args, gen, backend="triton", dropout_p=0.0, scale=N
     # A gradient can be exactly 0 in float64 (dq of a row with one visible key: p = 1 so dp - delta = 0), which
     # leaves the relative floor nothing to scale with; its natural size |dout| |v| |k| scale stands in then.
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    natural = float(dout.abs().max() * args[2].abs().max() * args[1].abs().max()) * scale if args[1].numel() else 0
+    natural = (float(dout.abs().max() * args[2].abs().max() * args[1].abs().max()) * scale
+               if q.numel() and args[1].numel() else 0.0)  # no query (or no key) rows at all: nothing to scale
     for name, g, g64, glp in zip(("dq", "dk", "dv"), grads, grads64, grads_lp):
         if (float(g64.abs().max()) if g64.numel() else 0.0) >= natural:
             assert_close_to_ref(g, g64, glp, f"{backend} {name}")
@@ -224,6 +225,14 @@ def test_dropout_keep_mask_statistics(triton_device):
 # ---------------------------------------------------------------------------------------------------------------
 # Property test
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [([0, 0], [3, 5]), ([0], [0]), ([2, 1], [0, 0])])
+def test_cross_without_query_or_key_rows(triton_device, lens_q, lens_k, gen):
+    """A cross batch whose queries (or keys) are all empty: nothing to attend from (or to), no error."""
+    args = attention_inputs(lens_q, lens_k, 1, 32, gen, device=triton_device, mask="cross")
+    out, _ = _check_against_reference(args, gen)
+    assert out.shape[0] == sum(lens_q)
 
 
 @settings(max_examples=8, deadline=None)
