@@ -100,11 +100,12 @@ def video_data_paths(video_db: str | None, sub_db: str | None, cache_dir: str | 
             if value is None:
                 continue
             try:
-                knobs[field] = int(value)
+                n = int(value)
             except (TypeError, ValueError):
-                knobs[field] = low - 1
-            if knobs[field] < low:
+                n = None
+            if n is None or n < low:
                 raise SettingsError(f"--opt {opt}={value}: an integer {what} expected")
+            knobs[field] = n
         corpus = video_synthetic_corpus(cache_dir, VideoSyntheticConfig(**knobs) if knobs else None)
         return {"video_db": str(corpus.video_db), "sub_db": str(corpus.sub_db), "corpus": corpus, "synthetic": True}
     return {"video_db": video_db, "sub_db": sub_db, "corpus": None, "synthetic": False}
