@@ -47,7 +47,7 @@ def test_synthesize_from_boxes_json(gan_run, tmp_path, capsys, monkeypatch):
                                                                           {"class": 10, "box": [3, 1, 12, 4]}]})
     out = tmp_path / "image.png"
     code, stdout, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", layout,
-                              "--out", str(out)], capsys)
+                                 "--out", str(out)], capsys)
     assert code == 0, err
     assert json.loads(stdout)["boxes"] == 2
     img = Image.open(out)
@@ -66,7 +66,7 @@ def test_missing_checkpoint(gan_run, tmp_path, capsys):
     layout = _boxes(tmp_path / "b.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [0, 0, 4, 4]}]})
     missing = str(tmp_path / "nope")
     code, _, err = run_cli(["gan", "synthesize", "--checkpoint", missing, "--layout", layout, "--out",
-                         str(tmp_path / "x.png")], capsys)
+                            str(tmp_path / "x.png")], capsys)
     _one_line_error(code, err, "--checkpoint", missing)
     code, _, err = run_cli(["gan", "eval", "--checkpoint", missing], capsys)
     _one_line_error(code, err, "--checkpoint", missing)
@@ -76,7 +76,7 @@ def test_wrong_checkpoint_type(gan_run, tmp_path, capsys):
     layout = _boxes(tmp_path / "b.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [0, 0, 4, 4]}]})
     for path in (gan_run / "other", gan_run / "other" / "checkpoints" / "step_00000001"):
         code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(path), "--layout", layout, "--out",
-                             str(tmp_path / "x.png")], capsys)
+                                str(tmp_path / "x.png")], capsys)
         _one_line_error(code, err, "--checkpoint", "not a BachGAN run")
     fake = tmp_path / "fake"
     (fake / "checkpoints").mkdir(parents=True)
@@ -97,22 +97,22 @@ def test_bad_layout_file(gan_run, tmp_path, capsys, doc, needle):
     path = tmp_path / "layout.json"
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", str(path), "--out",
-                         str(tmp_path / "x.png")], capsys)
+                            str(tmp_path / "x.png")], capsys)
     _one_line_error(code, err, "--layout", needle)
 
 
 def test_other_argument_errors(gan_run, tmp_path, capsys):
     layout = _boxes(tmp_path / "b.json", {"size": [16, 16], "boxes": [{"class": "car", "box": [0, 0, 4, 4]}]})
     code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout",
-                         str(tmp_path / "none.json"), "--out", str(tmp_path / "x.png")], capsys)
+                            str(tmp_path / "none.json"), "--out", str(tmp_path / "x.png")], capsys)
     _one_line_error(code, err, "--layout", "none.json")
     code, _, err = run_cli(["gan", "synthesize", "--checkpoint", str(gan_run / "run"), "--layout", layout, "--out",
-                         str(tmp_path / "x.jpg")], capsys)
+                            str(tmp_path / "x.jpg")], capsys)
     _one_line_error(code, err, "--out", ".png")
     code, _, err = run_cli(["gan", "train", "--output", str(gan_run / "run")], capsys)
     _one_line_error(code, err, "--output", "--resume")
     code, _, err = run_cli(["gan", "train", "--vgg", str(tmp_path / "vgg.pth"), "--output", str(tmp_path / "o")],
-                        capsys)
+                           capsys)
     _one_line_error(code, err, "--vgg")
     code, _, err = run_cli(["gan", "train", "--data", "cityscapes", "--output", str(tmp_path / "o")], capsys)
     _one_line_error(code, err, "--data-root")

@@ -27,7 +27,7 @@ def test_pretrain_hero_errors(argv, needle, capsys):
 ])
 def test_finetune_hero_errors(argv, needle, capsys, tmp_path):
     code, _, err = run_cli(["finetune", *argv, "--steps", "1", "--output", str(tmp_path / "o"), "--opt",
-                         "text_pretrain_steps=1", "--opt", f"cache_dir={tmp_path}"], capsys)
+                            "text_pretrain_steps=1", "--opt", f"cache_dir={tmp_path}"], capsys)
     assert code == 2, err
     assert needle in err and "Traceback" not in err
 

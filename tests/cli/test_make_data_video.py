@@ -30,7 +30,7 @@ def test_make_data_video_round_trip(tmp_path, capsys):
     frames, subs = _inputs(tmp_path)
     out = tmp_path / "out"
     code, stdout, err = run_cli(["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out",
-                              str(out)], capsys)
+                                 str(out)], capsys)
     assert code == 0, err
     assert "n_videos=3" in stdout and "n_pseudo=1" in stdout
     vdb = VideoFeatDB(out / "video_db")
@@ -50,7 +50,7 @@ def test_make_data_video_round_trip(tmp_path, capsys):
     assert data.sources["mlm"].next_batch()["input_ids"][:, 0].eq(0).all()
     # refuses to overwrite without --overwrite
     code, _, err = run_cli(["make-data", "--video", "--frames", str(frames), "--subtitles", str(subs), "--out",
-                         str(out)], capsys)
+                            str(out)], capsys)
     assert code == 2 and "exists" in err
 
 

@@ -37,7 +37,7 @@ def test_probe_cli_writes_every_figure(run_folder, tmp_path, capsys):
     run, model, cfg = run_folder
     out = tmp_path / "out"
     code, stdout, err = run_cli(["probe", "--checkpoint", str(run), "--out", str(out), "--examples", "40",
-                              "--folds", "2", "--no-progress", "--controls", "2"], capsys)
+                                 "--folds", "2", "--no-progress", "--controls", "2"], capsys)
     assert code == 0, err
     assert len(doc_controls := json.loads((out / "probes.json").read_text())["controls"]) == 2
     head = json.loads((out / "probes.json").read_text())["headline"]["coreference_accuracy"]
@@ -101,7 +101,7 @@ def test_probe_cli_wrong_checkpoints(run_folder, tmp_path, capsys):
              tmp_path / "missing": "no such file"}
     for path, message in cases.items():
         code, _, err = run_cli(["probe", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress"],
-                            capsys)
+                               capsys)
         assert code == 2, (path, err)
         assert err.startswith("fastvl probe: error: argument --checkpoint") and message in err, err
         assert len(err.strip().splitlines()) == 1
@@ -131,8 +131,8 @@ def test_probe_cli_lxmert(lxmert_run, run_folder, tmp_path, capsys):
                                  "control": {"fusion_nmi": [1.0, 1.0, 1.0]}}))
     out = tmp_path / "lx"
     code, stdout, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(run), "--out", str(out),
-                              "--examples", "24", "--folds", "2", "--no-progress", "--controls", "1", "--compare",
-                              str(other), "--save-maps", str(tmp_path / "maps")], capsys)
+                                 "--examples", "24", "--folds", "2", "--no-progress", "--controls", "1", "--compare",
+                                 str(other), "--save-maps", str(tmp_path / "maps")], capsys)
     assert code == 0, err
     items = list(read_maps(tmp_path / "maps"))  # streamed to disk, one shard per batch
     assert len(items) == 24
@@ -169,7 +169,7 @@ def test_probe_cli_checkpoint_files(run_folder, lxmert_run, tmp_path, capsys):
     code, _, err = run_cli(["probe", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *args], capsys)
     assert code == 0, err
     code, _, err = run_cli(["probe", "--checkpoint", str(tmp_path / "uniter" / "uniter.pt"), "--config",
-                         str(run / "model_config.json"), "--out", str(tmp_path / "b"), *args], capsys)
+                            str(run / "model_config.json"), "--out", str(tmp_path / "b"), *args], capsys)
     assert code == 0, err
     a, b = (json.loads((tmp_path / x / "probes.json").read_text()) for x in ("a", "b"))
     assert b["checkpoint"]["kind"] == "checkpoint file"
@@ -187,11 +187,11 @@ def test_probe_cli_checkpoint_files(run_folder, lxmert_run, tmp_path, capsys):
     torch.save(lx_model.state_dict(), tmp_path / "lx" / "pytorch_model.bin")
     lx_cfg.to_json_file(tmp_path / "lx" / "config.json")
     code, _, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(run / ".." / "run"), "--out",
-                         str(tmp_path / "c"), *args], capsys)
+                            str(tmp_path / "c"), *args], capsys)
     assert code == 2 and "use --model uniter" in err  # a UNITER run given as LXMERT
     for src, out in ((lx_run, "d"), (tmp_path / "lx" / "pytorch_model.bin", "e")):
         code, _, err = run_cli(["probe", "--model", "lxmert", "--checkpoint", str(src), "--out", str(tmp_path / out),
-                             *args], capsys)
+                                *args], capsys)
         assert code == 0, err
     d, e = (json.loads((tmp_path / x / "probes.json").read_text()) for x in ("d", "e"))
     np.testing.assert_allclose(e["trained"]["fusion_nmi"], d["trained"]["fusion_nmi"], rtol=1e-5)
