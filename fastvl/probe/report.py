@@ -100,7 +100,8 @@ def _rows(trained: dict, control: dict) -> list[dict]:
         add("coreference", "accuracy", None, None, _acc(trained["coreference"]), _acc(control["coreference"]),
             trained["coreference"].get("majority"))
     for name, r in trained.get("relations", {}).items():
-        add("relations", f"{name} accuracy", None, None, _acc(r), _acc(control["relations"][name]), r.get("majority"))
+        add("relations", f"{name} accuracy", None, None, _acc(r), _acc(control.get("relations", {}).get(name)),
+            r.get("majority"))
     for name, per_layer in trained.get("linguistic", {}).items():
         for n, r in enumerate(per_layer):
             add("linguistic", f"{name} accuracy", n, None, _acc(r), _acc(control["linguistic"][name][n]),

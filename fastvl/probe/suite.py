@@ -26,7 +26,11 @@ is probed with the same linear probe and folds on six feature sets, the figures 
 - ``stated_slot_state``: not an attention probe but a check that there is something to find: the [MASK] slot's
   last-layer output (its hidden state, what an MLM head reads to fill in the predicate). A model that learned the
   relations has them here even where its attention WEIGHTS do not show them (attention weights say where a token
-  looks; what it reads from there is in the values).
+  looks; what it reads from there is in the values);
+- ``stated_fill``: no probe at all, the model's own MLM head on that slot state: the share of rows whose stated
+  predicate's first word piece scores highest among the first word pieces of every stated predicate (left, right,
+  above, below on the synthetic corpus); chance is the most common one's share. Only for models with an MLM head
+  (a pre-training run; the random-weights controls, bare encoders, have none).
 
 The random-weights control runs the same probe on the same rows: a random model's near-uniform attention is nearly
 linear in its input boxes, so it decodes some geometry for free (a legitimate baseline; ``stated_boxes`` shows how
@@ -59,7 +63,7 @@ from .scoring import (
 )
 from .views import ExampleMaps, lxmert_views, uniter_views
 
-__all__ = ["STATED_FEATURES", "VIEWS", "Collected", "ProbeSettings", "collect", "run_suite", "score"]
+__all__ = ["STATED_FEATURES", "VIEWS", "Collected", "ProbeSettings", "collect", "mlm_head", "run_suite", "score"]
 
 #: model family -> the function giving one batch's :class:`~fastvl.probe.views.ExampleMaps`
 VIEWS: dict[str, Callable] = {"uniter": uniter_views, "lxmert": lxmert_views}
@@ -173,6 +177,7 @@ def _example_features(c: Collected, e: ProbeExample, v: ExampleMaps, s: ProbeSet
             row["slot"] = relation_slot_features(masked.t2i, masked.i2t, slots[k], rel.subject, rel.object)
             row["slot_pair"] = np.concatenate([row["slot"], row["pair"]])
             row["slot_state"] = masked.text[-1][slots[k]]
+            row["word_id"] = int(e.input_ids[e.word_tokens[rel.start][0]])  # the predicate's first word piece
         c.stated.append(row)
     if e.caption.properties:
         for layer, tokens in enumerate(v.text):
@@ -210,7 +215,31 @@ def collect(model: nn.Module, examples: Iterable[ProbeExample], settings: ProbeS
             progress(len(chunk))
     if c.examples == 0:
         raise ValueError("fastvl.probe.collect: no examples")
+    _fill(c, model, family, device)
     return c
+
+
+def mlm_head(model: nn.Module, family: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The MLM head of ``model`` (last text states [..., H] -> vocabulary logits [..., V]), or None for a bare
+    encoder: UNITER's ``cls``, LXMERT's ``cls.predictions``."""
+    head = getattr(model, "cls", None)
+    if head is None:
+        return None
+    return head.predictions if family == "lxmert" else head
+
+
+def _fill(c: Collected, model: nn.Module, family: str, device: torch.device | str) -> None:
+    head = mlm_head(model, family)
+    rows = [r for r in c.stated if "word_id" in r]
+    if head is None or not rows:
+        return
+    words = sorted({r["word_id"] for r in rows})
+    states = torch.as_tensor(np.stack([r["slot_state"] for r in rows]), device=device)
+    param = next(model.parameters())
+    with torch.no_grad():
+        logits = head(states.to(param.dtype))[:, words].float().cpu().numpy()  # [rows, candidate words]
+    for r, best in zip(rows, logits.argmax(1)):
+        r["fill_id"] = words[int(best)]
 
 
 def _relation_tasks(c: Collected, s: ProbeSettings) -> dict[str, list[str]]:
@@ -261,6 +290,14 @@ def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
         if rows:
             out["relations"][name] = linear_probe(np.stack([r[key] for r in rows]), [r["predicate"] for r in rows],
                                                   [r["group"] for r in rows], s.seed, s.folds)
+    fill = [r for r in c.stated if "fill_id" in r]
+    if fill:
+        ids, counts = np.unique([r["word_id"] for r in fill], return_counts=True)
+        out["relations"]["stated_fill"] = {
+            "accuracy": float(np.mean([r["fill_id"] == r["word_id"] for r in fill])),
+            "majority": float(counts.max() / counts.sum()), "n": len(fill),
+            "classes": {str(p): int(k) for p, k in zip(*np.unique([r["predicate"] for r in fill],
+                                                                    return_counts=True))}}
     if c.sent_props:
         keys = sorted({k for p in c.sent_props for k in p})
         ling = {}

@@ -46,13 +46,16 @@ def test_probe_cli_writes_every_figure(run_folder, tmp_path, capsys):
     assert head["control_std"] == pytest.approx(np.std(accs))
     assert "coreference_accuracy" in stdout and "nmi_per_layer.png" in stdout
     doc = json.loads((out / "probes.json").read_text())
+    fill = doc["headline"]["relation_stated_fill_accuracy"]
+    assert fill["control"] is None and 0 <= fill["trained"] <= 1 and 0 < fill["chance"] <= 1
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
     for who in ("trained", "control"):
         f = doc[who]
         assert f["examples"] == 40 and (f["layers"], f["heads"]) == (layers, heads)
         assert len(f["fusion_nmi"]) == layers + 1 and all(0 <= x <= 1 for x in f["fusion_nmi"])
         np.testing.assert_allclose(np.add(f["cls_text_mass"], f["cls_image_mass"]), 1.0, rtol=1e-5)
-        assert set(f["relations"]) == {"predicate", "bigger than", "same colour as", *STATED_FEATURES}
+        fill = {"stated_fill"} if who == "trained" else set()  # the MLM head's figure; controls are bare encoders
+        assert set(f["relations"]) == {"predicate", "bigger than", "same colour as", *STATED_FEATURES, *fill}
         assert set(f["linguistic"]) == {"length", "objects", "opening", "relation_clause"}
         assert all(len(v) == layers + 1 for v in f["linguistic"].values())
     # the [CLS] text mass of the report = the mean over the same captions of attention_maps' [CLS] rows

@@ -4,6 +4,8 @@ the same examples, views and probes as the synthetic corpus."""
 import json
 
 import numpy as np
+import pytest
+import torch
 from test_probe_annotations import NORM_BB, SENTENCES, XML
 
 from fastvl.data import WordPieceTokenizer, position_features, synthetic_corpus
@@ -15,7 +17,7 @@ from fastvl.data.probe_annotations import (
     read_vg_relationships,
     vg_relations,
 )
-from fastvl.models.uniter import UniterModel
+from fastvl.models.uniter import UniterForPretraining, UniterModel
 from fastvl.models.uniter.testing import tiny_config
 from fastvl.probe import (
     ProbeSettings,
@@ -122,3 +124,40 @@ def test_stated_relations_masked_and_probed(seed):
         np.testing.assert_allclose(row["boxes"], box_pair_features(position_features(norm_bb), 0, 1))
     # the all-pairs figure reads the derived relations only
     assert c.rel_predicates == [["left of"], ["left of"]]
+
+
+def test_stated_fill_reads_the_mlm_head_on_the_slot(seed):
+    """``stated_fill``: per stated relation, the model's own MLM head on the [MASK] slot's last state, argmax over the
+    first word pieces of the stated predicates, written out here from hidden_states; a bare encoder has no figure."""
+    corpus = synthetic_corpus()
+    tok = WordPieceTokenizer(corpus.vocab_file)
+    rng = np.random.default_rng(seed)
+    norm_bb = np.array([[0.1, 0.4, 0.3, 0.6, 0.2, 0.2], [0.6, 0.3, 0.9, 0.7, 0.3, 0.4]], np.float32)
+    preds = ["left of", "above", "right of", "below", "left of", "left of", "above"]
+    examples = []
+    for n, pred in enumerate(preds):
+        words = f"a cup {pred} the ball .".split()
+        k = len(pred.split())
+        cap = GroundedCaption(f"c{n}", f"img{n}", words, [Phrase(0, 2, [0]), Phrase(2 + k, 4 + k, [1])],
+                              [Relation(0, 1, pred, "caption", 2, 2 + k)])
+        examples.append(make_example(cap, rng.normal(size=(2, 12)).astype(np.float32), norm_bb, tok))
+    cfg = tiny_config(vocab_size=corpus.vocab_size, img_dim=12)
+    model = UniterForPretraining(cfg, cfg.img_dim, 5).eval()
+    s = ProbeSettings(batch_size=3, folds=2)
+    c = collect(model, examples, s)
+    words = sorted({tok.encode(p.split()[0])[0] for p in preds})
+    assert len(words) == 4
+    for row, e, pred in zip(c.stated, examples, preds):
+        m, slots = mask_stated_relations(e)
+        state = hidden_states(model, official_batch([m]))[-1, 0, slots[0]]
+        with torch.no_grad():
+            want = words[int(model.cls(state)[words].argmax())]
+        assert row["word_id"] == tok.encode(pred.split()[0])[0] and row["fill_id"] == want
+    fill = score(c, s)["relations"]["stated_fill"]
+    assert fill["accuracy"] == pytest.approx(np.mean([r["fill_id"] == r["word_id"] for r in c.stated]))
+    assert fill["majority"] == pytest.approx(3 / 7) and fill["n"] == 7
+    # a head that always prefers 'left' fills exactly the 'left of' rows
+    with torch.no_grad():
+        model.cls.predictions.bias[tok.encode("left")[0]] += 1e4
+    assert score(collect(model, examples, s), s)["relations"]["stated_fill"]["accuracy"] == pytest.approx(3 / 7)
+    assert "stated_fill" not in score(collect(model.uniter, examples, s), s)["relations"]
