@@ -76,7 +76,8 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
     cxx = [*opt, "-std=c++20", "-fopenmp"]
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
+                  extra_link_args=["-fopenmp"])
     if _want_cuda(CUDA_HOME):
         sources += sorted(glob.glob("csrc/*/*_cuda.cu"))
         # Searched after the system CUDA's own headers: only what it lacks is taken from the wheels.
