@@ -292,12 +292,12 @@ def score(c: Collected, settings: ProbeSettings | None = None) -> dict:
                                                   [r["group"] for r in rows], s.seed, s.folds)
     fill = [r for r in c.stated if "fill_id" in r]
     if fill:
-        ids, counts = np.unique([r["word_id"] for r in fill], return_counts=True)
+        _, per_word = np.unique([r["word_id"] for r in fill], return_counts=True)
+        preds, per_pred = np.unique([r["predicate"] for r in fill], return_counts=True)
         out["relations"]["stated_fill"] = {
             "accuracy": float(np.mean([r["fill_id"] == r["word_id"] for r in fill])),
-            "majority": float(counts.max() / counts.sum()), "n": len(fill),
-            "classes": {str(p): int(k) for p, k in zip(*np.unique([r["predicate"] for r in fill],
-                                                                    return_counts=True))}}
+            "majority": float(per_word.max() / per_word.sum()), "n": len(fill),
+            "classes": {str(p): int(k) for p, k in zip(preds, per_pred)}}
     if c.sent_props:
         keys = sorted({k for p in c.sent_props for k in p})
         ling = {}
